@@ -1,0 +1,221 @@
+//! The running agent: the probe attached in one namespace, the listening
+//! sockets read from that namespace's socket table, the timer sweep, and the
+//! control socket.
+
+use std::{
+    io::IsTerminal,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use aya::programs::XdpMode;
+use netlink_packet_sock_diag::inet::StateFlags;
+use tcpstate_common::TcpState;
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    net::UnixListener,
+    signal::unix::{SignalKind, signal},
+};
+
+use crate::{
+    control,
+    error::{Error, Result},
+    expiry::{self, Timeouts},
+    netns::{self, NetNs},
+    probe::{Probe, ProbeOptions},
+    snapshot::{Snapshot, StateCounts},
+    sockdiag::SockDiag,
+};
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub netns: Option<String>,
+    /// Interfaces to monitor; empty means every interface that is up.
+    pub interfaces: Vec<String>,
+    pub socket: PathBuf,
+    pub probe: ProbeOptions,
+    /// Print the counts once a second (on a terminal).
+    pub print: bool,
+}
+
+pub struct Agent {
+    netns: Option<String>,
+    probe: Probe,
+    diag: SockDiag,
+    timeouts: Timeouts,
+    expired: u64,
+}
+
+impl Agent {
+    /// Loads the probe and attaches it in the configured namespace.
+    pub fn start(cfg: &Config) -> Result<Agent> {
+        let ns = match &cfg.netns {
+            Some(name) => NetNs::named(name)?,
+            None => NetNs::current(),
+        };
+        let ns_label = ns.to_string();
+        ns.run(|| {
+            let ifaces = if cfg.interfaces.is_empty() {
+                let up = netns::interfaces_up()?;
+                if up.is_empty() {
+                    return Err(Error::NoInterfaces(ns_label.clone()));
+                }
+                up
+            } else {
+                for iface in &cfg.interfaces {
+                    if !netns::interface_exists(iface) {
+                        return Err(Error::NoSuchInterface {
+                            iface: iface.clone(),
+                            netns: ns_label.clone(),
+                        });
+                    }
+                }
+                cfg.interfaces.clone()
+            };
+            let mut probe = Probe::load(&cfg.probe)?;
+            for iface in &ifaces {
+                let loopback = nix::net::if_::if_nametoindex(iface.as_str()).ok()
+                    == Some(crate::probe::LOOPBACK_IFINDEX);
+                let mode = if loopback {
+                    XdpMode::Skb
+                } else {
+                    cfg.probe.xdp_mode
+                };
+                probe.attach(iface, mode, loopback)?;
+            }
+            Ok(Agent {
+                netns: cfg.netns.clone(),
+                probe,
+                diag: SockDiag::open()?,
+                timeouts: Timeouts::from_sysctls(),
+                expired: 0,
+            })
+        })
+    }
+
+    /// The counts now: states from the probe's counters, LISTEN from the
+    /// socket table (listening sockets send no packets).
+    pub fn snapshot(&mut self) -> Result<Snapshot> {
+        let counters = self.probe.counters()?;
+        let mut states = StateCounts::from_slots(&counters.states);
+        let table = self.diag.count(StateFlags::LISTEN)?;
+        states.set(TcpState::Listen, table[TcpState::Listen as usize]);
+        Ok(Snapshot::new(
+            self.netns.clone(),
+            self.probe.attached().to_vec(),
+            states,
+            &counters,
+            self.probe.max_flows()?,
+            self.expired,
+        ))
+    }
+
+    /// Applies the kernel's timers to the flow map.
+    pub fn sweep(&mut self) -> Result<()> {
+        let stats = expiry::sweep(&self.probe, &self.timeouts)?;
+        self.expired += stats.expired;
+        Ok(())
+    }
+
+    pub fn probe(&self) -> &Probe {
+        &self.probe
+    }
+}
+
+/// Runs the agent until SIGINT or SIGTERM.
+pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    let socket_path = control::claim(&cfg.socket)?;
+    let agent = Agent::start(&cfg)?;
+    log::info!(
+        "monitoring {} in {}; answering on {}",
+        agent.probe.attached().join(", "),
+        cfg.netns
+            .as_deref()
+            .map_or("the current network namespace".to_owned(), |n| format!(
+                "network namespace {n:?}"
+            )),
+        socket_path.display()
+    );
+    let listener = UnixListener::bind(&socket_path)
+        .map_err(|e| Error::io(format!("listening on {}", socket_path.display()), e))?;
+    let _cleanup = RemoveOnDrop(socket_path.clone());
+    let agent = Arc::new(Mutex::new(agent));
+
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let print = cfg.print && std::io::stdout().is_terminal();
+    loop {
+        tokio::select! {
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
+            _ = tick.tick() => {
+                let mut a = agent.lock().expect("agent lock");
+                if let Err(e) = a.sweep() {
+                    log::warn!("timer sweep failed: {e}");
+                }
+                if print {
+                    match a.snapshot() {
+                        Ok(s) => print_line(&s),
+                        Err(e) => log::warn!("reading counts failed: {e}"),
+                    }
+                }
+            }
+            conn = listener.accept() => {
+                match conn {
+                    Ok((stream, _)) => {
+                        let agent = Arc::clone(&agent);
+                        tokio::spawn(async move {
+                            if let Err(e) = answer(stream, agent).await {
+                                log::debug!("control client: {e}");
+                            }
+                        });
+                    }
+                    Err(e) => log::warn!("control socket: {e}"),
+                }
+            }
+        }
+    }
+    log::info!("detaching");
+    drop(agent);
+    Ok(())
+}
+
+async fn answer(stream: tokio::net::UnixStream, agent: Arc<Mutex<Agent>>) -> anyhow::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        BufReader::new(read).read_line(&mut line),
+    )
+    .await??;
+    if line != control::REQUEST {
+        anyhow::bail!("unknown request {line:?}");
+    }
+    let snap = agent.lock().expect("agent lock").snapshot()?;
+    let mut out = serde_json::to_vec(&snap)?;
+    out.push(b'\n');
+    write.write_all(&out).await?;
+    Ok(())
+}
+
+fn print_line(s: &Snapshot) {
+    let Some(counts) = s.state_counts() else {
+        return;
+    };
+    let fields: Vec<String> = TcpState::REPORTED
+        .iter()
+        .zip(counts.0)
+        .map(|(st, n)| format!("{}={n}", st.name()))
+        .collect();
+    println!("{}", fields.join(" "));
+}
+
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}

@@ -1,0 +1,56 @@
+//! The agent's control socket: a unix socket that answers one JSON
+//! [`Snapshot`] per connection. A filesystem socket works whatever network
+//! namespace the agent monitors, and its permissions guard it.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    os::unix::net::UnixStream,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use crate::{
+    error::{Error, Result},
+    snapshot::Snapshot,
+};
+
+pub const DEFAULT_SOCKET: &str = "/run/tcpstate/tcpstate.sock";
+pub const REQUEST: &str = "snapshot\n";
+
+/// Asks the agent at `path` for a snapshot.
+pub fn query(path: &Path) -> Result<Snapshot> {
+    let mut stream = UnixStream::connect(path).map_err(|_| Error::NoAgent(path.to_owned()))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10))).ok();
+    stream
+        .write_all(REQUEST.as_bytes())
+        .map_err(|e| Error::io("asking the agent", e))?;
+    let mut line = String::new();
+    BufReader::new(stream)
+        .read_line(&mut line)
+        .map_err(|e| Error::io("reading the agent's answer", e))?;
+    serde_json::from_str(&line)
+        .map_err(|e| Error::io("decoding the agent's answer", std::io::Error::other(e)))
+}
+
+/// Prepares `path` for a new listener: refuses if another agent answers
+/// there, removes a stale socket file, creates the parent folder.
+pub fn claim(path: &Path) -> Result<PathBuf> {
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            return Err(Error::io(
+                format!(
+                    "another tcpstate agent already answers at {}",
+                    path.display()
+                ),
+                std::io::Error::from(std::io::ErrorKind::AddrInUse),
+            ));
+        }
+        std::fs::remove_file(path)
+            .map_err(|e| Error::io(format!("removing the stale socket {}", path.display()), e))?;
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+    }
+    Ok(path.to_owned())
+}

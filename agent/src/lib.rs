@@ -1,0 +1,11 @@
+//! The tcpstate agent: loads and attaches the probe, keeps the counts
+//! exact (kernel timers, listening sockets), and answers `tcpstate count`.
+
+pub mod agent;
+pub mod control;
+pub mod error;
+pub mod expiry;
+pub mod netns;
+pub mod probe;
+pub mod snapshot;
+pub mod sockdiag;

@@ -1,0 +1,99 @@
+//! Network namespaces: the agent stays in the namespace it started in and does
+//! its namespace-bound work (attaching, opening sock_diag, reading sysctls)
+//! on a short-lived thread that joined the target namespace with setns(2).
+
+use std::{fmt, fs::File, path::PathBuf};
+
+use nix::sched::{CloneFlags, setns};
+
+use crate::error::{Error, Result};
+
+/// A network namespace: the agent's own, or one named by `ip netns add`.
+pub struct NetNs {
+    name: Option<String>,
+    file: Option<File>,
+}
+
+impl NetNs {
+    /// The namespace the agent runs in.
+    pub fn current() -> NetNs {
+        NetNs {
+            name: None,
+            file: None,
+        }
+    }
+
+    /// A namespace made by `ip netns add NAME` (bound at /run/netns/NAME).
+    pub fn named(name: &str) -> Result<NetNs> {
+        if name.is_empty() || name.contains('/') {
+            return Err(Error::NoSuchNetns(name.into()));
+        }
+        let path = PathBuf::from("/run/netns").join(name);
+        let file = File::open(&path).map_err(|_| Error::NoSuchNetns(name.into()))?;
+        Ok(NetNs {
+            name: Some(name.into()),
+            file: Some(file),
+        })
+    }
+
+    pub fn name(&self) -> Option<&str> {
+        self.name.as_deref()
+    }
+
+    /// Runs `f` on a thread inside this namespace and returns its result.
+    pub fn run<T: Send>(&self, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+        let Some(file) = &self.file else { return f() };
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                setns(file, CloneFlags::CLONE_NEWNET).map_err(|e| {
+                    if e == nix::errno::Errno::EPERM {
+                        Error::NotPermitted {
+                            action: format!("entering {self}"),
+                        }
+                    } else {
+                        Error::io(format!("entering {self}"), e.into())
+                    }
+                })?;
+                f()
+            })
+            .join()
+            .expect("namespace worker thread panicked")
+        })
+    }
+}
+
+impl fmt::Display for NetNs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.name {
+            Some(n) => write!(f, "network namespace {n:?}"),
+            None => write!(f, "the current network namespace"),
+        }
+    }
+}
+
+/// Names of the interfaces that are up in the calling thread's namespace.
+pub fn interfaces_up() -> Result<Vec<String>> {
+    let addrs =
+        nix::ifaddrs::getifaddrs().map_err(|e| Error::io("listing interfaces", e.into()))?;
+    let mut names: Vec<String> = addrs
+        .filter(|a| a.flags.contains(nix::net::if_::InterfaceFlags::IFF_UP))
+        .map(|a| a.interface_name)
+        .collect();
+    names.sort();
+    names.dedup();
+    Ok(names)
+}
+
+/// Does an interface of that name exist in the calling thread's namespace?
+pub fn interface_exists(name: &str) -> bool {
+    nix::net::if_::if_nametoindex(name).is_ok()
+}
+
+/// Reads a sysctl of the calling thread's namespace, e.g. `net/ipv4/tcp_fin_timeout`.
+pub fn sysctl_u64(path: &str) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/sys/{path}"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}

@@ -1,0 +1,253 @@
+//! Loading the eBPF probe, attaching it to interfaces, and reading its maps.
+//!
+//! Programs are attached through BPF links owned by this process, so they are
+//! detached when it exits, however it exits; nothing is pinned.
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, MapData, PerCpuArray},
+    programs::{
+        LinkOrder, ProgramError, SchedClassifier, TcAttachType, TestRun, TestRunOptions, Xdp,
+        XdpMode, tc::TcAttachOptions,
+    },
+};
+use tcpstate_common::{Command, Counters, FlowEntry, FlowKey};
+
+use crate::error::{Error, Result, is_permission_error};
+
+/// The probe object built by `cargo xtask build`, embedded at compile time.
+static PROBE_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcpstate-probe.o"));
+
+const XDP_PROGRAM: &str = "tcpstate_xdp";
+const TC_PROGRAM: &str = "tcpstate_tc";
+const COMMAND_PROGRAM: &str = "tcpstate_command";
+
+/// ifindex of loopback in every namespace.
+pub const LOOPBACK_IFINDEX: u32 = 1;
+
+#[derive(Clone, Debug)]
+pub struct ProbeOptions {
+    /// Capacity of the flow map (connections tracked at once).
+    pub max_flows: u32,
+    /// XDP attach mode (generic by default: it keeps segmentation offloads).
+    pub xdp_mode: XdpMode,
+    /// The ifindex treated as loopback (both endpoints local). Packet tests
+    /// set 0 to see test frames as arriving from outside.
+    pub loopback_ifindex: u32,
+}
+
+impl Default for ProbeOptions {
+    fn default() -> Self {
+        ProbeOptions {
+            max_flows: 262_144,
+            xdp_mode: XdpMode::Skb,
+            loopback_ifindex: LOOPBACK_IFINDEX,
+        }
+    }
+}
+
+pub struct Probe {
+    ebpf: Ebpf,
+    attached: Vec<String>,
+}
+
+impl Probe {
+    /// Loads the probe into the kernel (nothing is attached yet).
+    pub fn load(opts: &ProbeOptions) -> Result<Probe> {
+        if PROBE_OBJECT.is_empty() {
+            return Err(Error::ProbeMissing);
+        }
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries("FLOWS", opts.max_flows)
+            .override_global("LOOPBACK_IFINDEX", &opts.loopback_ifindex, true)
+            .load(PROBE_OBJECT)
+            .map_err(|e| {
+                if is_permission_error(&e) {
+                    Error::NotPermitted {
+                        action: "loading the eBPF probe".into(),
+                    }
+                } else {
+                    Error::Ebpf(e)
+                }
+            })?;
+        for name in [XDP_PROGRAM, COMMAND_PROGRAM] {
+            let prog: &mut Xdp = program(&mut ebpf, name)?.try_into()?;
+            prog.load().map_err(|e| load_error(name, e))?;
+        }
+        let tc: &mut SchedClassifier = program(&mut ebpf, TC_PROGRAM)?.try_into()?;
+        tc.load().map_err(|e| load_error(TC_PROGRAM, e))?;
+        Ok(Probe {
+            ebpf,
+            attached: Vec::new(),
+        })
+    }
+
+    /// Attaches to `iface` in the calling thread's namespace: XDP for what
+    /// arrives, TC egress for what leaves. On loopback XDP alone sees every
+    /// segment exactly once, so no TC program is attached there.
+    pub fn attach(&mut self, iface: &str, mode: XdpMode, loopback: bool) -> Result<()> {
+        let xdp: &mut Xdp = program(&mut self.ebpf, XDP_PROGRAM)?.try_into()?;
+        xdp.attach(iface, mode)
+            .map_err(|e| attach_error(XDP_PROGRAM, iface, e))?;
+        if !loopback {
+            let tc: &mut SchedClassifier = program(&mut self.ebpf, TC_PROGRAM)?.try_into()?;
+            // First in the chain, so the monitor sees every packet before any
+            // other program may redirect or drop it.
+            tc.attach_with_options(
+                iface,
+                TcAttachType::Egress,
+                TcAttachOptions::TcxOrder(LinkOrder::first()),
+            )
+            .map_err(|e| attach_error(TC_PROGRAM, iface, e))?;
+        }
+        self.attached.push(iface.to_owned());
+        Ok(())
+    }
+
+    pub fn attached(&self) -> &[String] {
+        &self.attached
+    }
+
+    /// The counters summed over CPUs.
+    pub fn counters(&self) -> Result<Counters> {
+        let map = self
+            .ebpf
+            .map("COUNTERS")
+            .expect("the probe defines COUNTERS");
+        let array: PerCpuArray<&MapData, Counters> = PerCpuArray::try_from(map)?;
+        let mut total = Counters::default();
+        for cpu in array.get(&0, 0)?.iter() {
+            total.accumulate(cpu);
+        }
+        Ok(total)
+    }
+
+    /// A view of the flow map.
+    pub fn flows(&self) -> Result<HashMap<&MapData, FlowKey, FlowEntry>> {
+        let map = self.ebpf.map("FLOWS").expect("the probe defines FLOWS");
+        Ok(HashMap::try_from(map)?)
+    }
+
+    /// Capacity of the flow map.
+    pub fn max_flows(&self) -> Result<u32> {
+        let map = self.ebpf.map("FLOWS").expect("the probe defines FLOWS");
+        let fd = match map {
+            aya::maps::Map::HashMap(m) => m.info()?,
+            _ => unreachable!("FLOWS is a hash map"),
+        };
+        Ok(fd.max_entries())
+    }
+
+    /// Runs a [`Command`] in the kernel; returns its outcome code
+    /// (`tcpstate_common::command::outcome`).
+    pub fn command(&self, cmd: &Command) -> Result<u32> {
+        self.test_run(COMMAND_PROGRAM, cmd.as_bytes())
+    }
+
+    /// Runs the XDP program on one frame with BPF_PROG_TEST_RUN (packet tests
+    /// and benchmarks); returns its verdict.
+    pub fn run_xdp(&self, frame: &[u8]) -> Result<u32> {
+        self.test_run(XDP_PROGRAM, frame)
+    }
+
+    /// Runs the TC program on one frame with BPF_PROG_TEST_RUN.
+    pub fn run_tc(&self, frame: &[u8]) -> Result<i32> {
+        Ok(self.test_run(TC_PROGRAM, frame)? as i32)
+    }
+
+    /// Runs `program` on `frame` `repeat` times; returns the kernel's mean
+    /// duration per run in nanoseconds.
+    pub fn time_program(&self, program: &str, frame: &[u8], repeat: u32) -> Result<f64> {
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            repeat,
+            ..TestRunOptions::new()
+        };
+        let res = self.test_run_with(program, opts)?;
+        Ok(res.duration.as_nanos() as f64)
+    }
+
+    fn test_run(&self, name: &str, data: &[u8]) -> Result<u32> {
+        let opts = TestRunOptions {
+            data_in: Some(data),
+            ..TestRunOptions::new()
+        };
+        Ok(self.test_run_with(name, opts)?.return_value)
+    }
+
+    fn test_run_with(
+        &self,
+        name: &str,
+        opts: TestRunOptions<'_>,
+    ) -> Result<aya::programs::TestRunResult> {
+        let prog = self
+            .ebpf
+            .program(name)
+            .unwrap_or_else(|| panic!("the probe defines {name}"));
+        let res = match prog {
+            aya::programs::Program::Xdp(p) => p.test_run(opts)?,
+            aya::programs::Program::SchedClassifier(p) => p.test_run(opts)?,
+            _ => unreachable!("{name} is an XDP or TC program"),
+        };
+        Ok(res)
+    }
+}
+
+fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::programs::Program> {
+    Ok(ebpf
+        .program_mut(name)
+        .unwrap_or_else(|| panic!("the probe defines {name}")))
+}
+
+fn load_error(program: &str, e: ProgramError) -> Error {
+    match e {
+        ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => {
+            if matches!(
+                io_error.raw_os_error(),
+                Some(libc::EPERM) | Some(libc::EACCES)
+            ) && verifier_log.to_string().is_empty()
+            {
+                return Error::NotPermitted {
+                    action: format!("loading {program}"),
+                };
+            }
+            let log = verifier_log.to_string();
+            let tail: Vec<&str> = log.lines().rev().take(25).collect();
+            Error::Verifier {
+                program: program.into(),
+                error: io_error.to_string(),
+                log: tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
+            }
+        }
+        other if is_permission_error(&other) => Error::NotPermitted {
+            action: format!("loading {program}"),
+        },
+        other => Error::Program(other),
+    }
+}
+
+fn attach_error(program: &str, iface: &str, e: ProgramError) -> Error {
+    if is_permission_error(&e) {
+        return Error::NotPermitted {
+            action: format!("attaching {program} to {iface}"),
+        };
+    }
+    let text = e.to_string();
+    let hint = if program == XDP_PROGRAM && (text.contains("busy") || text.contains("exists")) {
+        " (another XDP program is attached there: `ip link show` names it; detach it or leave this interface out)"
+    } else if program == XDP_PROGRAM {
+        " (try --xdp-mode skb, which every interface supports)"
+    } else {
+        ""
+    };
+    Error::Attach {
+        program: program.into(),
+        iface: iface.into(),
+        error: text,
+        hint,
+    }
+}

@@ -1,0 +1,156 @@
+//! What the agent reports: the eleven state counts and the probe's events,
+//! and how `tcpstate count` prints them.
+
+use serde::{Deserialize, Serialize};
+use tcpstate_common::{Counters, Event, TcpState};
+
+/// Counts of the eleven reported states, in [`TcpState::REPORTED`] order.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StateCounts(pub [u64; 11]);
+
+impl StateCounts {
+    pub fn get(&self, s: TcpState) -> u64 {
+        TcpState::REPORTED
+            .iter()
+            .position(|r| *r == s)
+            .map_or(0, |i| self.0[i])
+    }
+
+    pub fn set(&mut self, s: TcpState, n: u64) {
+        if let Some(i) = TcpState::REPORTED.iter().position(|r| *r == s) {
+            self.0[i] = n;
+        }
+    }
+
+    /// From per-state values indexed by the kernel's state number (a value
+    /// below zero, possible for an instant while CPUs' counters settle, reads 0).
+    pub fn from_slots(slots: &[i64; 16]) -> StateCounts {
+        let mut c = StateCounts::default();
+        for s in TcpState::REPORTED {
+            c.set(s, slots[s as usize].max(0) as u64);
+        }
+        c
+    }
+
+    /// `STATE N` lines, the shape of `netstat -n | awk '/^tcp/ {++a[$NF]} END {for (v in a) print v, a[v]}'`.
+    pub fn lines(&self) -> String {
+        TcpState::REPORTED
+            .iter()
+            .zip(self.0)
+            .map(|(s, n)| format!("{} {n}\n", s.name()))
+            .collect()
+    }
+
+    /// One JSON object mapping the eleven names to numbers, in the fixed order.
+    pub fn json(&self) -> serde_json::Value {
+        let map: serde_json::Map<String, serde_json::Value> = TcpState::REPORTED
+            .iter()
+            .zip(self.0)
+            .map(|(s, n)| (s.name().to_owned(), n.into()))
+            .collect();
+        serde_json::Value::Object(map)
+    }
+
+    /// Parses what [`StateCounts::json`] printed.
+    pub fn from_json(v: &serde_json::Value) -> Option<StateCounts> {
+        let mut c = StateCounts::default();
+        for s in TcpState::REPORTED {
+            c.set(s, v.get(s.name())?.as_u64()?);
+        }
+        Some(c)
+    }
+}
+
+/// The agent's answer to a client.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub netns: Option<String>,
+    pub interfaces: Vec<String>,
+    /// Eleven states, name to count.
+    pub states: serde_json::Value,
+    /// Probe events by name (see `tcpstate_common::Event`).
+    pub events: serde_json::Map<String, serde_json::Value>,
+    pub flow_map_capacity: u32,
+    /// Entries the agent expired on the kernel's timers.
+    pub expired: u64,
+}
+
+impl Snapshot {
+    pub fn new(
+        netns: Option<String>,
+        interfaces: Vec<String>,
+        states: StateCounts,
+        counters: &Counters,
+        capacity: u32,
+        expired: u64,
+    ) -> Snapshot {
+        let events = Event::ALL
+            .iter()
+            .map(|e| (e.name().to_owned(), counters.events[*e as usize].into()))
+            .collect();
+        Snapshot {
+            netns,
+            interfaces,
+            states: states.json(),
+            events,
+            flow_map_capacity: capacity,
+            expired,
+        }
+    }
+
+    pub fn state_counts(&self) -> Option<StateCounts> {
+        StateCounts::from_json(&self.states)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_list_all_eleven_states_in_fixed_order_with_zeros() {
+        let mut c = StateCounts::default();
+        c.set(TcpState::Established, 3);
+        c.set(TcpState::TimeWait, 7);
+        let text = c.lines();
+        let names: Vec<&str> = text.lines().map(|l| l.split(' ').next().unwrap()).collect();
+        assert_eq!(
+            names,
+            [
+                "LISTEN",
+                "SYN_SENT",
+                "SYN_RECV",
+                "ESTABLISHED",
+                "FIN_WAIT1",
+                "FIN_WAIT2",
+                "CLOSE_WAIT",
+                "CLOSING",
+                "LAST_ACK",
+                "TIME_WAIT",
+                "CLOSE"
+            ]
+        );
+        assert!(
+            text.contains("ESTABLISHED 3\n")
+                && text.contains("TIME_WAIT 7\n")
+                && text.contains("LISTEN 0\n")
+        );
+    }
+
+    #[test]
+    fn json_round_trips() {
+        let c = StateCounts([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]);
+        assert_eq!(StateCounts::from_json(&c.json()), Some(c));
+        assert_eq!(c.json().as_object().unwrap().len(), 11);
+    }
+
+    #[test]
+    fn negative_transients_read_as_zero() {
+        let mut slots = [0i64; 16];
+        slots[TcpState::Established as usize] = -1;
+        slots[TcpState::FinWait2 as usize] = 4;
+        let c = StateCounts::from_slots(&slots);
+        assert_eq!(c.get(TcpState::Established), 0);
+        assert_eq!(c.get(TcpState::FinWait2), 4);
+    }
+}

@@ -1,0 +1,41 @@
+//! Commands the agent runs in the kernel through BPF_PROG_TEST_RUN of the
+//! probe's `tcpstate_command` program, so that its changes to a flow entry go
+//! through the same compare-and-swap and counter update as the data path.
+
+use crate::flow::FlowKey;
+
+/// Replace the state word of `key` with `new` if it still equals `expect`,
+/// moving the per-state counters accordingly. A `new` word that is marked
+/// reaping deletes the entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Command {
+    pub key: FlowKey,
+    pub _pad: u32,
+    pub expect: u64,
+    pub new: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<Command>() == 56);
+
+/// What the command program returns (XDP action codes, since it is an XDP program).
+pub mod outcome {
+    /// The word was swapped.
+    pub const DONE: u32 = 2; // XDP_PASS
+    /// The word had changed since the agent read it; nothing was done.
+    pub const CHANGED: u32 = 1; // XDP_DROP
+    /// No such entry (or a malformed command).
+    pub const MISSING: u32 = 0; // XDP_ABORTED
+}
+
+impl Command {
+    pub fn as_bytes(&self) -> &[u8] {
+        // SAFETY: `#[repr(C)]` without padding (asserted above).
+        unsafe {
+            core::slice::from_raw_parts(
+                (self as *const Command).cast::<u8>(),
+                core::mem::size_of::<Command>(),
+            )
+        }
+    }
+}

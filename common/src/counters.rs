@@ -1,0 +1,112 @@
+//! The probe's per-CPU counters: the per-state gauge of local endpoints and
+//! the event counts (packets, parse failures, map full, ...).
+
+use crate::state::STATE_SLOTS;
+
+/// Unusual and ordinary events the probe counts. Every one is exported.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// Frames seen by the XDP program.
+    PacketsXdp = 0,
+    /// Frames seen by the TC egress program.
+    PacketsTc = 1,
+    /// TCP segments parsed.
+    TcpSegments = 2,
+    /// Frames that carry no TCP (other ethertypes or IP protocols).
+    NotTcp = 3,
+    /// IP fragments other than the first (no TCP header to read).
+    Fragments = 4,
+    /// Frames too short or malformed to parse (truncated, bad IHL or data offset).
+    ParseErrors = 5,
+    /// A new flow could not be stored because the flow map is full.
+    MapFull = 6,
+    /// Flows created (including a dead entry reused by a new connection).
+    FlowsOpened = 7,
+    /// Flows that ended with no local socket left.
+    FlowsClosed = 8,
+    /// RSTs ignored as blind or stale.
+    RstIgnored = 9,
+    /// Updates abandoned after repeated compare-and-swap conflicts.
+    CasConflicts = 10,
+    /// Segments of a flow the agent was deleting at that moment.
+    ReapSkipped = 11,
+    /// IPv6 packets whose extension-header chain is longer than the probe follows.
+    Ipv6ExtTooDeep = 12,
+}
+
+pub const EVENT_SLOTS: usize = 16;
+
+impl Event {
+    pub const ALL: [Event; 13] = [
+        Event::PacketsXdp,
+        Event::PacketsTc,
+        Event::TcpSegments,
+        Event::NotTcp,
+        Event::Fragments,
+        Event::ParseErrors,
+        Event::MapFull,
+        Event::FlowsOpened,
+        Event::FlowsClosed,
+        Event::RstIgnored,
+        Event::CasConflicts,
+        Event::ReapSkipped,
+        Event::Ipv6ExtTooDeep,
+    ];
+
+    /// snake_case name used in JSON and metrics.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Event::PacketsXdp => "packets_xdp",
+            Event::PacketsTc => "packets_tc",
+            Event::TcpSegments => "tcp_segments",
+            Event::NotTcp => "not_tcp",
+            Event::Fragments => "fragments",
+            Event::ParseErrors => "parse_errors",
+            Event::MapFull => "map_full",
+            Event::FlowsOpened => "flows_opened",
+            Event::FlowsClosed => "flows_closed",
+            Event::RstIgnored => "rst_ignored",
+            Event::CasConflicts => "cas_conflicts",
+            Event::ReapSkipped => "reap_skipped",
+            Event::Ipv6ExtTooDeep => "ipv6_ext_too_deep",
+        }
+    }
+}
+
+/// One CPU's counters (a single-slot per-CPU array). The per-state values are
+/// signed: an endpoint may enter a state on one CPU and leave it on another,
+/// so only the sum over CPUs is meaningful.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Counters {
+    pub states: [i64; STATE_SLOTS],
+    pub events: [u64; EVENT_SLOTS],
+}
+
+const _: () = assert!(core::mem::size_of::<Counters>() == 256);
+
+impl Default for Counters {
+    fn default() -> Self {
+        Counters {
+            states: [0; STATE_SLOTS],
+            events: [0; EVENT_SLOTS],
+        }
+    }
+}
+
+impl Counters {
+    /// Adds another CPU's counters into this one.
+    pub fn accumulate(&mut self, other: &Counters) {
+        for (a, b) in self.states.iter_mut().zip(other.states.iter()) {
+            *a += *b;
+        }
+        for (a, b) in self.events.iter_mut().zip(other.events.iter()) {
+            *a = a.wrapping_add(*b);
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+// SAFETY: `#[repr(C)]`, no padding (size asserted above).
+unsafe impl aya::Pod for Counters {}

@@ -1,0 +1,256 @@
+//! The flow map's key and value.
+//!
+//! One entry per connection: the key orders the two endpoints canonically so
+//! that both directions of a connection meet in the same entry. Endpoint `A` is
+//! the one with the lower (address, port); `B` the other.
+
+use crate::state::TcpState;
+
+/// Which endpoint of a flow entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    A = 0,
+    B = 1,
+}
+
+impl Side {
+    pub const fn other(self) -> Side {
+        match self {
+            Side::A => Side::B,
+            Side::B => Side::A,
+        }
+    }
+    pub const fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Flow map key. IPv4 addresses are stored IPv4-mapped (`::ffff:a.b.c.d`), so
+/// one key type serves both families. Addresses are in network byte order as
+/// they appear on the wire; ports are in host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FlowKey {
+    pub addr_a: [u32; 4],
+    pub addr_b: [u32; 4],
+    pub port_a: u16,
+    pub port_b: u16,
+}
+
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 36);
+const _: () = assert!(core::mem::align_of::<FlowKey>() == 4);
+
+impl FlowKey {
+    /// Builds the canonical key for a segment from `src` to `dst`, and tells
+    /// which side the sender is.
+    #[inline(always)]
+    pub fn new(src: [u32; 4], sport: u16, dst: [u32; 4], dport: u16) -> (FlowKey, Side) {
+        if endpoint_le(&src, sport, &dst, dport) {
+            (
+                FlowKey {
+                    addr_a: src,
+                    addr_b: dst,
+                    port_a: sport,
+                    port_b: dport,
+                },
+                Side::A,
+            )
+        } else {
+            (
+                FlowKey {
+                    addr_a: dst,
+                    addr_b: src,
+                    port_a: dport,
+                    port_b: sport,
+                },
+                Side::B,
+            )
+        }
+    }
+}
+
+#[inline(always)]
+fn endpoint_le(a: &[u32; 4], pa: u16, b: &[u32; 4], pb: u16) -> bool {
+    let mut i = 0;
+    while i < 4 {
+        if a[i] != b[i] {
+            return a[i] < b[i];
+        }
+        i += 1;
+    }
+    pa <= pb
+}
+
+/// Sequence facts about one endpoint, written only from segments that this
+/// endpoint sends (so the two halves of an entry have one writer each).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct EndSeq {
+    /// One past the highest sequence number this endpoint has sent.
+    pub snd_nxt: u32,
+    /// The last acknowledgement number this endpoint sent.
+    pub ack: u32,
+    /// Sequence number of this endpoint's FIN (valid once it sent one).
+    pub fin_seq: u32,
+    /// `EndSeq::SEEN | EndSeq::ACKED`; `u32` rather than `bool`s so the struct has no padding.
+    pub flags: u32,
+}
+
+impl EndSeq {
+    /// `snd_nxt` is known.
+    pub const SEEN: u32 = 1;
+    /// `ack` is known.
+    pub const ACKED: u32 = 2;
+}
+
+const _: () = assert!(core::mem::size_of::<EndSeq>() == 16);
+
+/// Flow map value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FlowEntry {
+    /// The state word ([`Word`]); changed only by compare-and-swap, so every
+    /// change is applied exactly once to the in-kernel counters.
+    pub word: u64,
+    /// CLOCK_MONOTONIC nanoseconds of the last state change (or timer re-arm).
+    pub changed_ns: u64,
+    /// Per-endpoint sequence facts, indexed by [`Side`].
+    pub ends: [EndSeq; 2],
+}
+
+const _: () = assert!(core::mem::size_of::<FlowEntry>() == 48);
+
+/// The packed state word of a flow entry:
+/// bits 0-3 state of A, 4-7 state of B, 8 A is local, 9 B is local,
+/// 10 dead (no local socket left; the entry counts nothing and may be reused),
+/// 11 reaping (being deleted by the agent; the data path leaves it alone).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Word(pub u64);
+
+impl Word {
+    pub const EMPTY: Word = Word(0);
+    const LOCAL_A: u64 = 1 << 8;
+    const DEAD: u64 = 1 << 10;
+    const REAPING: u64 = 1 << 11;
+
+    #[inline(always)]
+    pub const fn state(self, side: Side) -> TcpState {
+        TcpState::from_bits(((self.0 >> (4 * side as u64)) & 0xf) as u8)
+    }
+    #[inline(always)]
+    pub const fn with_state(self, side: Side, s: TcpState) -> Word {
+        let shift = 4 * side as u64;
+        Word((self.0 & !(0xf << shift)) | ((s as u64) << shift))
+    }
+    #[inline(always)]
+    pub const fn is_local(self, side: Side) -> bool {
+        self.0 & (Self::LOCAL_A << side as u64) != 0
+    }
+    #[inline(always)]
+    pub const fn with_local(self, side: Side) -> Word {
+        Word(self.0 | (Self::LOCAL_A << side as u64))
+    }
+    #[inline(always)]
+    pub const fn is_dead(self) -> bool {
+        self.0 & Self::DEAD != 0
+    }
+    #[inline(always)]
+    pub const fn is_reaping(self) -> bool {
+        self.0 & Self::REAPING != 0
+    }
+    /// The word that marks an entry the agent is deleting.
+    #[inline(always)]
+    pub const fn reaping(self) -> Word {
+        Word(self.0 | Self::REAPING)
+    }
+
+    /// The state each endpoint contributes to the per-state counters: the
+    /// endpoint's state if it is local and the entry is live, else `None`.
+    #[inline(always)]
+    pub const fn counted(self, side: Side) -> TcpState {
+        if self.0 & (Self::DEAD | Self::REAPING) != 0 || !self.is_local(side) {
+            return TcpState::None;
+        }
+        match self.state(side) {
+            TcpState::Close => TcpState::None,
+            s => s,
+        }
+    }
+
+    /// Marks the word dead when no local endpoint holds a socket any more
+    /// (or, for a flow with no local endpoint, when neither side does).
+    #[inline(always)]
+    pub const fn settle(self) -> Word {
+        let a_gone = self.state(Side::A).is_gone();
+        let b_gone = self.state(Side::B).is_gone();
+        let a_local = self.is_local(Side::A);
+        let b_local = self.is_local(Side::B);
+        let dead = if a_local || b_local {
+            (a_gone || !a_local) && (b_gone || !b_local)
+        } else {
+            a_gone && b_gone
+        };
+        if dead {
+            Word(self.0 | Self::DEAD)
+        } else {
+            self
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: plain `#[repr(C)]` data without padding (sizes asserted above).
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowEntry {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn both_directions_share_one_key() {
+        let x = [0, 0, 0xffff_0000u32.to_be(), 0x0a00_0001u32.to_be()];
+        let y = [0, 0, 0xffff_0000u32.to_be(), 0x0a00_0002u32.to_be()];
+        let (k1, s1) = FlowKey::new(x, 40000, y, 80);
+        let (k2, s2) = FlowKey::new(y, 80, x, 40000);
+        assert_eq!(k1, k2);
+        assert_ne!(s1, s2);
+        // Same address (loopback): the port decides.
+        let (k3, s3) = FlowKey::new(x, 80, x, 40000);
+        let (k4, s4) = FlowKey::new(x, 40000, x, 80);
+        assert_eq!(k3, k4);
+        assert_eq!((s3, s4), (Side::A, Side::B));
+    }
+
+    #[test]
+    fn word_fields_are_independent() {
+        let w = Word::EMPTY
+            .with_state(Side::A, TcpState::Established)
+            .with_state(Side::B, TcpState::TimeWait)
+            .with_local(Side::B);
+        assert_eq!(w.state(Side::A), TcpState::Established);
+        assert_eq!(w.state(Side::B), TcpState::TimeWait);
+        assert!(!w.is_local(Side::A) && w.is_local(Side::B));
+        assert_eq!(w.counted(Side::A), TcpState::None);
+        assert_eq!(w.counted(Side::B), TcpState::TimeWait);
+        assert_eq!(w.reaping().counted(Side::B), TcpState::None);
+    }
+
+    #[test]
+    fn settle_marks_dead_only_without_local_sockets() {
+        let w = Word::EMPTY
+            .with_local(Side::A)
+            .with_state(Side::A, TcpState::Close)
+            .with_state(Side::B, TcpState::TimeWait);
+        assert!(
+            w.settle().is_dead(),
+            "remote TIME_WAIT alone keeps nothing local"
+        );
+        let w = w.with_local(Side::B);
+        assert!(!w.settle().is_dead(), "local TIME_WAIT is a socket");
+        let remote_only = Word::EMPTY.with_state(Side::A, TcpState::Established);
+        assert!(!remote_only.settle().is_dead());
+    }
+}

@@ -1,0 +1,18 @@
+//! Types shared by the tcpstate probe (eBPF) and agent (userspace), and the
+//! pure TCP endpoint state machine that both run.
+//!
+//! Everything that crosses the kernel boundary is `#[repr(C)]`, `Copy`, has no
+//! implicit padding, and has its size checked by a `const` assertion.
+#![cfg_attr(not(test), no_std)]
+
+pub mod command;
+pub mod counters;
+pub mod flow;
+pub mod machine;
+pub mod state;
+
+pub use command::Command;
+pub use counters::{Counters, Event};
+pub use flow::{EndSeq, FlowEntry, FlowKey, Side, Word};
+pub use machine::{Hook, Segment, Step};
+pub use state::TcpState;

@@ -1,0 +1,269 @@
+//! The pure TCP endpoint state machine.
+//!
+//! A flow entry holds the state of both endpoints. Each segment is seen once,
+//! at the hook where it passes the monitored host: leaving it (TC egress: the
+//! sender is local), entering it (XDP: the receiver is local) or on loopback
+//! (both are local). [`step`] moves the sender's and the receiver's states the
+//! way the Linux stack does on sending and on receiving that segment, so the
+//! local endpoints' states match what `ss` shows once the stack has processed
+//! the segment.
+//!
+//! Rules worth knowing:
+//! - Retransmitted SYN, SYN-ACK and FIN never move a state twice: every rule
+//!   fires only from the state that precedes it.
+//! - A bare SYN (or SYN-ACK) on a tuple whose endpoints are in TIME_WAIT or
+//!   CLOSE starts a fresh connection: both endpoints' fields are reset.
+//! - An RST from a remote sender ends the connection only when its sequence
+//!   number lies between the receiver's last ACK and the sender's highest
+//!   sequence sent (Linux accepts exactly `rcv_nxt`, which lies in that range);
+//!   a blind or stale RST is ignored and counted. The local stack's own RSTs
+//!   are trusted.
+
+use crate::{
+    flow::{EndSeq, Side, Word},
+    state::TcpState,
+};
+
+pub const FIN: u8 = 0x01;
+pub const SYN: u8 = 0x02;
+pub const RST: u8 = 0x04;
+pub const ACK: u8 = 0x10;
+
+/// Where the segment was seen, which tells which endpoints are local.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    /// XDP on a non-loopback interface: the receiver is local.
+    Ingress,
+    /// TC egress: the sender is local.
+    Egress,
+    /// XDP on loopback: both endpoints are local.
+    Loopback,
+}
+
+/// The parts of a TCP segment the state machine reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Segment {
+    pub flags: u8,
+    pub seq: u32,
+    pub ack: u32,
+    /// Payload bytes (not counting SYN/FIN).
+    pub len: u32,
+}
+
+impl Segment {
+    #[inline(always)]
+    const fn has(&self, f: u8) -> bool {
+        self.flags & f != 0
+    }
+    /// One past the last sequence number the segment occupies.
+    #[inline(always)]
+    const fn end(&self) -> u32 {
+        let mut end = self.seq.wrapping_add(self.len);
+        if self.has(SYN) {
+            end = end.wrapping_add(1);
+        }
+        if self.has(FIN) {
+            end = end.wrapping_add(1);
+        }
+        end
+    }
+    /// Only a SYN (with or without ACK) and without RST/FIN may open a flow.
+    #[inline(always)]
+    pub const fn may_open(&self) -> bool {
+        self.has(SYN) && !self.has(RST) && !self.has(FIN)
+    }
+}
+
+/// What [`step`] decided.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Step {
+    /// The new state word (equal to the old one when nothing changed).
+    pub word: Word,
+    /// The sender's new sequence facts.
+    pub sender: EndSeq,
+    /// The connection was (re)started: the receiver's facts must be cleared.
+    pub reset_receiver: bool,
+    /// A timer the kernel re-arms (TIME_WAIT on a retransmitted FIN) restarts.
+    pub touch: bool,
+    /// An RST was ignored as blind or stale.
+    pub rst_ignored: bool,
+}
+
+/// `a` is at or after `b` in sequence space.
+#[inline(always)]
+const fn seq_ge(a: u32, b: u32) -> bool {
+    (a.wrapping_sub(b) as i32) >= 0
+}
+
+/// Applies one segment sent by `sender` to the entry (`word`, `ends`).
+#[inline(always)]
+pub fn step(word: Word, ends: &[EndSeq; 2], sender: Side, hook: Hook, seg: &Segment) -> Step {
+    let receiver = sender.other();
+    let mut out = Step {
+        word,
+        sender: ends[sender.index()],
+        reset_receiver: false,
+        touch: false,
+        rst_ignored: false,
+    };
+    if word.is_reaping() {
+        return out;
+    }
+    let mut w = word;
+    if w.is_dead() {
+        if !seg.may_open() {
+            return out;
+        }
+        w = Word::EMPTY;
+        out.sender = EndSeq::default();
+        out.reset_receiver = true;
+    }
+    w = match hook {
+        Hook::Ingress => w.with_local(receiver),
+        Hook::Egress => w.with_local(sender),
+        Hook::Loopback => w.with_local(sender).with_local(receiver),
+    };
+    let sender_local = w.is_local(sender);
+    let rf = if out.reset_receiver {
+        EndSeq::default()
+    } else {
+        ends[receiver.index()]
+    };
+    let mut ss = w.state(sender);
+    let mut rs = w.state(receiver);
+
+    // A new connection on a tuple whose previous one is over (port reuse).
+    let over = |s: TcpState| matches!(s, TcpState::TimeWait | TcpState::Close);
+    if seg.may_open() && (over(ss) || over(rs)) {
+        ss = TcpState::None;
+        rs = TcpState::None;
+        out.sender = EndSeq::default();
+        out.reset_receiver = true;
+    }
+    let rf = if out.reset_receiver {
+        EndSeq::default()
+    } else {
+        rf
+    };
+    let prev_sender = out.sender;
+
+    // The sender's own facts.
+    let end = seg.end();
+    if seg.has(SYN) || prev_sender.flags & EndSeq::SEEN == 0 || seq_ge(end, prev_sender.snd_nxt) {
+        out.sender.snd_nxt = end;
+        out.sender.flags |= EndSeq::SEEN;
+    }
+    if seg.has(ACK) {
+        out.sender.ack = seg.ack;
+        out.sender.flags |= EndSeq::ACKED;
+    }
+
+    if seg.has(RST) {
+        if sender_local || rst_acceptable(seg, rs, &rf, &prev_sender) {
+            ss = TcpState::Close;
+            if rs != TcpState::Listen && rs != TcpState::None {
+                rs = TcpState::Close;
+            }
+        } else {
+            out.rst_ignored = true;
+            out.sender = prev_sender;
+            return out;
+        }
+    } else if seg.has(SYN) && !seg.has(ACK) {
+        // Bare SYN: an active open (or a simultaneous one).
+        if matches!(ss, TcpState::None | TcpState::SynRecv) {
+            ss = TcpState::SynSent;
+            if matches!(rs, TcpState::None | TcpState::SynSent) {
+                rs = TcpState::SynRecv;
+            }
+        }
+    } else if seg.has(SYN) {
+        // SYN-ACK: the passive side answers; the active side is established.
+        if matches!(ss, TcpState::None | TcpState::SynSent | TcpState::SynRecv) {
+            ss = TcpState::SynRecv;
+        }
+        let acks_syn = rf.flags & EndSeq::SEEN == 0 || seg.ack == rf.snd_nxt;
+        if matches!(rs, TcpState::None)
+            || (matches!(rs, TcpState::SynSent | TcpState::SynRecv) && acks_syn)
+        {
+            rs = TcpState::Established;
+        }
+    } else {
+        if seg.has(ACK) {
+            if ss == TcpState::SynSent {
+                ss = TcpState::Established;
+            }
+            let acks = |target: u32| rf.flags & EndSeq::SEEN != 0 && seq_ge(seg.ack, target);
+            rs = match rs {
+                TcpState::SynRecv if acks(rf.snd_nxt) => TcpState::Established,
+                TcpState::FinWait1 if acks(rf.fin_seq.wrapping_add(1)) => TcpState::FinWait2,
+                TcpState::Closing if acks(rf.fin_seq.wrapping_add(1)) => TcpState::TimeWait,
+                TcpState::LastAck if acks(rf.fin_seq.wrapping_add(1)) => TcpState::Close,
+                other => other,
+            };
+        }
+        if seg.has(FIN) {
+            match ss {
+                TcpState::Established | TcpState::SynRecv => {
+                    ss = TcpState::FinWait1;
+                    out.sender.fin_seq = seg.seq.wrapping_add(seg.len);
+                }
+                TcpState::CloseWait => {
+                    // A FIN that does not acknowledge the peer's FIN was sent
+                    // before the peer's FIN arrived: the FINs crossed
+                    // (simultaneous close), and the sender is CLOSING.
+                    let acks_peer_fin =
+                        !seg.has(ACK) || seq_ge(seg.ack, rf.fin_seq.wrapping_add(1));
+                    ss = if acks_peer_fin {
+                        TcpState::LastAck
+                    } else {
+                        TcpState::Closing
+                    };
+                    out.sender.fin_seq = seg.seq.wrapping_add(seg.len);
+                }
+                _ => {}
+            }
+            rs = match rs {
+                TcpState::Established | TcpState::SynRecv => TcpState::CloseWait,
+                TcpState::FinWait1 => TcpState::Closing,
+                TcpState::FinWait2 => TcpState::TimeWait,
+                TcpState::TimeWait => {
+                    out.touch = true;
+                    TcpState::TimeWait
+                }
+                other => other,
+            };
+        }
+    }
+
+    out.word = w.with_state(sender, ss).with_state(receiver, rs).settle();
+    out
+}
+
+/// Is an RST from a remote sender plausible for the receiver's connection?
+#[inline(always)]
+fn rst_acceptable(seg: &Segment, rs: TcpState, rf: &EndSeq, sf: &EndSeq) -> bool {
+    if rs == TcpState::SynSent {
+        // Refusing our SYN: it must acknowledge exactly our SYN.
+        return seg.flags & ACK != 0 && (rf.flags & EndSeq::SEEN == 0 || seg.ack == rf.snd_nxt);
+    }
+    if rf.flags & EndSeq::ACKED == 0 {
+        return true;
+    }
+    let from = rf.ack;
+    let to = if sf.flags & EndSeq::SEEN != 0 && seq_ge(sf.snd_nxt, from) {
+        sf.snd_nxt
+    } else {
+        from
+    };
+    seq_ge(seg.seq, from) && seq_ge(to, seg.seq)
+}
+
+/// The agent's expiry: the kernel's timer ended `side`'s socket (TIME_WAIT,
+/// FIN_WAIT2, or a handshake that gave up).
+pub const fn expire(word: Word, side: Side) -> Word {
+    word.with_state(side, TcpState::Close).settle()
+}
+
+#[cfg(test)]
+mod tests;

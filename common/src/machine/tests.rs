@@ -1,0 +1,409 @@
+//! Host tests of the state machine: whole conversations replayed segment by
+//! segment, with the expected Linux state of each endpoint after each step
+//! (as `ss` shows it on a real host for the same exchange).
+
+use super::*;
+use crate::state::TcpState::{self, *};
+
+/// Two endpoints exchanging segments through [`step`]. `client` is side A.
+struct Sim {
+    word: Word,
+    ends: [EndSeq; 2],
+    /// Next sequence number each side will send.
+    seq: [u32; 2],
+    /// Next sequence number each side expects (what it acknowledges).
+    rcv: [u32; 2],
+    local: [bool; 2],
+    rst_ignored: u32,
+    touched: u32,
+}
+
+const C: Side = Side::A;
+const S: Side = Side::B;
+
+impl Sim {
+    fn new(client_local: bool, server_local: bool) -> Sim {
+        Sim {
+            word: Word::EMPTY,
+            ends: [EndSeq::default(); 2],
+            seq: [1000, 5_000_000],
+            rcv: [0, 0],
+            local: [client_local, server_local],
+            rst_ignored: 0,
+            touched: 0,
+        }
+    }
+
+    fn hook(&self, from: Side) -> Hook {
+        match (self.local[from.index()], self.local[from.other().index()]) {
+            (true, true) => Hook::Loopback,
+            (true, false) => Hook::Egress,
+            (false, true) => Hook::Ingress,
+            (false, false) => panic!("a flow with no local endpoint is never seen"),
+        }
+    }
+
+    /// Builds the segment `from` would send now with `flags` and `len` bytes.
+    fn seg(&self, from: Side, flags: u8, len: u32) -> Segment {
+        Segment {
+            flags,
+            seq: self.seq[from.index()],
+            ack: if flags & ACK != 0 {
+                self.rcv[from.index()]
+            } else {
+                0
+            },
+            len,
+        }
+    }
+
+    /// Sends a segment and advances the sender's sequence and receiver's rcv.
+    fn send(&mut self, from: Side, flags: u8, len: u32) -> Segment {
+        let seg = self.seg(from, flags, len);
+        self.deliver(from, &seg);
+        let end = seg.end();
+        self.seq[from.index()] = end;
+        self.rcv[from.other().index()] = end;
+        seg
+    }
+
+    /// Applies a segment (new, retransmitted or forged) as the probe would.
+    fn deliver(&mut self, from: Side, seg: &Segment) {
+        let st = step(self.word, &self.ends, from, self.hook(from), seg);
+        self.word = st.word;
+        self.ends[from.index()] = st.sender;
+        if st.reset_receiver {
+            self.ends[from.other().index()] = EndSeq::default();
+        }
+        self.rst_ignored += st.rst_ignored as u32;
+        self.touched += st.touch as u32;
+    }
+
+    fn states(&self) -> (TcpState, TcpState) {
+        (self.word.state(C), self.word.state(S))
+    }
+
+    fn handshake(&mut self) {
+        self.send(C, SYN, 0);
+        assert_eq!(self.states(), (SynSent, SynRecv));
+        self.send(S, SYN | ACK, 0);
+        assert_eq!(self.states(), (Established, SynRecv));
+        self.send(C, ACK, 0);
+        assert_eq!(self.states(), (Established, Established));
+    }
+}
+
+/// Every placement of the endpoints the probe can see.
+const PLACEMENTS: [(bool, bool); 3] = [(true, false), (false, true), (true, true)];
+
+#[test]
+fn three_way_handshake_from_every_vantage_point() {
+    for (c, s) in PLACEMENTS {
+        let mut sim = Sim::new(c, s);
+        sim.handshake();
+        assert_eq!(sim.word.is_local(C), c);
+        assert_eq!(sim.word.is_local(S), s);
+        assert!(!sim.word.is_dead());
+    }
+}
+
+#[test]
+fn active_close_by_client_walks_both_endpoints_through_every_state() {
+    for (c, s) in PLACEMENTS {
+        let mut sim = Sim::new(c, s);
+        sim.handshake();
+        sim.send(C, ACK, 100);
+        sim.send(S, ACK, 0);
+        sim.send(C, FIN | ACK, 0);
+        assert_eq!(sim.states(), (FinWait1, CloseWait));
+        sim.send(S, ACK, 0);
+        assert_eq!(sim.states(), (FinWait2, CloseWait));
+        sim.send(S, ACK, 50); // half-closed: the server may still send data
+        assert_eq!(sim.states(), (FinWait2, CloseWait));
+        sim.send(S, FIN | ACK, 0);
+        assert_eq!(sim.states(), (TimeWait, LastAck));
+        sim.send(C, ACK, 0);
+        assert_eq!(sim.states(), (TimeWait, Close));
+        // A local client still has a TIME_WAIT socket; a remote one leaves nothing local.
+        assert_eq!(sim.word.is_dead(), !c);
+    }
+}
+
+#[test]
+fn active_close_by_server_puts_server_in_time_wait() {
+    for (c, s) in PLACEMENTS {
+        let mut sim = Sim::new(c, s);
+        sim.handshake();
+        sim.send(S, FIN | ACK, 0);
+        assert_eq!(sim.states(), (CloseWait, FinWait1));
+        // The client's ACK of the FIN rides on its own FIN (delayed ACK).
+        sim.send(C, FIN | ACK, 0);
+        assert_eq!(sim.states(), (LastAck, TimeWait));
+        sim.send(S, ACK, 0);
+        assert_eq!(sim.states(), (Close, TimeWait));
+        assert_eq!(sim.word.is_dead(), !s);
+    }
+}
+
+#[test]
+fn fin_that_does_not_ack_our_fin_is_a_simultaneous_close() {
+    let mut sim = Sim::new(true, true);
+    sim.handshake();
+    // Both FINs are built before either is delivered: they cross.
+    let fin_c = sim.seg(C, FIN | ACK, 0);
+    let fin_s = sim.seg(S, FIN | ACK, 0);
+    sim.deliver(C, &fin_c);
+    sim.deliver(S, &fin_s);
+    assert_eq!(sim.states(), (Closing, Closing));
+    // Each acknowledges the other's FIN.
+    let ack_c = Segment {
+        flags: ACK,
+        seq: fin_c.end(),
+        ack: fin_s.end(),
+        len: 0,
+    };
+    let ack_s = Segment {
+        flags: ACK,
+        seq: fin_s.end(),
+        ack: fin_c.end(),
+        len: 0,
+    };
+    sim.deliver(C, &ack_c);
+    assert_eq!(sim.states(), (Closing, TimeWait));
+    sim.deliver(S, &ack_s);
+    assert_eq!(sim.states(), (TimeWait, TimeWait));
+    assert!(!sim.word.is_dead());
+}
+
+#[test]
+fn simultaneous_open_ends_established_on_both_sides() {
+    for (c, s) in PLACEMENTS {
+        let mut sim = Sim::new(c, s);
+        let syn_c = sim.seg(C, SYN, 0);
+        let syn_s = sim.seg(S, SYN, 0);
+        sim.deliver(C, &syn_c);
+        sim.deliver(S, &syn_s);
+        assert_eq!(sim.states(), (SynRecv, SynSent));
+        // Each answers the other's SYN with a SYN-ACK.
+        let sa_c = Segment {
+            flags: SYN | ACK,
+            seq: syn_c.seq,
+            ack: syn_s.end(),
+            len: 0,
+        };
+        let sa_s = Segment {
+            flags: SYN | ACK,
+            seq: syn_s.seq,
+            ack: syn_c.end(),
+            len: 0,
+        };
+        sim.deliver(C, &sa_c);
+        sim.deliver(S, &sa_s);
+        assert_eq!(
+            sim.states(),
+            (Established, Established),
+            "placement {c} {s}"
+        );
+    }
+}
+
+#[test]
+fn retransmitted_syn_synack_and_fin_move_nothing_twice() {
+    for (c, s) in PLACEMENTS {
+        let mut sim = Sim::new(c, s);
+        let syn = sim.send(C, SYN, 0);
+        sim.deliver(C, &syn);
+        assert_eq!(sim.states(), (SynSent, SynRecv));
+        let synack = sim.send(S, SYN | ACK, 0);
+        sim.deliver(S, &synack);
+        assert_eq!(sim.states(), (Established, SynRecv));
+        sim.send(C, ACK, 0);
+        // A late copy of the SYN-ACK after the handshake completed.
+        sim.deliver(S, &synack);
+        assert_eq!(sim.states(), (Established, Established));
+        let fin = sim.send(C, FIN | ACK, 0);
+        sim.deliver(C, &fin);
+        assert_eq!(sim.states(), (FinWait1, CloseWait));
+        sim.send(S, ACK, 0);
+        sim.deliver(C, &fin);
+        assert_eq!(sim.states(), (FinWait2, CloseWait));
+        let fin_s = sim.send(S, FIN | ACK, 0);
+        sim.send(C, ACK, 0);
+        assert_eq!(sim.states(), (TimeWait, Close));
+        // The server's FIN again (our ACK was lost): TIME_WAIT stays and re-arms.
+        let touched = sim.touched;
+        if c {
+            sim.deliver(S, &fin_s);
+            assert_eq!(sim.states(), (TimeWait, Close));
+            assert_eq!(sim.touched, touched + 1);
+        }
+    }
+}
+
+#[test]
+fn valid_rst_aborts_both_endpoints() {
+    for (c, s) in PLACEMENTS {
+        let mut sim = Sim::new(c, s);
+        sim.handshake();
+        sim.send(C, ACK, 10);
+        sim.send(S, ACK, 0);
+        sim.send(S, RST | ACK, 0);
+        assert_eq!(sim.states(), (Close, Close));
+        assert!(sim.word.is_dead());
+        assert_eq!(sim.rst_ignored, 0);
+    }
+}
+
+#[test]
+fn rst_with_unacknowledged_data_in_flight_is_still_valid() {
+    // The server sent data the client has not acknowledged yet; its RST carries
+    // a sequence number past the client's last ACK but within what was sent.
+    let mut sim = Sim::new(true, false);
+    sim.handshake();
+    sim.send(S, ACK, 500);
+    sim.send(S, RST | ACK, 0);
+    assert_eq!(sim.states(), (Close, Close));
+}
+
+#[test]
+fn blind_or_stale_rst_from_remote_is_ignored() {
+    let mut sim = Sim::new(true, false);
+    sim.handshake();
+    sim.send(C, ACK, 10);
+    sim.send(S, ACK, 20);
+    sim.send(C, ACK, 0);
+    let blind = Segment {
+        flags: RST,
+        seq: sim.seq[S.index()].wrapping_add(1_000_000),
+        ack: 0,
+        len: 0,
+    };
+    sim.deliver(S, &blind);
+    let stale = Segment {
+        flags: RST,
+        seq: sim.seq[S.index()].wrapping_sub(20),
+        ack: 0,
+        len: 0,
+    };
+    sim.deliver(S, &stale);
+    assert_eq!(sim.states(), (Established, Established));
+    assert_eq!(sim.rst_ignored, 2);
+}
+
+#[test]
+fn rst_refusing_a_syn_ends_the_attempt_only_if_it_acks_the_syn() {
+    let mut sim = Sim::new(true, false);
+    let syn = sim.send(C, SYN, 0);
+    let wrong = Segment {
+        flags: RST | ACK,
+        seq: 0,
+        ack: syn.end().wrapping_add(7),
+        len: 0,
+    };
+    sim.deliver(S, &wrong);
+    assert_eq!(sim.states(), (SynSent, SynRecv));
+    assert_eq!(sim.rst_ignored, 1);
+    let refuse = Segment {
+        flags: RST | ACK,
+        seq: 0,
+        ack: syn.end(),
+        len: 0,
+    };
+    sim.deliver(S, &refuse);
+    assert_eq!(sim.states(), (Close, Close));
+    assert!(sim.word.is_dead());
+}
+
+#[test]
+fn rst_kills_time_wait() {
+    let mut sim = Sim::new(true, false);
+    sim.handshake();
+    sim.send(C, FIN | ACK, 0);
+    sim.send(S, FIN | ACK, 0);
+    sim.send(C, ACK, 0);
+    assert_eq!(sim.states(), (TimeWait, Close));
+    // The peer, its socket gone, answers a late segment with an RST in window.
+    sim.send(S, RST, 0);
+    assert_eq!(sim.states(), (Close, Close));
+    assert!(sim.word.is_dead());
+}
+
+#[test]
+fn new_syn_on_a_time_wait_tuple_starts_afresh() {
+    for (c, s) in PLACEMENTS {
+        let mut sim = Sim::new(c, s);
+        sim.handshake();
+        sim.send(S, FIN | ACK, 0);
+        sim.send(C, FIN | ACK, 0);
+        sim.send(S, ACK, 0);
+        assert_eq!(sim.states(), (Close, TimeWait));
+        sim.seq = [90_000, 7_000_000];
+        sim.handshake();
+        // The old connection's FIN must not be remembered.
+        assert_eq!(sim.ends[S.index()].fin_seq, 0);
+        sim.send(C, FIN | ACK, 0);
+        assert_eq!(sim.states(), (FinWait1, CloseWait));
+    }
+}
+
+#[test]
+fn a_dead_entry_is_reopened_by_a_syn_and_ignores_everything_else() {
+    let mut sim = Sim::new(true, false);
+    sim.handshake();
+    sim.send(S, RST | ACK, 0);
+    assert!(sim.word.is_dead());
+    let before = sim.word;
+    sim.send(S, ACK, 10);
+    sim.send(C, FIN | ACK, 0);
+    assert_eq!(sim.word, before);
+    sim.handshake();
+    assert!(!sim.word.is_dead());
+}
+
+#[test]
+fn reaping_entries_are_left_alone() {
+    let w = Word::EMPTY.reaping();
+    let seg = Segment {
+        flags: SYN,
+        seq: 1,
+        ack: 0,
+        len: 0,
+    };
+    let st = step(w, &[EndSeq::default(); 2], C, Hook::Egress, &seg);
+    assert_eq!(st.word, w);
+}
+
+#[test]
+fn segments_without_syn_never_open_a_flow() {
+    for flags in [ACK, FIN | ACK, RST, RST | ACK, ACK | 0x08] {
+        let seg = Segment {
+            flags,
+            seq: 1,
+            ack: 1,
+            len: 0,
+        };
+        let st = step(Word::EMPTY, &[EndSeq::default(); 2], C, Hook::Ingress, &seg);
+        assert_eq!(st.word.counted(S), TcpState::None, "flags {flags:#x}");
+        assert_eq!(st.word.counted(C), TcpState::None, "flags {flags:#x}");
+    }
+}
+
+#[test]
+fn only_local_endpoints_are_counted() {
+    let mut sim = Sim::new(false, true);
+    sim.handshake();
+    assert_eq!(sim.word.counted(C), TcpState::None);
+    assert_eq!(sim.word.counted(S), Established);
+}
+
+#[test]
+fn expiry_closes_one_side_and_kills_the_entry_when_nothing_local_remains() {
+    let mut sim = Sim::new(true, false);
+    sim.handshake();
+    sim.send(C, FIN | ACK, 0);
+    sim.send(S, FIN | ACK, 0);
+    sim.send(C, ACK, 0);
+    let w = expire(sim.word, C);
+    assert_eq!(w.state(C), Close);
+    assert!(w.is_dead());
+}

@@ -1,0 +1,92 @@
+//! The tcpstate probe: XDP sees every frame entering a monitored interface,
+//! TC egress every frame the host sends on it; both feed one flow map. The
+//! probe is a monitor: every path lets the packet through unchanged.
+#![no_std]
+#![no_main]
+// BPF_CMPXCHG through the compiler intrinsic (see `track::swap_word`).
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
+
+mod command;
+mod parse;
+mod track;
+
+use aya_ebpf::{
+    bindings::{TC_ACT_UNSPEC, xdp_action::XDP_PASS},
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
+use tcpstate_common::{Counters, Event, Hook};
+
+use crate::{
+    parse::{ParseError, Parsed, parse},
+    track::{count, counters, track},
+};
+
+/// ifindex of the loopback device: 1 in every network namespace. On loopback
+/// each segment passes ingress exactly once and both endpoints are local.
+/// The packet tests set it to 0 to see frames as arriving from outside.
+#[unsafe(no_mangle)]
+static LOOPBACK_IFINDEX: u32 = 1;
+
+#[xdp]
+pub fn tcpstate_xdp(ctx: XdpContext) -> u32 {
+    match try_xdp(&ctx) {
+        Ok(action) | Err(action) => action,
+    }
+}
+
+fn try_xdp(ctx: &XdpContext) -> Result<u32, u32> {
+    let c = counters().ok_or(XDP_PASS)?;
+    count(c, Event::PacketsXdp);
+    // SAFETY: a global the loader may override; read once per packet.
+    let lo = unsafe { core::ptr::read_volatile(&LOOPBACK_IFINDEX) };
+    let hook = if ctx.ingress_ifindex() as u32 == lo {
+        Hook::Loopback
+    } else {
+        Hook::Ingress
+    };
+    observe(ctx.data(), ctx.data_end(), hook, c);
+    Ok(XDP_PASS)
+}
+
+/// TC egress. Returns TC_ACT_UNSPEC ("no verdict, go on"): with nothing else
+/// attached the packet is sent as is, and a program attached after this one
+/// still gets to decide, as if the monitor were not there.
+#[classifier]
+pub fn tcpstate_tc(ctx: TcContext) -> i32 {
+    match try_tc(&ctx) {
+        Ok(action) | Err(action) => action,
+    }
+}
+
+fn try_tc(ctx: &TcContext) -> Result<i32, i32> {
+    let c = counters().ok_or(TC_ACT_UNSPEC)?;
+    count(c, Event::PacketsTc);
+    observe(ctx.data(), ctx.data_end(), Hook::Egress, c);
+    Ok(TC_ACT_UNSPEC)
+}
+
+#[inline(always)]
+fn observe(start: usize, end: usize, hook: Hook, c: &mut Counters) {
+    match parse(start, end) {
+        Ok(Parsed::Tcp(pkt)) => {
+            count(c, Event::TcpSegments);
+            track(&pkt, hook, c);
+        }
+        Ok(Parsed::NotTcp) => count(c, Event::NotTcp),
+        Ok(Parsed::Fragment) => count(c, Event::Fragments),
+        Err(ParseError::Malformed) => count(c, Event::ParseErrors),
+        Err(ParseError::Ipv6ExtTooDeep) => count(c, Event::Ipv6ExtTooDeep),
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,188 @@
+//! Header parsing with the bounds checks the verifier needs: Ethernet, up to
+//! two 802.1Q/802.1ad tags, IPv4 (options included), IPv6 (a bounded chain of
+//! extension headers), TCP.
+
+use tcpstate_common::Segment;
+
+/// Most IPv6 extension headers followed before giving up.
+const MAX_IPV6_EXT: usize = 6;
+/// Largest header offset the parser accepts; keeps offsets provably bounded.
+const MAX_OFFSET: usize = 2048;
+
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+const IPPROTO_TCP: u8 = 6;
+/// The third word of an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`), as it lies in memory.
+const V4_MAPPED: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+pub struct Packet {
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    pub sport: u16,
+    pub dport: u16,
+    pub seg: Segment,
+}
+
+pub enum Parsed {
+    Tcp(Packet),
+    NotTcp,
+    /// A non-first IP fragment: no TCP header to read.
+    Fragment,
+}
+
+pub enum ParseError {
+    Malformed,
+    Ipv6ExtTooDeep,
+}
+
+/// Bytes `[off, off + N)` of the frame, if they are inside it.
+#[inline(always)]
+fn bytes<const N: usize>(
+    start: usize,
+    end: usize,
+    off: usize,
+) -> Result<&'static [u8; N], ParseError> {
+    if off > MAX_OFFSET || start + off + N > end {
+        return Err(ParseError::Malformed);
+    }
+    // SAFETY: the range was checked against the frame's end just above.
+    Ok(unsafe { &*((start + off) as *const [u8; N]) })
+}
+
+#[inline(always)]
+fn be16(b: &[u8], i: usize) -> u16 {
+    u16::from_be_bytes([b[i], b[i + 1]])
+}
+
+#[inline(always)]
+fn be32(b: &[u8], i: usize) -> u32 {
+    u32::from_be_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]])
+}
+
+/// An address word exactly as it lies in the frame (network byte order).
+#[inline(always)]
+fn raw32(b: &[u8], i: usize) -> u32 {
+    u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]])
+}
+
+#[inline(always)]
+pub fn parse(start: usize, end: usize) -> Result<Parsed, ParseError> {
+    let eth = bytes::<14>(start, end, 0)?;
+    let mut proto = be16(eth, 12);
+    let mut off = 14;
+    for _ in 0..2 {
+        if proto == ETH_P_8021Q || proto == ETH_P_8021AD {
+            let tag = bytes::<4>(start, end, off)?;
+            proto = be16(tag, 2);
+            off += 4;
+        }
+    }
+    match proto {
+        ETH_P_IP => ipv4(start, end, off),
+        ETH_P_IPV6 => ipv6(start, end, off),
+        _ => Ok(Parsed::NotTcp),
+    }
+}
+
+#[inline(always)]
+fn ipv4(start: usize, end: usize, off: usize) -> Result<Parsed, ParseError> {
+    let ip = bytes::<20>(start, end, off)?;
+    let ihl = (ip[0] & 0x0f) as usize * 4;
+    if ip[0] >> 4 != 4 || ihl < 20 {
+        return Err(ParseError::Malformed);
+    }
+    if be16(ip, 6) & 0x1fff != 0 {
+        return Ok(Parsed::Fragment);
+    }
+    if ip[9] != IPPROTO_TCP {
+        return Ok(Parsed::NotTcp);
+    }
+    let total = be16(ip, 2) as usize;
+    if total < ihl {
+        return Err(ParseError::Malformed);
+    }
+    let src = [0, 0, V4_MAPPED, raw32(ip, 12)];
+    let dst = [0, 0, V4_MAPPED, raw32(ip, 16)];
+    tcp(start, end, off + ihl, total - ihl, src, dst)
+}
+
+#[inline(always)]
+fn ipv6(start: usize, end: usize, off: usize) -> Result<Parsed, ParseError> {
+    let ip = bytes::<40>(start, end, off)?;
+    let payload = be16(ip, 4) as usize;
+    let src = [raw32(ip, 8), raw32(ip, 12), raw32(ip, 16), raw32(ip, 20)];
+    let dst = [raw32(ip, 24), raw32(ip, 28), raw32(ip, 32), raw32(ip, 36)];
+    let mut next = ip[6];
+    let mut l4 = off + 40;
+    let mut ext = 0usize;
+    for _ in 0..MAX_IPV6_EXT {
+        let len = match next {
+            IPPROTO_TCP => break,
+            // Hop-by-hop, routing, destination options: (len + 1) * 8 bytes.
+            0 | 43 | 60 => {
+                let h = bytes::<2>(start, end, l4)?;
+                next = h[0];
+                (h[1] as usize + 1) * 8
+            }
+            // Authentication header: (len + 2) * 4 bytes.
+            51 => {
+                let h = bytes::<2>(start, end, l4)?;
+                next = h[0];
+                (h[1] as usize + 2) * 4
+            }
+            // Fragment header: only the first fragment carries TCP.
+            44 => {
+                let h = bytes::<8>(start, end, l4)?;
+                if be16(h, 2) & 0xfff8 != 0 {
+                    return Ok(Parsed::Fragment);
+                }
+                next = h[0];
+                8
+            }
+            _ => return Ok(Parsed::NotTcp),
+        };
+        l4 += len;
+        ext += len;
+    }
+    if next != IPPROTO_TCP {
+        return Err(ParseError::Ipv6ExtTooDeep);
+    }
+    if payload < ext {
+        return Err(ParseError::Malformed);
+    }
+    tcp(start, end, l4, payload - ext, src, dst)
+}
+
+/// `ip_payload` is the length of the TCP header plus data, from the IP header.
+#[inline(always)]
+fn tcp(
+    start: usize,
+    end: usize,
+    off: usize,
+    ip_payload: usize,
+    src: [u32; 4],
+    dst: [u32; 4],
+) -> Result<Parsed, ParseError> {
+    let th = bytes::<20>(start, end, off)?;
+    let doff = (th[12] >> 4) as usize * 4;
+    if doff < 20 {
+        return Err(ParseError::Malformed);
+    }
+    Ok(Parsed::Tcp(Packet {
+        src,
+        dst,
+        sport: be16(th, 0),
+        dport: be16(th, 2),
+        seg: Segment {
+            flags: th[13],
+            seq: be32(th, 4),
+            ack: be32(th, 8),
+            // Segmentation offload may leave the IP length short of the
+            // headers on a super-packet; such a segment carries no FIN-length
+            // surprises, so an underflow reads as no payload.
+            len: ip_payload.saturating_sub(doff) as u32,
+        },
+    }))
+}

@@ -1,0 +1,173 @@
+//! Applies a parsed segment to the flow map and the per-state counters.
+//!
+//! The state word of an entry changes only by compare-and-swap, and the
+//! counters move by the difference between the old and the new word right
+//! after a successful swap, so the counters always equal what the entries
+//! count, whichever CPU sees which segment.
+
+use core::intrinsics::{AtomicOrdering, atomic_cxchg};
+
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    helpers::bpf_ktime_get_ns,
+    macros::map,
+    maps::{HashMap, PerCpuArray},
+};
+use tcpstate_common::{
+    Counters, EndSeq, Event, FlowEntry, FlowKey, Hook, Side, TcpState, Word, machine::step,
+};
+
+use crate::parse::Packet;
+
+/// Default size of the flow map; the agent sets the real one at load time.
+const DEFAULT_MAX_FLOWS: u32 = 262_144;
+/// Attempts at one update when other CPUs keep changing the same entry.
+const CAS_ATTEMPTS: usize = 4;
+const EEXIST: i32 = 17;
+
+#[map]
+pub static FLOWS: HashMap<FlowKey, FlowEntry> = HashMap::with_max_entries(DEFAULT_MAX_FLOWS, 0);
+
+#[map]
+pub static COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(1, 0);
+
+#[inline(always)]
+pub fn counters() -> Option<&'static mut Counters> {
+    // SAFETY: a per-CPU slot is only touched by programs running on this CPU,
+    // which do not preempt each other.
+    COUNTERS.get_ptr_mut(0).map(|p| unsafe { &mut *p })
+}
+
+#[inline(always)]
+pub fn count(c: &mut Counters, e: Event) {
+    let i = e as usize;
+    if i < c.events.len() {
+        c.events[i] += 1;
+    }
+}
+
+/// Moves the per-state counters from what `old` counts to what `new` counts.
+#[inline(always)]
+pub fn move_counts(c: &mut Counters, old: Word, new: Word) {
+    for side in [Side::A, Side::B] {
+        let (o, n) = (old.counted(side), new.counted(side));
+        if o != n {
+            if o != TcpState::None {
+                c.states[o as usize & 0xf] -= 1;
+            }
+            if n != TcpState::None {
+                c.states[n as usize & 0xf] += 1;
+            }
+        }
+    }
+    let (was_dead, is_dead) = (old.is_dead() || old == Word::EMPTY, new.is_dead());
+    if was_dead && !is_dead {
+        count(c, Event::FlowsOpened);
+    } else if !was_dead && is_dead {
+        count(c, Event::FlowsClosed);
+    }
+}
+
+/// Atomically replaces the word at `p` if it still equals `old`.
+#[inline(always)]
+pub fn swap_word(p: *mut FlowEntry, old: Word, new: Word) -> bool {
+    // The bpf target has no `AtomicU64::compare_exchange` (its spec predates
+    // BPF_CMPXCHG), but LLVM lowers the intrinsic to BPF_CMPXCHG with cpu v3.
+    // SAFETY: `p` points into a map value, 8-byte aligned, valid for the
+    // program's run (RCU); the word is only ever changed by this swap.
+    let (_, swapped) = unsafe {
+        atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
+            &raw mut (*p).word,
+            old.0,
+            new.0,
+        )
+    };
+    swapped
+}
+
+/// Zeroes an endpoint's facts field by field (a struct store of zeroes
+/// would become a call to `memset`, which BPF programs cannot make).
+#[inline(always)]
+unsafe fn clear(e: *mut EndSeq) {
+    unsafe {
+        (*e).snd_nxt = 0;
+        (*e).ack = 0;
+        (*e).fin_seq = 0;
+        (*e).flags = 0;
+    }
+}
+
+#[inline(always)]
+pub fn track(pkt: &Packet, hook: Hook, c: &mut Counters) {
+    let (key, sender) = FlowKey::new(pkt.src, pkt.sport, pkt.dst, pkt.dport);
+    let seg = &pkt.seg;
+    for _ in 0..CAS_ATTEMPTS {
+        match FLOWS.get_ptr_mut(&key) {
+            None => {
+                if !seg.may_open() {
+                    return;
+                }
+                let st = step(Word::EMPTY, &[EndSeq::default(); 2], sender, hook, seg);
+                let mut entry = FlowEntry {
+                    word: st.word.0,
+                    // SAFETY: helper without preconditions.
+                    changed_ns: unsafe { bpf_ktime_get_ns() },
+                    ends: [EndSeq::default(); 2],
+                };
+                entry.ends[sender.index()] = st.sender;
+                match FLOWS.insert(&key, &entry, BPF_NOEXIST as u64) {
+                    Ok(()) => {
+                        move_counts(c, Word::EMPTY, st.word);
+                        return;
+                    }
+                    // Another CPU created it first: apply the segment to theirs.
+                    Err(e) if e == -EEXIST => continue,
+                    Err(_) => {
+                        count(c, Event::MapFull);
+                        return;
+                    }
+                }
+            }
+            Some(p) => {
+                // SAFETY: `p` is a live map value (see `swap_word`).
+                let (old, ends) = unsafe {
+                    (
+                        Word(core::ptr::read_volatile(&raw const (*p).word)),
+                        (*p).ends,
+                    )
+                };
+                if old.is_reaping() {
+                    count(c, Event::ReapSkipped);
+                    return;
+                }
+                let st = step(old, &ends, sender, hook, seg);
+                if st.rst_ignored {
+                    count(c, Event::RstIgnored);
+                }
+                // The sender's facts are written before the swap, so whoever
+                // sees the new state also sees them. Each half has one writer:
+                // the segments its endpoint sends.
+                unsafe {
+                    if st.sender != ends[sender.index()] {
+                        (*p).ends[sender.index()] = st.sender;
+                    }
+                    if st.reset_receiver {
+                        clear(&raw mut (*p).ends[sender.other().index()]);
+                    }
+                }
+                if st.word == old {
+                    if st.touch {
+                        unsafe { (*p).changed_ns = bpf_ktime_get_ns() };
+                    }
+                    return;
+                }
+                if swap_word(p, old, st.word) {
+                    unsafe { (*p).changed_ns = bpf_ktime_get_ns() };
+                    move_counts(c, old, st.word);
+                    return;
+                }
+            }
+        }
+    }
+    count(c, Event::CasConflicts);
+}

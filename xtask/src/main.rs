@@ -1,0 +1,147 @@
+//! `cargo xtask`: set up the toolchain, build the probe and the agent, run,
+//! test and benchmark.
+
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "tcpstate's build and test tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what is missing: rust-src for nightly, a bpf-linker on nightly's LLVM, test packages.
+    Setup,
+    /// Build the probe and the agent (target/release/tcpstate).
+    Build,
+    /// Build, then run the agent on this host's interfaces (extra arguments go to `tcpstate run`).
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Run every test: unit tests, probe packet tests, namespace integration tests.
+    Test {
+        /// Only tests whose name contains this.
+        filter: Option<String>,
+    },
+    /// Per-packet cost of the probe against reference programs (target/bench/perpacket.json).
+    Bench,
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse().task) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(task: Task) -> Result<()> {
+    let root = workspace_root();
+    match task {
+        Task::Setup => setup::setup().map(|_| ()),
+        Task::Build => {
+            let probe = build_probe(&root)?;
+            cargo(&root, &probe, &["build", "--release", "-p", "tcpstate"])?;
+            println!("built {}", root.join("target/release/tcpstate").display());
+            Ok(())
+        }
+        Task::Run { args } => {
+            let probe = build_probe(&root)?;
+            cargo(&root, &probe, &["build", "--release", "-p", "tcpstate"])?;
+            let mut cmd = Command::new(root.join("target/release/tcpstate"));
+            cmd.arg("run").args(&args);
+            status(&mut cmd)
+        }
+        Task::Test { filter } => {
+            let probe = build_probe(&root)?;
+            let mut args = vec!["test", "--workspace"];
+            if let Some(f) = &filter {
+                args.push(f);
+            }
+            // Namespace tests attach programs and make interfaces: one at a time.
+            args.extend(["--", "--include-ignored", "--test-threads=1"]);
+            cargo(&root, &probe, &args)
+        }
+        Task::Bench => {
+            let probe = build_probe(&root)?;
+            cargo(
+                &root,
+                &probe,
+                &["bench", "-p", "tcpstate", "--bench", "perpacket"],
+            )
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+/// Builds the probe crate for the BPF target; returns the object's path.
+fn build_probe(root: &Path) -> Result<PathBuf> {
+    let tools = setup::setup()?;
+    let target_dir = root.join("target/probe");
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(root)
+        .args(["+nightly", "build", "--release", "-p", "tcpstate-probe"])
+        .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+        .arg("--target-dir")
+        .arg(&target_dir)
+        // cpu v3 gives BPF_CMPXCHG; --btf keeps type information for the verifier's log and bpftool.
+        .env(
+            "CARGO_TARGET_BPFEL_UNKNOWN_NONE_RUSTFLAGS",
+            "-C target-cpu=v3 -C link-arg=--btf",
+        )
+        // Debug info for every crate, compiler_builtins included: the BTF
+        // func_info must describe each subprogram (memset and friends too).
+        .env("CARGO_PROFILE_RELEASE_DEBUG", "2")
+        .env("PATH", tools.path_with_linker())
+        .env_remove("RUSTC")
+        .env_remove("RUSTC_WORKSPACE_WRAPPER")
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .env_remove("RUSTFLAGS");
+    status(&mut cmd).context("building the probe")?;
+    let obj = target_dir.join("bpfel-unknown-none/release/tcpstate-probe");
+    if !obj.exists() {
+        bail!("the probe build finished but {} is missing", obj.display());
+    }
+    Ok(obj)
+}
+
+/// Runs a host cargo command with the probe object embedded in the agent.
+fn cargo(root: &Path, probe: &Path, args: &[&str]) -> Result<()> {
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(root)
+        .args(args)
+        .env("TCPSTATE_PROBE_OBJ", probe);
+    let refs = probe.with_file_name("tcpstate-bench-refs");
+    if refs.exists() {
+        cmd.env("TCPSTATE_BENCH_REFS_OBJ", refs);
+    }
+    status(&mut cmd)
+}
+
+fn status(cmd: &mut Command) -> Result<()> {
+    let st = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !st.success() {
+        bail!("{:?} failed ({st})", cmd.get_program());
+    }
+    Ok(())
+}
