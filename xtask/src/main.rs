@@ -67,7 +67,8 @@ fn run(task: Task) -> Result<()> {
         }
         Task::Test { filter } => {
             let probe = build_probe(&root)?;
-            let mut args = vec!["test", "--workspace"];
+            // default-members: the host crates (the probe crate only builds for BPF).
+            let mut args = vec!["test"];
             if let Some(f) = &filter {
                 args.push(f);
             }

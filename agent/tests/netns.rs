@@ -1,0 +1,215 @@
+//! Real TCP connections in network namespaces, driven into each state; the
+//! agent's eleven counts must equal `ss -tan` of the monitored namespace.
+//! Needs root: `cargo xtask test` runs these.
+
+mod support;
+
+use std::{
+    net::{SocketAddr, TcpListener, TcpStream},
+    thread::sleep,
+    time::Duration,
+};
+
+use support::{Agent, Netns, VethPair, abort, require_root, tcpstate};
+use tcpstate_common::TcpState;
+
+const PAUSE: Duration = Duration::from_millis(100);
+
+fn accept(l: &TcpListener) -> TcpStream {
+    l.accept().expect("accept").0
+}
+
+/// Drives connections between `mon` (monitored) and `peer` into every state
+/// that can be held, checking against ss after each step. `mon` and `peer`
+/// may be the same namespace (loopback).
+fn drive_states(agent: &Agent, mon: &Netns, peer: &Netns, mon_ip: &str, peer_ip: &str) {
+    let bracket = |ip: &str| if ip.contains(':') { format!("[{ip}]") } else { ip.to_owned() };
+    let (mon_ip, peer_ip) = (bracket(mon_ip), bracket(peer_ip));
+    let truth = agent.assert_matches_ss(mon, "before any socket");
+    assert_eq!(truth, Default::default(), "a fresh namespace has no TCP sockets");
+
+    let at_mon = mon.listen(&format!("{mon_ip}:7001"));
+    let at_peer = peer.listen(&format!("{peer_ip}:7002"));
+    agent.assert_matches_ss(mon, "listeners");
+
+    // Inbound (peer -> mon) and outbound (mon -> peer) connections.
+    let inbound: Vec<(TcpStream, TcpStream)> = (0..4)
+        .map(|_| {
+            let c = peer.connect(at_mon.local_addr().unwrap());
+            (c, accept(&at_mon))
+        })
+        .collect();
+    let outbound: Vec<(TcpStream, TcpStream)> = (0..3)
+        .map(|_| {
+            let c = mon.connect(at_peer.local_addr().unwrap());
+            (c, accept(&at_peer))
+        })
+        .collect();
+    let truth = agent.assert_matches_ss(mon, "established");
+    assert!(truth.get(TcpState::Established) >= 7, "the scenario built 7 connections:\n{truth:?}");
+
+    let mut inbound = inbound.into_iter();
+    let mut outbound = outbound.into_iter();
+    let mut keep = Vec::new();
+
+    // Server side (mon) closes first, then the client: mon in TIME_WAIT.
+    let (client, server) = inbound.next().unwrap();
+    drop(server);
+    sleep(PAUSE);
+    drop(client);
+    // Client side (mon) closes first, then the server: mon in TIME_WAIT.
+    let (client, server) = outbound.next().unwrap();
+    drop(client);
+    sleep(PAUSE);
+    drop(server);
+    sleep(PAUSE);
+    let truth = agent.assert_matches_ss(mon, "TIME_WAIT from either side");
+    assert!(truth.get(TcpState::TimeWait) >= 2, "{truth:?}");
+
+    // The peer closes and mon does not: mon in CLOSE_WAIT.
+    let (client, server) = inbound.next().unwrap();
+    drop(client);
+    keep.push(server);
+    // mon closes and the peer does not: mon in FIN_WAIT2.
+    let (client, server) = outbound.next().unwrap();
+    drop(client);
+    keep.push(server);
+    sleep(PAUSE);
+    let truth = agent.assert_matches_ss(mon, "CLOSE_WAIT and FIN_WAIT2");
+    assert!(truth.get(TcpState::CloseWait) >= 1 && truth.get(TcpState::FinWait2) >= 1, "{truth:?}");
+
+    // Aborted with an RST from either end.
+    let (client, server) = inbound.next().unwrap();
+    abort(client);
+    keep.push(server);
+    let (client, server) = outbound.next().unwrap();
+    abort(client);
+    keep.push(server);
+    sleep(PAUSE);
+    agent.assert_matches_ss(mon, "after RSTs");
+
+    // Everything else closes: TIME_WAIT and what the RSTs left.
+    drop(keep);
+    drop(inbound);
+    drop(outbound);
+    sleep(PAUSE);
+    agent.assert_matches_ss(mon, "all closed");
+}
+
+#[test]
+#[ignore = "needs root and the probe: run through `cargo xtask test`"]
+fn veth_ipv4_counts_equal_ss() {
+    require_root();
+    let net = VethPair::new();
+    let agent = Agent::start(&net.left, &[]);
+    drive_states(&agent, &net.left, &net.right, &net.left_v4, &net.right_v4);
+}
+
+#[test]
+#[ignore = "needs root and the probe: run through `cargo xtask test`"]
+fn veth_ipv6_counts_equal_ss() {
+    require_root();
+    let net = VethPair::new();
+    let agent = Agent::start(&net.left, &[]);
+    drive_states(&agent, &net.left, &net.right, &net.left_v6, &net.right_v6);
+}
+
+#[test]
+#[ignore = "needs root and the probe: run through `cargo xtask test`"]
+fn loopback_ipv4_counts_equal_ss() {
+    require_root();
+    let ns = Netns::new("tsl");
+    let agent = Agent::start(&ns, &[]);
+    drive_states(&agent, &ns, &ns, "127.0.0.1", "127.0.0.1");
+}
+
+#[test]
+#[ignore = "needs root and the probe: run through `cargo xtask test`"]
+fn loopback_ipv6_counts_equal_ss() {
+    require_root();
+    let ns = Netns::new("tsl");
+    let agent = Agent::start(&ns, &[]);
+    drive_states(&agent, &ns, &ns, "::1", "::1");
+}
+
+#[test]
+#[ignore = "needs root and the probe: run through `cargo xtask test`"]
+fn many_connections_on_veth_match_ss() {
+    require_root();
+    let net = VethPair::new();
+    let agent = Agent::start(&net.left, &[]);
+    let addr: SocketAddr = format!("{}:7100", net.left_v4).parse().unwrap();
+    let listener = net.left.listen(&addr.to_string());
+    let mut conns = Vec::new();
+    for i in 0..300 {
+        let c = net.right.connect(addr);
+        let s = accept(&listener);
+        // A third stays open, a third closes server-first, a third client-first.
+        match i % 3 {
+            0 => conns.push((c, s)),
+            1 => {
+                drop(s);
+                drop(c)
+            }
+            _ => {
+                drop(c);
+                drop(s)
+            }
+        }
+    }
+    sleep(PAUSE);
+    let truth = agent.assert_matches_ss(&net.left, "300 connections");
+    assert_eq!(truth.get(TcpState::Established), 100);
+}
+
+#[test]
+#[ignore = "needs root and the probe: run through `cargo xtask test`"]
+fn stopping_the_agent_detaches_every_program() {
+    require_root();
+    let net = VethPair::new();
+    let mut agent = Agent::start(&net.left, &[]);
+    let ours = |ids: &[u32]| -> Vec<u32> {
+        aya::programs::loaded_programs()
+            .filter_map(|p| p.ok())
+            .filter(|p| p.name_as_str().is_some_and(|n| n.starts_with("tcpstate_")) && !ids.contains(&p.id()))
+            .map(|p| p.id())
+            .collect()
+    };
+    assert!(!ours(&[]).is_empty(), "the running agent has its programs loaded");
+    let links = std::process::Command::new("ip").args(["-n", &net.left.name, "link", "show", "veth0"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&links.stdout).contains("xdp"), "XDP is attached while the agent runs");
+    assert!(agent.stop().success(), "SIGINT ends the agent cleanly");
+    // Program teardown is asynchronous in the kernel (RCU): give it a moment.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !ours(&[]).is_empty() && std::time::Instant::now() < deadline {
+        sleep(PAUSE);
+    }
+    assert!(ours(&[]).is_empty(), "programs left loaded after the agent stopped");
+    let links = std::process::Command::new("ip").args(["-n", &net.left.name, "link", "show", "veth0"]).output().unwrap();
+    assert!(!String::from_utf8_lossy(&links.stdout).contains("xdp"), "XDP left attached");
+}
+
+#[test]
+fn count_without_an_agent_says_so_and_exits_2() {
+    let out = tcpstate().args(["count", "--socket", "/nonexistent/tcpstate.sock"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert!(err.contains("no tcpstate agent is running"), "{err}");
+}
+
+#[test]
+#[ignore = "needs root and the probe: run through `cargo xtask test`"]
+fn bad_interface_and_namespace_are_clear_errors() {
+    require_root();
+    let ns = Netns::new("tsl");
+    let run = |args: &[&str]| {
+        let out = tcpstate().args(["run", "--quiet", "--socket", "/tmp/tcpstate-bad-input.sock"]).args(args).output().unwrap();
+        assert!(!out.status.success(), "{args:?} must fail");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = run(&["--netns", &ns.name, "--iface", "nosuch0"]);
+    assert!(err.contains("no interface named \"nosuch0\""), "{err}");
+    let err = run(&["--netns", "tcpstate-no-such-ns"]);
+    assert!(err.contains("no network namespace named"), "{err}");
+}

@@ -1,0 +1,230 @@
+//! Helpers for the tests that need root: namespaces and veth pairs that
+//! remove themselves (also on panic), the agent binary as a user runs it, and
+//! `ss` as the ground truth.
+#![allow(dead_code)]
+
+pub mod frames;
+
+use std::{
+    fs::File,
+    net::{SocketAddr, TcpListener, TcpStream},
+    os::fd::AsFd,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use nix::sched::{CloneFlags, setns};
+use tcpstate::snapshot::StateCounts;
+use tcpstate_common::TcpState;
+
+pub fn require_root() {
+    assert!(nix::unistd::geteuid().is_root(), "this test attaches eBPF programs and makes namespaces: run it as root through `cargo xtask test`");
+}
+
+/// A unique name for this test process and call.
+pub fn unique(prefix: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!("{prefix}{}x{}", std::process::id() % 100_000, N.fetch_add(1, Ordering::Relaxed))
+}
+
+pub fn sh(args: &[&str]) {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    assert!(out.status.success(), "{args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A network namespace made with `ip netns add`, deleted on drop (with the
+/// veths inside it).
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(prefix: &str) -> Netns {
+        let name = unique(prefix);
+        sh(&["ip", "netns", "add", &name]);
+        let ns = Netns { name };
+        sh(&["ip", "-n", &ns.name, "link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// Runs `f` on a thread inside the namespace: sockets it makes live there.
+    pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let file = File::open(format!("/run/netns/{}", self.name)).expect("namespace file");
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                setns(file.as_fd(), CloneFlags::CLONE_NEWNET).expect("setns");
+                f()
+            })
+            .join()
+            .expect("namespace thread panicked")
+        })
+    }
+
+    pub fn listen(&self, addr: &str) -> TcpListener {
+        let addr: SocketAddr = addr.parse().unwrap();
+        self.run(|| TcpListener::bind(addr).expect("bind"))
+    }
+
+    pub fn connect(&self, addr: SocketAddr) -> TcpStream {
+        self.run(|| TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect"))
+    }
+
+    /// `ss -tanH` of this namespace, counted per state: the ground truth.
+    pub fn ss_counts(&self) -> StateCounts {
+        let out = Command::new("ip").args(["netns", "exec", &self.name, "ss", "-tanH"]).output().expect("ss");
+        assert!(out.status.success(), "ss failed: {}", String::from_utf8_lossy(&out.stderr));
+        let mut counts = StateCounts::default();
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let name = line.split_whitespace().next().unwrap_or_default();
+            let state = TcpState::parse(name).unwrap_or_else(|| panic!("ss printed an unknown state {name:?}"));
+            counts.set(state, counts.get(state) + 1);
+        }
+        counts
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+/// Two namespaces joined by a veth pair, with IPv4 10.X.0.1/2 and IPv6 fdXX::1/2.
+pub struct VethPair {
+    pub left: Netns,
+    pub right: Netns,
+    pub left_v4: String,
+    pub right_v4: String,
+    pub left_v6: String,
+    pub right_v6: String,
+}
+
+impl VethPair {
+    pub fn new() -> VethPair {
+        let left = Netns::new("tsl");
+        let right = Netns::new("tsr");
+        let net = std::process::id() % 200 + 20;
+        let (l4, r4) = (format!("10.{net}.0.1"), format!("10.{net}.0.2"));
+        let (l6, r6) = (format!("fd{net:02x}::1"), format!("fd{net:02x}::2"));
+        sh(&["ip", "link", "add", "veth0", "netns", &left.name, "type", "veth", "peer", "name", "veth0", "netns", &right.name]);
+        for (ns, a4, a6) in [(&left, &l4, &l6), (&right, &r4, &r6)] {
+            sh(&["ip", "-n", &ns.name, "addr", "add", &format!("{a4}/24"), "dev", "veth0"]);
+            sh(&["ip", "-n", &ns.name, "addr", "add", &format!("{a6}/64"), "dev", "veth0", "nodad"]);
+            sh(&["ip", "-n", &ns.name, "link", "set", "veth0", "up"]);
+        }
+        VethPair { left, right, left_v4: l4, right_v4: r4, left_v6: l6, right_v6: r6 }
+    }
+}
+
+/// `tcpstate run --netns NAME`, the binary a user runs; stopped with SIGINT on drop.
+pub struct Agent {
+    child: Option<Child>,
+    pub socket: PathBuf,
+}
+
+pub fn tcpstate() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_tcpstate"))
+}
+
+impl Agent {
+    pub fn start(ns: &Netns, extra: &[&str]) -> Agent {
+        let socket = std::env::temp_dir().join(format!("{}.sock", unique("tcpstate-test-")));
+        let child = tcpstate()
+            .args(["run", "--quiet", "--netns", &ns.name, "--socket"])
+            .arg(&socket)
+            .args(extra)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start tcpstate run");
+        let mut agent = Agent { child: Some(child), socket };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while agent.try_counts().is_none() {
+            if let Some(st) = agent.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("tcpstate run exited early: {st}");
+            }
+            assert!(Instant::now() < deadline, "the agent did not answer within 30 s");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        agent
+    }
+
+    /// `tcpstate count --json` as a user runs it.
+    pub fn try_counts(&self) -> Option<StateCounts> {
+        let out = tcpstate().args(["count", "--json", "--socket"]).arg(&self.socket).output().ok()?;
+        if !out.status.success() {
+            return None;
+        }
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("count --json prints JSON");
+        Some(StateCounts::from_json(&v).expect("count --json names the eleven states"))
+    }
+
+    pub fn counts(&self) -> StateCounts {
+        self.try_counts().expect("the agent answers")
+    }
+
+    /// The full snapshot (events included).
+    pub fn snapshot(&self) -> tcpstate::snapshot::Snapshot {
+        tcpstate::control::query(&self.socket).expect("snapshot")
+    }
+
+    /// Waits until the agent's counts equal `ss -tan` of `ns` (at most 5 s),
+    /// and checks that they did with a message showing both.
+    pub fn assert_matches_ss(&self, ns: &Netns, what: &str) -> StateCounts {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let (ours, truth) = (self.counts(), ns.ss_counts());
+            if ours == truth {
+                return truth;
+            }
+            if Instant::now() > deadline {
+                panic!("{what}: tcpstate and ss differ after 5 s\n{}", table(&ours, &truth));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Sends SIGINT and waits for a clean exit.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                return st;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                return child.wait().unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            self.stop();
+        }
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+pub fn table(ours: &StateCounts, truth: &StateCounts) -> String {
+    let mut s = format!("{:<12} {:>8} {:>8}\n", "state", "tcpstate", "ss");
+    for st in TcpState::REPORTED {
+        let mark = if ours.get(st) != truth.get(st) { "  <--" } else { "" };
+        s += &format!("{:<12} {:>8} {:>8}{mark}\n", st.name(), ours.get(st), truth.get(st));
+    }
+    s
+}
+
+/// Closes with an RST (SO_LINGER 0).
+pub fn abort(stream: TcpStream) {
+    nix::sys::socket::setsockopt(&stream, nix::sys::socket::sockopt::Linger, &libc::linger { l_onoff: 1, l_linger: 0 })
+        .expect("SO_LINGER");
+    drop(stream);
+}
