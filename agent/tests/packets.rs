@@ -1,0 +1,252 @@
+//! The probe's programs run on crafted frames with BPF_PROG_TEST_RUN: the
+//! frames' known contents decide the expected flow entries and counters, and
+//! every verdict must let the packet through.
+//! Needs root: `cargo xtask test` runs these.
+
+mod support;
+
+use std::net::IpAddr;
+
+use support::{
+    frames::{ACK, FIN, RST, SYN, Tcp},
+    require_root,
+};
+use tcpstate::{
+    expiry::{self, Timeouts},
+    probe::{Probe, ProbeOptions},
+};
+use tcpstate_common::{Counters, Event, FlowKey, Side, TcpState, Word};
+
+const XDP_PASS: u32 = 2;
+/// TC_ACT_UNSPEC: "no verdict", the packet goes on unchanged.
+const TC_ACT_UNSPEC: i32 = -1;
+
+/// A probe whose XDP program sees test frames as arriving from outside
+/// (receiver local), and whose TC program sees them as leaving (sender local).
+fn probe(max_flows: u32) -> Probe {
+    require_root();
+    Probe::load(&ProbeOptions { max_flows, loopback_ifindex: 0, ..ProbeOptions::default() }).expect("load the probe")
+}
+
+fn words(ip: IpAddr) -> [u32; 4] {
+    let b = match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    };
+    std::array::from_fn(|i| u32::from_ne_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]]))
+}
+
+/// The entry the frame's 4-tuple names, and which side its receiver is.
+fn entry_of(p: &Probe, t: &Tcp) -> Option<(Word, Side)> {
+    let (key, sender) = FlowKey::new(words(t.src), t.sport, words(t.dst), t.dport);
+    let e = p.flows().unwrap().get(&key, 0).ok()?;
+    Some((Word(e.word), sender.other()))
+}
+
+fn state_count(c: &Counters, s: TcpState) -> i64 {
+    c.states[s as usize]
+}
+
+fn event(c: &Counters, e: Event) -> u64 {
+    c.events[e as usize]
+}
+
+fn flow_count(p: &Probe) -> usize {
+    p.flows().unwrap().keys().count()
+}
+
+fn xdp(p: &Probe, t: &Tcp) {
+    assert_eq!(p.run_xdp(&t.frame()).unwrap(), XDP_PASS);
+}
+
+fn tc(p: &Probe, t: &Tcp) {
+    assert_eq!(p.run_tc(&t.frame()).unwrap(), TC_ACT_UNSPEC);
+}
+
+#[test]
+#[ignore = "needs root and the probe: run through `cargo xtask test`"]
+fn a_syn_in_every_encapsulation_opens_one_flow() {
+    let p = probe(1024);
+    let mut port = 40_000;
+    let mut next = |src: &str, dst: &str| {
+        port += 1;
+        Tcp::new(src, port, dst, 80, SYN)
+    };
+    let mut cases = vec![
+        ("IPv4", next("10.0.0.1", "10.0.0.2")),
+        ("IPv4 with 12 option bytes", Tcp { ip_options: 12, ..next("10.0.0.1", "10.0.0.2") }),
+        ("IPv4 with 40 option bytes", Tcp { ip_options: 40, ..next("10.0.0.1", "10.0.0.2") }),
+        ("802.1Q", Tcp { vlans: vec![0x8100], ..next("10.0.0.1", "10.0.0.2") }),
+        ("802.1ad + 802.1Q", Tcp { vlans: vec![0x88a8, 0x8100], ..next("10.0.0.1", "10.0.0.2") }),
+        ("IPv6", next("fd00::1", "fd00::2")),
+        ("IPv6 hop-by-hop, routing, dest-opts", Tcp { ext: vec![(0, 8), (43, 24), (60, 16)], ..next("fd00::1", "fd00::2") }),
+        ("IPv6 first fragment", Tcp { ext: vec![(44, 8)], ..next("fd00::1", "fd00::2") }),
+        ("IPv6 authentication header", Tcp { ext: vec![(51, 16)], ..next("fd00::1", "fd00::2") }),
+        ("IPv6 in QinQ", Tcp { vlans: vec![0x88a8, 0x8100], ext: vec![(60, 8)], ..next("fd00::1", "fd00::2") }),
+    ];
+    for (name, t) in &cases {
+        assert_eq!(p.run_xdp(&t.frame()).unwrap(), XDP_PASS, "{name}");
+        let (word, receiver) = entry_of(&p, t).unwrap_or_else(|| panic!("{name}: no flow entry for its 4-tuple"));
+        assert_eq!(word.state(receiver), TcpState::SynRecv, "{name}");
+        assert_eq!(word.state(receiver.other()), TcpState::SynSent, "{name}");
+        assert!(word.is_local(receiver) && !word.is_local(receiver.other()), "{name}: only the receiver is local at ingress");
+    }
+    let c = p.counters().unwrap();
+    assert_eq!(event(&c, Event::TcpSegments), cases.len() as u64);
+    assert_eq!(event(&c, Event::ParseErrors), 0);
+    assert_eq!(state_count(&c, TcpState::SynRecv), cases.len() as i64);
+    assert_eq!(flow_count(&p), cases.len());
+
+    // The same frames leaving through TC: the sender (local now) is SYN_SENT.
+    for (_, t) in cases.iter_mut() {
+        t.sport += 1000;
+        tc(&p, t);
+    }
+    let c = p.counters().unwrap();
+    assert_eq!(state_count(&c, TcpState::SynSent), cases.len() as i64);
+    assert_eq!(event(&c, Event::PacketsTc), cases.len() as u64);
+}
+
+#[test]
+#[ignore = "needs root and the probe: run through `cargo xtask test`"]
+fn malformed_and_foreign_frames_pass_untouched_and_are_counted() {
+    let p = probe(1024);
+    let syn4 = Tcp::new("10.0.0.1", 1, "10.0.0.2", 2, SYN).frame();
+    let syn6 = Tcp { ext: vec![(0, 8)], ..Tcp::new("fd00::1", 1, "fd00::2", 2, SYN) }.frame();
+    let mut malformed = 0;
+    // Every truncation inside the headers (the kernel needs 14 bytes at least).
+    for frame in [&syn4, &syn6] {
+        for len in 14..frame.len() {
+            let cut = &frame[..len];
+            assert_eq!(p.run_xdp(cut).unwrap(), XDP_PASS, "truncated to {len}");
+            malformed += 1;
+            // The kernel's skb test harness refuses frames shorter than the
+            // Ethernet header plus a minimal IP header; those it accepts must pass.
+            match p.run_tc(cut) {
+                Ok(v) => {
+                    assert_eq!(v, TC_ACT_UNSPEC, "truncated to {len}");
+                    malformed += 1;
+                }
+                Err(e) => assert!(len < 14 + 20 + 20, "TC test run of {len} bytes failed: {e}"),
+            }
+        }
+    }
+    let mut bad_ihl = syn4.clone();
+    bad_ihl[14] = 0x44; // IHL 4 (16 bytes): below the minimum
+    let mut bad_doff = syn4.clone();
+    bad_doff[14 + 20 + 12] = 0x30; // TCP data offset 3
+    let mut bad_version = syn4.clone();
+    bad_version[14] = 0x65;
+    for f in [&bad_ihl, &bad_doff, &bad_version] {
+        assert_eq!(p.run_xdp(f).unwrap(), XDP_PASS);
+        malformed += 1;
+    }
+    let mut fragment4 = syn4.clone();
+    fragment4[14 + 6] = 0x00;
+    fragment4[14 + 7] = 0x10; // fragment offset 16 (x 8 bytes)
+    let fragment6 = {
+        let mut f = Tcp { ext: vec![(44, 8)], ..Tcp::new("fd00::1", 1, "fd00::2", 2, SYN) }.frame();
+        f[14 + 40 + 3] = 0x08; // fragment offset 1 (x 8 bytes)
+        f
+    };
+    let mut udp = syn4.clone();
+    udp[14 + 9] = 17;
+    let mut arp = syn4.clone();
+    arp[12] = 0x08;
+    arp[13] = 0x06;
+    let too_deep = Tcp { ext: vec![(60, 8); 7], ..Tcp::new("fd00::1", 1, "fd00::2", 2, SYN) }.frame();
+    for f in [&fragment4, &fragment6, &udp, &arp, &too_deep] {
+        assert_eq!(p.run_xdp(f).unwrap(), XDP_PASS);
+    }
+    let c = p.counters().unwrap();
+    assert_eq!(event(&c, Event::ParseErrors), malformed);
+    assert_eq!(event(&c, Event::Fragments), 2);
+    assert_eq!(event(&c, Event::NotTcp), 2);
+    assert_eq!(event(&c, Event::Ipv6ExtTooDeep), 1);
+    assert_eq!(event(&c, Event::TcpSegments), 0);
+    assert_eq!(flow_count(&p), 0, "no malformed frame may create a flow");
+    assert!(c.states.iter().all(|n| *n == 0), "no state counted: {:?}", c.states);
+}
+
+/// A connection to a local server, seen as the host sees it: the client's
+/// segments arrive through XDP, the server's leave through TC. The expected
+/// states are the server's per RFC 9293 at each step.
+#[test]
+#[ignore = "needs root and the probe: run through `cargo xtask test`"]
+fn a_whole_connection_through_both_hooks() {
+    let p = probe(1024);
+    let (cip, sip) = ("fd00::9", "fd00::1");
+    let client = |flags, seq, ack| Tcp::new(cip, 50_000, sip, 443, flags).seq(seq, ack);
+    let server = |flags, seq, ack| Tcp::new(sip, 443, cip, 50_000, flags).seq(seq, ack);
+    let local = |p: &Probe, s: TcpState| state_count(&p.counters().unwrap(), s);
+
+    xdp(&p, &client(SYN, 100, 0));
+    assert_eq!(local(&p, TcpState::SynRecv), 1);
+    xdp(&p, &client(SYN, 100, 0)); // retransmitted SYN
+    tc(&p, &server(SYN | ACK, 900, 101));
+    assert_eq!(local(&p, TcpState::SynRecv), 1);
+    xdp(&p, &client(ACK, 101, 901));
+    assert_eq!((local(&p, TcpState::SynRecv), local(&p, TcpState::Established)), (0, 1));
+    xdp(&p, &Tcp { payload: 200, ..client(ACK, 101, 901) });
+    tc(&p, &server(ACK, 901, 301));
+    // A blind RST far outside the window leaves the connection alone.
+    xdp(&p, &client(RST, 7_000_000, 0));
+    assert_eq!(local(&p, TcpState::Established), 1);
+    assert_eq!(event(&p.counters().unwrap(), Event::RstIgnored), 1);
+    xdp(&p, &client(FIN | ACK, 301, 901));
+    assert_eq!((local(&p, TcpState::Established), local(&p, TcpState::CloseWait)), (0, 1));
+    tc(&p, &server(FIN | ACK, 901, 302));
+    assert_eq!((local(&p, TcpState::CloseWait), local(&p, TcpState::LastAck)), (0, 1));
+    xdp(&p, &client(ACK, 302, 902));
+    let c = p.counters().unwrap();
+    assert!(c.states.iter().all(|n| *n == 0), "the server's socket is gone: {:?}", c.states);
+    assert_eq!((event(&c, Event::FlowsOpened), event(&c, Event::FlowsClosed)), (1, 1));
+
+    // The agent's sweep deletes the dead entry through the command program.
+    assert_eq!(flow_count(&p), 1);
+    let t = Timeouts { dead_grace: std::time::Duration::ZERO, ..Timeouts::default() };
+    let stats = expiry::sweep(&p, &t).unwrap();
+    assert_eq!(stats.reaped, 1);
+    assert_eq!(flow_count(&p), 0);
+
+    // Port reuse after the deletion starts afresh.
+    xdp(&p, &client(SYN, 5000, 0));
+    assert_eq!(local(&p, TcpState::SynRecv), 1);
+}
+
+#[test]
+#[ignore = "needs root and the probe: run through `cargo xtask test`"]
+fn time_wait_expires_through_the_command_program() {
+    let p = probe(1024);
+    let (cip, sip) = ("10.1.1.1", "10.1.1.2");
+    let local_client = |flags, seq, ack| Tcp::new(cip, 40_000, sip, 80, flags).seq(seq, ack);
+    let remote_server = |flags, seq, ack| Tcp::new(sip, 80, cip, 40_000, flags).seq(seq, ack);
+    tc(&p, &local_client(SYN, 1, 0));
+    xdp(&p, &remote_server(SYN | ACK, 50, 2));
+    tc(&p, &local_client(ACK, 2, 51));
+    tc(&p, &local_client(FIN | ACK, 2, 51));
+    xdp(&p, &remote_server(FIN | ACK, 51, 3));
+    tc(&p, &local_client(ACK, 3, 52));
+    let c = p.counters().unwrap();
+    assert_eq!(state_count(&c, TcpState::TimeWait), 1);
+    // Not yet: TIME_WAIT lasts 60 s.
+    expiry::sweep(&p, &Timeouts::default()).unwrap();
+    assert_eq!(state_count(&p.counters().unwrap(), TcpState::TimeWait), 1);
+    let now = Timeouts { time_wait: std::time::Duration::ZERO, ..Timeouts::default() };
+    let stats = expiry::sweep(&p, &now).unwrap();
+    assert_eq!(stats.expired, 1);
+    assert_eq!(state_count(&p.counters().unwrap(), TcpState::TimeWait), 0);
+}
+
+#[test]
+#[ignore = "needs root and the probe: run through `cargo xtask test`"]
+fn a_full_flow_map_is_counted_and_counts_stay_exact() {
+    let p = probe(4);
+    for port in 0..6 {
+        xdp(&p, &Tcp::new("10.0.0.1", 1000 + port, "10.0.0.2", 80, SYN));
+    }
+    let c = p.counters().unwrap();
+    assert_eq!(event(&c, Event::MapFull), 2);
+    assert_eq!(state_count(&c, TcpState::SynRecv), 4, "only stored flows are counted");
+    assert_eq!(flow_count(&p), 4);
+}
