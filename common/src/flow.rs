@@ -20,8 +20,11 @@ impl Side {
             Side::B => Side::A,
         }
     }
+    /// 0 or 1. Masked so that the BPF verifier can bound an index it
+    /// reloads from the stack.
+    #[inline(always)]
     pub const fn index(self) -> usize {
-        self as usize
+        (self as usize) & 1
     }
 }
 

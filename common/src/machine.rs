@@ -33,11 +33,11 @@ pub const ACK: u8 = 0x10;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Hook {
     /// XDP on a non-loopback interface: the receiver is local.
-    Ingress,
+    Ingress = 0,
     /// TC egress: the sender is local.
-    Egress,
+    Egress = 1,
     /// XDP on loopback: both endpoints are local.
-    Loopback,
+    Loopback = 2,
 }
 
 /// The parts of a TCP segment the state machine reads.
@@ -95,13 +95,14 @@ const fn seq_ge(a: u32, b: u32) -> bool {
     (a.wrapping_sub(b) as i32) >= 0
 }
 
-/// Applies one segment sent by `sender` to the entry (`word`, `ends`).
+/// Applies one segment sent by `sender` to the entry: its state word and the
+/// sequence facts of the sender and of the receiver.
 #[inline(always)]
-pub fn step(word: Word, ends: &[EndSeq; 2], sender: Side, hook: Hook, seg: &Segment) -> Step {
+pub fn step(word: Word, sender_facts: &EndSeq, receiver_facts: &EndSeq, sender: Side, hook: Hook, seg: &Segment) -> Step {
     let receiver = sender.other();
     let mut out = Step {
         word,
-        sender: ends[sender.index()],
+        sender: *sender_facts,
         reset_receiver: false,
         touch: false,
         rst_ignored: false,
@@ -127,7 +128,7 @@ pub fn step(word: Word, ends: &[EndSeq; 2], sender: Side, hook: Hook, seg: &Segm
     let rf = if out.reset_receiver {
         EndSeq::default()
     } else {
-        ends[receiver.index()]
+        *receiver_facts
     };
     let mut ss = w.state(sender);
     let mut rs = w.state(receiver);
@@ -237,6 +238,40 @@ pub fn step(word: Word, ends: &[EndSeq; 2], sender: Side, hook: Hook, seg: &Segm
     }
 
     out.word = w.with_state(sender, ss).with_state(receiver, rs).settle();
+    out
+}
+
+/// The common case, decided without [`step`]: a segment without SYN, FIN or
+/// RST on a flow whose endpoints are both ESTABLISHED, seen at a hook whose
+/// local endpoint is already marked. Such a segment changes no state, only
+/// the sender's sequence facts ([`steady_facts`]); `step` would return the
+/// same word (a host test checks that for every such case).
+#[inline(always)]
+pub const fn is_steady(word: Word, sender: Side, hook: Hook, seg: &Segment) -> bool {
+    const BOTH_ESTABLISHED: u64 = (TcpState::Established as u64) | ((TcpState::Established as u64) << 4);
+    if seg.flags & (SYN | FIN | RST) != 0 || word.0 & 0xff != BOTH_ESTABLISHED || word.is_dead() || word.is_reaping() {
+        return false;
+    }
+    match hook {
+        Hook::Ingress => word.is_local(sender.other()),
+        Hook::Egress => word.is_local(sender),
+        Hook::Loopback => word.is_local(sender) && word.is_local(sender.other()),
+    }
+}
+
+/// The sender's facts after a steady segment (the same update `step` makes).
+#[inline(always)]
+pub const fn steady_facts(prev: EndSeq, seg: &Segment) -> EndSeq {
+    let mut out = prev;
+    let end = seg.end();
+    if prev.flags & EndSeq::SEEN == 0 || seq_ge(end, prev.snd_nxt) {
+        out.snd_nxt = end;
+        out.flags |= EndSeq::SEEN;
+    }
+    if seg.flags & ACK != 0 {
+        out.ack = seg.ack;
+        out.flags |= EndSeq::ACKED;
+    }
     out
 }
 

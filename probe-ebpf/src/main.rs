@@ -20,7 +20,7 @@ use tcpstate_common::{Counters, Event, Hook};
 
 use crate::{
     parse::{ParseError, Parsed, parse},
-    track::{count, counters, track},
+    track::{count, counters, scratch, track},
 };
 
 /// ifindex of the loopback device: 1 in every network namespace. On loopback
@@ -69,10 +69,11 @@ fn try_tc(ctx: &TcContext) -> Result<i32, i32> {
 
 #[inline(always)]
 fn observe(start: usize, end: usize, hook: Hook, c: &mut Counters) {
-    match parse(start, end) {
-        Ok(Parsed::Tcp(pkt)) => {
+    let Some(pkt) = scratch() else { return };
+    match parse(start, end, pkt) {
+        Ok(Parsed::Tcp) => {
             count(c, Event::TcpSegments);
-            track(&pkt, hook, c);
+            track(pkt, hook, c);
         }
         Ok(Parsed::NotTcp) => count(c, Event::NotTcp),
         Ok(Parsed::Fragment) => count(c, Event::Fragments),

@@ -17,6 +17,9 @@ const IPPROTO_TCP: u8 = 6;
 /// The third word of an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`), as it lies in memory.
 const V4_MAPPED: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 
+/// A parsed TCP segment. Lives in a per-CPU scratch slot, not on the
+/// 512-byte BPF stack.
+#[repr(C)]
 pub struct Packet {
     pub src: [u32; 4],
     pub dst: [u32; 4],
@@ -26,7 +29,8 @@ pub struct Packet {
 }
 
 pub enum Parsed {
-    Tcp(Packet),
+    /// A TCP segment, written into the caller's [`Packet`].
+    Tcp,
     NotTcp,
     /// A non-first IP fragment: no TCP header to read.
     Fragment,
@@ -67,8 +71,10 @@ fn raw32(b: &[u8], i: usize) -> u32 {
     u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]])
 }
 
+/// A BPF subprogram of its own, so that its locals do not add to the stack of
+/// the state-transition path.
 #[inline(always)]
-pub fn parse(start: usize, end: usize) -> Result<Parsed, ParseError> {
+pub fn parse(start: usize, end: usize, out: &mut Packet) -> Result<Parsed, ParseError> {
     let eth = bytes::<14>(start, end, 0)?;
     let mut proto = be16(eth, 12);
     let mut off = 14;
@@ -80,14 +86,14 @@ pub fn parse(start: usize, end: usize) -> Result<Parsed, ParseError> {
         }
     }
     match proto {
-        ETH_P_IP => ipv4(start, end, off),
-        ETH_P_IPV6 => ipv6(start, end, off),
+        ETH_P_IP => ipv4(start, end, off, out),
+        ETH_P_IPV6 => ipv6(start, end, off, out),
         _ => Ok(Parsed::NotTcp),
     }
 }
 
 #[inline(always)]
-fn ipv4(start: usize, end: usize, off: usize) -> Result<Parsed, ParseError> {
+fn ipv4(start: usize, end: usize, off: usize, out: &mut Packet) -> Result<Parsed, ParseError> {
     let ip = bytes::<20>(start, end, off)?;
     let ihl = (ip[0] & 0x0f) as usize * 4;
     if ip[0] >> 4 != 4 || ihl < 20 {
@@ -103,17 +109,15 @@ fn ipv4(start: usize, end: usize, off: usize) -> Result<Parsed, ParseError> {
     if total < ihl {
         return Err(ParseError::Malformed);
     }
-    let src = [0, 0, V4_MAPPED, raw32(ip, 12)];
-    let dst = [0, 0, V4_MAPPED, raw32(ip, 16)];
-    tcp(start, end, off + ihl, total - ihl, src, dst)
+    out.src = [0, 0, V4_MAPPED, raw32(ip, 12)];
+    out.dst = [0, 0, V4_MAPPED, raw32(ip, 16)];
+    tcp(start, end, off + ihl, total - ihl, out)
 }
 
 #[inline(always)]
-fn ipv6(start: usize, end: usize, off: usize) -> Result<Parsed, ParseError> {
+fn ipv6(start: usize, end: usize, off: usize, out: &mut Packet) -> Result<Parsed, ParseError> {
     let ip = bytes::<40>(start, end, off)?;
     let payload = be16(ip, 4) as usize;
-    let src = [raw32(ip, 8), raw32(ip, 12), raw32(ip, 16), raw32(ip, 20)];
-    let dst = [raw32(ip, 24), raw32(ip, 28), raw32(ip, 32), raw32(ip, 36)];
     let mut next = ip[6];
     let mut l4 = off + 40;
     let mut ext = 0usize;
@@ -152,37 +156,28 @@ fn ipv6(start: usize, end: usize, off: usize) -> Result<Parsed, ParseError> {
     if payload < ext {
         return Err(ParseError::Malformed);
     }
-    tcp(start, end, l4, payload - ext, src, dst)
+    out.src = [raw32(ip, 8), raw32(ip, 12), raw32(ip, 16), raw32(ip, 20)];
+    out.dst = [raw32(ip, 24), raw32(ip, 28), raw32(ip, 32), raw32(ip, 36)];
+    tcp(start, end, l4, payload - ext, out)
 }
 
 /// `ip_payload` is the length of the TCP header plus data, from the IP header.
 #[inline(always)]
-fn tcp(
-    start: usize,
-    end: usize,
-    off: usize,
-    ip_payload: usize,
-    src: [u32; 4],
-    dst: [u32; 4],
-) -> Result<Parsed, ParseError> {
+fn tcp(start: usize, end: usize, off: usize, ip_payload: usize, out: &mut Packet) -> Result<Parsed, ParseError> {
     let th = bytes::<20>(start, end, off)?;
     let doff = (th[12] >> 4) as usize * 4;
     if doff < 20 {
         return Err(ParseError::Malformed);
     }
-    Ok(Parsed::Tcp(Packet {
-        src,
-        dst,
-        sport: be16(th, 0),
-        dport: be16(th, 2),
-        seg: Segment {
-            flags: th[13],
-            seq: be32(th, 4),
-            ack: be32(th, 8),
-            // Segmentation offload may leave the IP length short of the
-            // headers on a super-packet; such a segment carries no FIN-length
-            // surprises, so an underflow reads as no payload.
-            len: ip_payload.saturating_sub(doff) as u32,
-        },
-    }))
+    out.sport = be16(th, 0);
+    out.dport = be16(th, 2);
+    out.seg = Segment {
+        flags: th[13],
+        seq: be32(th, 4),
+        ack: be32(th, 8),
+        // Segmentation offload may leave the IP length short of the headers
+        // on a super-packet: an underflow reads as no payload.
+        len: ip_payload.saturating_sub(doff) as u32,
+    };
+    Ok(Parsed::Tcp)
 }

@@ -14,7 +14,7 @@ use aya_ebpf::{
     maps::{HashMap, PerCpuArray},
 };
 use tcpstate_common::{
-    Counters, EndSeq, Event, FlowEntry, FlowKey, Hook, Side, TcpState, Word, machine::step,
+    Counters, EndSeq, Event, FlowEntry, FlowKey, Hook, Segment, Side, TcpState, Word, machine::{is_steady, step, steady_facts},
 };
 
 use crate::parse::Packet;
@@ -30,6 +30,17 @@ pub static FLOWS: HashMap<FlowKey, FlowEntry> = HashMap::with_max_entries(DEFAUL
 
 #[map]
 pub static COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per-CPU scratch space for the segment being processed (keeps the BPF
+/// stack, 512 bytes across all calls, free for the state machine).
+#[map]
+static SCRATCH: PerCpuArray<Packet> = PerCpuArray::with_max_entries(1, 0);
+
+#[inline(always)]
+pub fn scratch() -> Option<&'static mut Packet> {
+    // SAFETY: as for `counters`: one program at a time per CPU.
+    SCRATCH.get_ptr_mut(0).map(|p| unsafe { &mut *p })
+}
 
 #[inline(always)]
 pub fn counters() -> Option<&'static mut Counters> {
@@ -101,21 +112,53 @@ unsafe fn clear(e: *mut EndSeq) {
 pub fn track(pkt: &Packet, hook: Hook, c: &mut Counters) {
     let (key, sender) = FlowKey::new(pkt.src, pkt.sport, pkt.dst, pkt.dport);
     let seg = &pkt.seg;
+    // Most segments: both ends established, no flags that move states. Only
+    // the sender's sequence facts change; no swap, no counters.
+    if let Some(p) = FLOWS.get_ptr_mut(&key) {
+        // SAFETY: `p` is a live map value (see `swap_word`).
+        let old = Word(unsafe { core::ptr::read_volatile(&raw const (*p).word) });
+        if is_steady(old, sender, hook, seg) {
+            let prev = unsafe { (*p).ends[sender.index()] };
+            let facts = steady_facts(prev, seg);
+            if facts != prev {
+                unsafe { (*p).ends[sender.index()] = facts };
+            }
+            return;
+        }
+    }
+    transition(&key, seg, sender as u32, hook as u32, c);
+}
+
+/// The slow path, a BPF subprogram of its own: create the entry or swap in
+/// the new state word. `sender_is_b` and `hook` arrive as plain integers: the
+/// verifier must see the masks that bound them, which the compiler would drop
+/// from enums it knows the range of.
+#[inline(always)]
+fn transition(key: &FlowKey, seg: &Segment, sender_is_b: u32, hook: u32, c: &mut Counters) {
+    let s = (sender_is_b & 1) as usize;
+    let r = s ^ 1;
+    let sender = if s == 0 { Side::A } else { Side::B };
+    let hook = match hook & 3 {
+        0 => Hook::Ingress,
+        1 => Hook::Egress,
+        _ => Hook::Loopback,
+    };
     for _ in 0..CAS_ATTEMPTS {
-        match FLOWS.get_ptr_mut(&key) {
+        match FLOWS.get_ptr_mut(key) {
             None => {
                 if !seg.may_open() {
                     return;
                 }
-                let st = step(Word::EMPTY, &[EndSeq::default(); 2], sender, hook, seg);
+                let none = EndSeq::default();
+                let st = step(Word::EMPTY, &none, &none, sender, hook, seg);
                 let mut entry = FlowEntry {
                     word: st.word.0,
                     // SAFETY: helper without preconditions.
                     changed_ns: unsafe { bpf_ktime_get_ns() },
-                    ends: [EndSeq::default(); 2],
+                    ends: [none; 2],
                 };
-                entry.ends[sender.index()] = st.sender;
-                match FLOWS.insert(&key, &entry, BPF_NOEXIST as u64) {
+                entry.ends[s] = st.sender;
+                match FLOWS.insert(key, &entry, BPF_NOEXIST as u64) {
                     Ok(()) => {
                         move_counts(c, Word::EMPTY, st.word);
                         return;
@@ -130,17 +173,14 @@ pub fn track(pkt: &Packet, hook: Hook, c: &mut Counters) {
             }
             Some(p) => {
                 // SAFETY: `p` is a live map value (see `swap_word`).
-                let (old, ends) = unsafe {
-                    (
-                        Word(core::ptr::read_volatile(&raw const (*p).word)),
-                        (*p).ends,
-                    )
+                let (old, sf, rf) = unsafe {
+                    (Word(core::ptr::read_volatile(&raw const (*p).word)), (*p).ends[s], (*p).ends[r])
                 };
                 if old.is_reaping() {
                     count(c, Event::ReapSkipped);
                     return;
                 }
-                let st = step(old, &ends, sender, hook, seg);
+                let st = step(old, &sf, &rf, sender, hook, seg);
                 if st.rst_ignored {
                     count(c, Event::RstIgnored);
                 }
@@ -148,11 +188,11 @@ pub fn track(pkt: &Packet, hook: Hook, c: &mut Counters) {
                 // sees the new state also sees them. Each half has one writer:
                 // the segments its endpoint sends.
                 unsafe {
-                    if st.sender != ends[sender.index()] {
-                        (*p).ends[sender.index()] = st.sender;
+                    if st.sender != sf {
+                        (*p).ends[s] = st.sender;
                     }
                     if st.reset_receiver {
-                        clear(&raw mut (*p).ends[sender.other().index()]);
+                        clear(&raw mut (*p).ends[r]);
                     }
                 }
                 if st.word == old {
