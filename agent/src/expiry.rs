@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use tcpstate_common::{
-    Command, FlowEntry, FlowKey, Side, TcpState, Word, command::outcome, machine::expire,
+    Side, TcpState, Word, command::outcome, machine::expire,
 };
 
 use crate::{error::Result, netns::sysctl_u64, probe::Probe};
@@ -108,7 +108,7 @@ pub fn monotonic_ns() -> u64 {
 pub fn sweep(probe: &Probe, t: &Timeouts) -> Result<SweepStats> {
     let now = monotonic_ns();
     // Collect first: deleting while walking the map would restart the walk.
-    let entries: Vec<(FlowKey, FlowEntry)> = probe.flows()?.iter().filter_map(|r| r.ok()).collect();
+    let entries = probe.flow_entries()?;
     let mut stats = SweepStats::default();
     for (key, entry) in entries {
         let word = Word(entry.word);
@@ -116,12 +116,7 @@ pub fn sweep(probe: &Probe, t: &Timeouts) -> Result<SweepStats> {
         let Some(new) = decide(word, age, t) else {
             continue;
         };
-        let cmd = Command {
-            key,
-            _pad: 0,
-            expect: word.0,
-            new: new.0,
-        };
+        let cmd = key.command(word.0, new.0);
         // CHANGED means a packet moved the entry first; the next sweep looks again.
         if probe.command(&cmd)? == outcome::DONE {
             if new.is_reaping() {

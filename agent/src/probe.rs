@@ -11,7 +11,7 @@ use aya::{
         XdpMode, tc::TcAttachOptions,
     },
 };
-use tcpstate_common::{Command, Counters, FlowEntry, FlowKey};
+use tcpstate_common::{Command, Counters, CpuSlot, FlowEntry, FlowKey4, FlowKey6};
 
 use crate::error::{Error, Result, is_permission_error};
 
@@ -59,7 +59,8 @@ impl Probe {
             return Err(Error::ProbeMissing);
         }
         let mut ebpf = EbpfLoader::new()
-            .map_max_entries("FLOWS", opts.max_flows)
+            .map_max_entries("FLOWS4", opts.max_flows)
+            .map_max_entries("FLOWS6", opts.max_flows)
             .override_global("LOOPBACK_IFINDEX", &opts.loopback_ifindex, true)
             .load(PROBE_OBJECT)
             .map_err(|e| {
@@ -111,32 +112,39 @@ impl Probe {
 
     /// The counters summed over CPUs.
     pub fn counters(&self) -> Result<Counters> {
-        let map = self
-            .ebpf
-            .map("COUNTERS")
-            .expect("the probe defines COUNTERS");
-        let array: PerCpuArray<&MapData, Counters> = PerCpuArray::try_from(map)?;
+        let map = self.ebpf.map("PER_CPU").expect("the probe defines PER_CPU");
+        let array: PerCpuArray<&MapData, CpuSlot> = PerCpuArray::try_from(map)?;
         let mut total = Counters::default();
         for cpu in array.get(&0, 0)?.iter() {
-            total.accumulate(cpu);
+            total.accumulate(&cpu.counters);
         }
         Ok(total)
     }
 
-    /// A view of the flow map.
-    pub fn flows(&self) -> Result<HashMap<&MapData, FlowKey, FlowEntry>> {
-        let map = self.ebpf.map("FLOWS").expect("the probe defines FLOWS");
-        Ok(HashMap::try_from(map)?)
+    /// The IPv4 flow map.
+    pub fn flows4(&self) -> Result<HashMap<&MapData, FlowKey4, FlowEntry>> {
+        Ok(HashMap::try_from(self.ebpf.map("FLOWS4").expect("the probe defines FLOWS4"))?)
     }
 
-    /// Capacity of the flow map.
+    /// The IPv6 flow map.
+    pub fn flows6(&self) -> Result<HashMap<&MapData, FlowKey6, FlowEntry>> {
+        Ok(HashMap::try_from(self.ebpf.map("FLOWS6").expect("the probe defines FLOWS6"))?)
+    }
+
+    /// Every flow entry of both families (a walk of the maps: O(flows)).
+    pub fn flow_entries(&self) -> Result<Vec<(FlowRef, FlowEntry)>> {
+        let mut out: Vec<(FlowRef, FlowEntry)> =
+            self.flows4()?.iter().filter_map(|r| r.ok()).map(|(k, e)| (FlowRef::V4(k), e)).collect();
+        out.extend(self.flows6()?.iter().filter_map(|r| r.ok()).map(|(k, e)| (FlowRef::V6(k), e)));
+        Ok(out)
+    }
+
+    /// Capacity of each flow map (one per address family).
     pub fn max_flows(&self) -> Result<u32> {
-        let map = self.ebpf.map("FLOWS").expect("the probe defines FLOWS");
-        let fd = match map {
-            aya::maps::Map::HashMap(m) => m.info()?,
-            _ => unreachable!("FLOWS is a hash map"),
-        };
-        Ok(fd.max_entries())
+        match self.ebpf.map("FLOWS4").expect("the probe defines FLOWS4") {
+            aya::maps::Map::HashMap(m) => Ok(m.info()?.max_entries()),
+            _ => unreachable!("FLOWS4 is a hash map"),
+        }
     }
 
     /// Runs a [`Command`] in the kernel; returns its outcome code
@@ -249,5 +257,30 @@ fn attach_error(program: &str, iface: &str, e: ProgramError) -> Error {
         iface: iface.into(),
         error: text,
         hint,
+    }
+}
+
+/// A flow map key of either family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlowRef {
+    V4(FlowKey4),
+    V6(FlowKey6),
+}
+
+impl FlowRef {
+    /// The command that swaps this flow's word from `expect` to `new`.
+    pub fn command(&self, expect: u64, new: u64) -> Command {
+        let mut cmd = Command { expect, new, ..Command::default() };
+        match self {
+            FlowRef::V4(k) => {
+                cmd.family = 4;
+                cmd.key4 = *k;
+            }
+            FlowRef::V6(k) => {
+                cmd.family = 6;
+                cmd.key6 = *k;
+            }
+        }
+        cmd
     }
 }

@@ -15,7 +15,7 @@ use tcpstate::{
     expiry::{self, Timeouts},
     probe::{Probe, ProbeOptions},
 };
-use tcpstate_common::{Counters, Event, FlowKey, Side, TcpState, Word};
+use tcpstate_common::{Counters, Event, FlowKey4, FlowKey6, Side, TcpState, Word};
 
 const XDP_PASS: u32 = 2;
 /// TC_ACT_UNSPEC: "no verdict", the packet goes on unchanged.
@@ -28,19 +28,26 @@ fn probe(max_flows: u32) -> Probe {
     Probe::load(&ProbeOptions { max_flows, loopback_ifindex: 0, ..ProbeOptions::default() }).expect("load the probe")
 }
 
-fn words(ip: IpAddr) -> [u32; 4] {
-    let b = match ip {
-        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
-        IpAddr::V6(v6) => v6.octets(),
-    };
-    std::array::from_fn(|i| u32::from_ne_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]]))
+/// Address words as they lie in the frame.
+fn words(b: &[u8]) -> Vec<u32> {
+    b.chunks(4).map(|w| u32::from_ne_bytes(w.try_into().unwrap())).collect()
 }
 
 /// The entry the frame's 4-tuple names, and which side its receiver is.
 fn entry_of(p: &Probe, t: &Tcp) -> Option<(Word, Side)> {
-    let (key, sender) = FlowKey::new(words(t.src), t.sport, words(t.dst), t.dport);
-    let e = p.flows().unwrap().get(&key, 0).ok()?;
-    Some((Word(e.word), sender.other()))
+    let (entry, sender) = match (t.src, t.dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            let (key, sender) = FlowKey4::new(words(&s.octets())[0], t.sport, words(&d.octets())[0], t.dport);
+            (p.flows4().unwrap().get(&key, 0).ok()?, sender)
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            let (s, d) = (words(&s.octets()), words(&d.octets()));
+            let (key, sender) = FlowKey6::new(s.try_into().unwrap(), t.sport, d.try_into().unwrap(), t.dport);
+            (p.flows6().unwrap().get(&key, 0).ok()?, sender)
+        }
+        _ => panic!("mixed families"),
+    };
+    Some((Word(entry.word), sender.other()))
 }
 
 fn state_count(c: &Counters, s: TcpState) -> i64 {
@@ -52,7 +59,7 @@ fn event(c: &Counters, e: Event) -> u64 {
 }
 
 fn flow_count(p: &Probe) -> usize {
-    p.flows().unwrap().keys().count()
+    p.flow_entries().unwrap().len()
 }
 
 fn xdp(p: &Probe, t: &Tcp) {

@@ -2,21 +2,24 @@
 //! probe's `tcpstate_command` program, so that its changes to a flow entry go
 //! through the same compare-and-swap and counter update as the data path.
 
-use crate::flow::FlowKey;
+use crate::flow::{FlowKey4, FlowKey6};
 
-/// Replace the state word of `key` with `new` if it still equals `expect`,
+/// Replace the state word of a flow with `new` if it still equals `expect`,
 /// moving the per-state counters accordingly. A `new` word that is marked
-/// reaping deletes the entry.
+/// reaping deletes the entry. The flow is `key4` in the IPv4 map when
+/// `family` is 4, else `key6` in the IPv6 map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Command {
-    pub key: FlowKey,
+    pub key4: FlowKey4,
+    pub family: u32,
+    pub key6: FlowKey6,
     pub _pad: u32,
     pub expect: u64,
     pub new: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<Command>() == 56);
+const _: () = assert!(core::mem::size_of::<Command>() == 72);
 
 /// What the command program returns (XDP action codes, since it is an XDP program).
 pub mod outcome {

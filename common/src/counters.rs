@@ -107,6 +107,19 @@ impl Counters {
     }
 }
 
+/// The probe's per-CPU slot: its counters, and scratch space for the segment
+/// being parsed (kept off the 512-byte BPF stack). One map lookup per packet
+/// finds both.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CpuSlot {
+    pub counters: Counters,
+    /// Scratch for the probe's parsed segment; meaningless to userspace.
+    pub scratch: [u32; 16],
+}
+
+const _: () = assert!(core::mem::size_of::<CpuSlot>() == 320);
+
 #[cfg(feature = "user")]
-// SAFETY: `#[repr(C)]`, no padding (size asserted above).
-unsafe impl aya::Pod for Counters {}
+// SAFETY: `#[repr(C)]`, no padding (sizes asserted above).
+unsafe impl aya::Pod for CpuSlot {}

@@ -28,60 +28,61 @@ impl Side {
     }
 }
 
-/// Flow map key. IPv4 addresses are stored IPv4-mapped (`::ffff:a.b.c.d`), so
-/// one key type serves both families. Addresses are in network byte order as
-/// they appear on the wire; ports are in host byte order.
+/// Flow map key for IPv6 connections. Addresses are in network byte order as
+/// they appear on the wire; ports are in host byte order. IPv4 connections
+/// have a map of their own with the shorter [`FlowKey4`]: hashing and
+/// comparing 12 bytes instead of 36 is a measurable part of the per-packet cost.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
-pub struct FlowKey {
+pub struct FlowKey6 {
     pub addr_a: [u32; 4],
     pub addr_b: [u32; 4],
     pub port_a: u16,
     pub port_b: u16,
 }
 
-const _: () = assert!(core::mem::size_of::<FlowKey>() == 36);
-const _: () = assert!(core::mem::align_of::<FlowKey>() == 4);
+const _: () = assert!(core::mem::size_of::<FlowKey6>() == 36);
+const _: () = assert!(core::mem::align_of::<FlowKey6>() == 4);
 
-impl FlowKey {
-    /// Builds the canonical key for a segment from `src` to `dst`, and tells
-    /// which side the sender is.
+/// Flow map key for IPv4 connections (same conventions as [`FlowKey6`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FlowKey4 {
+    pub addr_a: u32,
+    pub addr_b: u32,
+    pub port_a: u16,
+    pub port_b: u16,
+}
+
+const _: () = assert!(core::mem::size_of::<FlowKey4>() == 12);
+
+impl FlowKey6 {
+    /// The canonical key for a segment from `src` to `dst`, and the sender's side.
     #[inline(always)]
-    pub fn new(src: [u32; 4], sport: u16, dst: [u32; 4], dport: u16) -> (FlowKey, Side) {
-        if endpoint_le(&src, sport, &dst, dport) {
-            (
-                FlowKey {
-                    addr_a: src,
-                    addr_b: dst,
-                    port_a: sport,
-                    port_b: dport,
-                },
-                Side::A,
-            )
-        } else {
-            (
-                FlowKey {
-                    addr_a: dst,
-                    addr_b: src,
-                    port_a: dport,
-                    port_b: sport,
-                },
-                Side::B,
-            )
+    pub fn new(src: [u32; 4], sport: u16, dst: [u32; 4], dport: u16) -> (FlowKey6, Side) {
+        let mut src_first = sport <= dport;
+        let mut i = 4;
+        while i > 0 {
+            i -= 1;
+            if src[i] != dst[i] {
+                src_first = src[i] < dst[i];
+            }
         }
+        let (a, pa, b, pb, side) = if src_first { (src, sport, dst, dport, Side::A) } else { (dst, dport, src, sport, Side::B) };
+        (FlowKey6 { addr_a: a, addr_b: b, port_a: pa, port_b: pb }, side)
     }
 }
 
-#[inline(always)]
-fn endpoint_le(a: &[u32; 4], pa: u16, b: &[u32; 4], pb: u16) -> bool {
-    let mut i = 0;
-    while i < 4 {
-        if a[i] != b[i] {
-            return a[i] < b[i];
+impl FlowKey4 {
+    /// The canonical key for a segment from `src` to `dst`, and the sender's side.
+    #[inline(always)]
+    pub fn new(src: u32, sport: u16, dst: u32, dport: u16) -> (FlowKey4, Side) {
+        if src < dst || (src == dst && sport <= dport) {
+            (FlowKey4 { addr_a: src, addr_b: dst, port_a: sport, port_b: dport }, Side::A)
+        } else {
+            (FlowKey4 { addr_a: dst, addr_b: src, port_a: dport, port_b: sport }, Side::B)
         }
-        i += 1;
     }
-    pa <= pb
 }
 
 /// Sequence facts about one endpoint, written only from segments that this
@@ -204,7 +205,8 @@ impl Word {
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: plain `#[repr(C)]` data without padding (sizes asserted above).
-    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowKey4 {}
+    unsafe impl aya::Pod for super::FlowKey6 {}
     unsafe impl aya::Pod for super::FlowEntry {}
 }
 
@@ -214,17 +216,29 @@ mod tests {
 
     #[test]
     fn both_directions_share_one_key() {
-        let x = [0, 0, 0xffff_0000u32.to_be(), 0x0a00_0001u32.to_be()];
-        let y = [0, 0, 0xffff_0000u32.to_be(), 0x0a00_0002u32.to_be()];
-        let (k1, s1) = FlowKey::new(x, 40000, y, 80);
-        let (k2, s2) = FlowKey::new(y, 80, x, 40000);
+        let x = [0, 0, 0, 0x0a00_0001u32.to_be()];
+        let y = [0, 0, 0, 0x0a00_0002u32.to_be()];
+        let (k1, s1) = FlowKey6::new(x, 40000, y, 80);
+        let (k2, s2) = FlowKey6::new(y, 80, x, 40000);
         assert_eq!(k1, k2);
         assert_ne!(s1, s2);
         // Same address (loopback): the port decides.
-        let (k3, s3) = FlowKey::new(x, 80, x, 40000);
-        let (k4, s4) = FlowKey::new(x, 40000, x, 80);
+        let (k3, s3) = FlowKey6::new(x, 80, x, 40000);
+        let (k4, s4) = FlowKey6::new(x, 40000, x, 80);
         assert_eq!(k3, k4);
         assert_eq!((s3, s4), (Side::A, Side::B));
+        // The first differing word decides, whatever the later ones say.
+        let hi = [1, 0, 0, 0];
+        let lo = [0, 9, 9, 9];
+        assert_eq!(FlowKey6::new(lo, 9, hi, 1).1, Side::A);
+        assert_eq!(FlowKey6::new(hi, 1, lo, 9).1, Side::B);
+
+        let (a, b) = (0x0a00_0001u32.to_be(), 0x0a00_0002u32.to_be());
+        let (k5, s5) = FlowKey4::new(a, 40000, b, 80);
+        let (k6, s6) = FlowKey4::new(b, 80, a, 40000);
+        assert_eq!(k5, k6);
+        assert_ne!(s5, s6);
+        assert_eq!(FlowKey4::new(a, 80, a, 40000).0, FlowKey4::new(a, 40000, a, 80).0);
     }
 
     #[test]

@@ -12,7 +12,7 @@ pub mod machine;
 pub mod state;
 
 pub use command::Command;
-pub use counters::{Counters, Event};
-pub use flow::{EndSeq, FlowEntry, FlowKey, Side, Word};
+pub use counters::{Counters, CpuSlot, Event};
+pub use flow::{EndSeq, FlowEntry, FlowKey4, FlowKey6, Side, Word};
 pub use machine::{Hook, Segment, Step};
 pub use state::TcpState;

@@ -6,7 +6,7 @@
 use aya_ebpf::{macros::xdp, programs::XdpContext};
 use tcpstate_common::{Command, Word, command::outcome};
 
-use crate::track::{FLOWS, counters, move_counts, swap_word};
+use crate::track::{FLOWS4, FLOWS6, cpu_slot, move_counts, swap_word};
 
 #[xdp]
 pub fn tcpstate_command(ctx: XdpContext) -> u32 {
@@ -20,19 +20,12 @@ fn try_command(ctx: &XdpContext) -> Result<u32, u32> {
     if start + core::mem::size_of::<Command>() > end {
         return Err(outcome::MISSING);
     }
-    // SAFETY: bounds checked just above. Fields are copied one by one: a
-    // whole-struct copy would become a call to `memmove`.
-    let cmd = unsafe {
-        let src = &*(start as *const Command);
-        Command {
-            key: src.key,
-            _pad: 0,
-            expect: src.expect,
-            new: src.new,
-        }
-    };
-    let c = counters().ok_or(outcome::MISSING)?;
-    let p = FLOWS.get_ptr_mut(&cmd.key).ok_or(outcome::MISSING)?;
+    // SAFETY: bounds checked just above; read in place (a copy of the whole
+    // struct would become a call to `memmove`).
+    let cmd = unsafe { &*(start as *const Command) };
+    let (c, _) = cpu_slot().ok_or(outcome::MISSING)?;
+    let p = if cmd.family == 6 { FLOWS6.get_ptr_mut(&cmd.key6) } else { FLOWS4.get_ptr_mut(&cmd.key4) };
+    let p = p.ok_or(outcome::MISSING)?;
     let (old, new) = (Word(cmd.expect), Word(cmd.new));
     if !swap_word(p, old, new) {
         return Err(outcome::CHANGED);
@@ -40,7 +33,7 @@ fn try_command(ctx: &XdpContext) -> Result<u32, u32> {
     move_counts(c, old, new);
     if new.is_reaping() {
         // Nothing else writes a reaping entry, so deleting it loses nothing.
-        let _ = FLOWS.remove(&cmd.key);
+        let _ = if cmd.family == 6 { FLOWS6.remove(&cmd.key6) } else { FLOWS4.remove(&cmd.key4) };
     }
     Ok(outcome::DONE)
 }

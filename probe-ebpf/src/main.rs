@@ -19,8 +19,8 @@ use aya_ebpf::{
 use tcpstate_common::{Counters, Event, Hook};
 
 use crate::{
-    parse::{ParseError, Parsed, parse},
-    track::{count, counters, scratch, track},
+    parse::{Packet, ParseError, Parsed, parse},
+    track::{count, cpu_slot, track},
 };
 
 /// ifindex of the loopback device: 1 in every network namespace. On loopback
@@ -37,7 +37,7 @@ pub fn tcpstate_xdp(ctx: XdpContext) -> u32 {
 }
 
 fn try_xdp(ctx: &XdpContext) -> Result<u32, u32> {
-    let c = counters().ok_or(XDP_PASS)?;
+    let (c, pkt) = cpu_slot().ok_or(XDP_PASS)?;
     count(c, Event::PacketsXdp);
     // SAFETY: a global the loader may override; read once per packet.
     let lo = unsafe { core::ptr::read_volatile(&LOOPBACK_IFINDEX) };
@@ -46,7 +46,7 @@ fn try_xdp(ctx: &XdpContext) -> Result<u32, u32> {
     } else {
         Hook::Ingress
     };
-    observe(ctx.data(), ctx.data_end(), hook, c);
+    observe(ctx.data(), ctx.data_end(), hook, c, pkt);
     Ok(XDP_PASS)
 }
 
@@ -61,15 +61,14 @@ pub fn tcpstate_tc(ctx: TcContext) -> i32 {
 }
 
 fn try_tc(ctx: &TcContext) -> Result<i32, i32> {
-    let c = counters().ok_or(TC_ACT_UNSPEC)?;
+    let (c, pkt) = cpu_slot().ok_or(TC_ACT_UNSPEC)?;
     count(c, Event::PacketsTc);
-    observe(ctx.data(), ctx.data_end(), Hook::Egress, c);
+    observe(ctx.data(), ctx.data_end(), Hook::Egress, c, pkt);
     Ok(TC_ACT_UNSPEC)
 }
 
 #[inline(always)]
-fn observe(start: usize, end: usize, hook: Hook, c: &mut Counters) {
-    let Some(pkt) = scratch() else { return };
+fn observe(start: usize, end: usize, hook: Hook, c: &mut Counters, pkt: &mut Packet) {
     match parse(start, end, pkt) {
         Ok(Parsed::Tcp) => {
             count(c, Event::TcpSegments);

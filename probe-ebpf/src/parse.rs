@@ -14,15 +14,16 @@ const ETH_P_IPV6: u16 = 0x86dd;
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88a8;
 const IPPROTO_TCP: u8 = 6;
-/// The third word of an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`), as it lies in memory.
-const V4_MAPPED: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 
 /// A parsed TCP segment. Lives in a per-CPU scratch slot, not on the
 /// 512-byte BPF stack.
 #[repr(C)]
 pub struct Packet {
+    /// IPv6 addresses; for IPv4 only the first word is used.
     pub src: [u32; 4],
     pub dst: [u32; 4],
+    /// 4 or 6.
+    pub family: u32,
     pub sport: u16,
     pub dport: u16,
     pub seg: Segment,
@@ -109,8 +110,9 @@ fn ipv4(start: usize, end: usize, off: usize, out: &mut Packet) -> Result<Parsed
     if total < ihl {
         return Err(ParseError::Malformed);
     }
-    out.src = [0, 0, V4_MAPPED, raw32(ip, 12)];
-    out.dst = [0, 0, V4_MAPPED, raw32(ip, 16)];
+    out.family = 4;
+    out.src[0] = raw32(ip, 12);
+    out.dst[0] = raw32(ip, 16);
     tcp(start, end, off + ihl, total - ihl, out)
 }
 
@@ -156,6 +158,7 @@ fn ipv6(start: usize, end: usize, off: usize, out: &mut Packet) -> Result<Parsed
     if payload < ext {
         return Err(ParseError::Malformed);
     }
+    out.family = 6;
     out.src = [raw32(ip, 8), raw32(ip, 12), raw32(ip, 16), raw32(ip, 20)];
     out.dst = [raw32(ip, 24), raw32(ip, 28), raw32(ip, 32), raw32(ip, 36)];
     tcp(start, end, l4, payload - ext, out)

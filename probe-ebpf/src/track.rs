@@ -14,7 +14,7 @@ use aya_ebpf::{
     maps::{HashMap, PerCpuArray},
 };
 use tcpstate_common::{
-    Counters, EndSeq, Event, FlowEntry, FlowKey, Hook, Segment, Side, TcpState, Word, machine::{is_steady, step, steady_facts},
+    Counters, CpuSlot, EndSeq, Event, FlowEntry, FlowKey4, FlowKey6, Hook, Segment, Side, TcpState, Word, machine::{is_steady, step, steady_facts},
 };
 
 use crate::parse::Packet;
@@ -25,28 +25,27 @@ const DEFAULT_MAX_FLOWS: u32 = 262_144;
 const CAS_ATTEMPTS: usize = 4;
 const EEXIST: i32 = 17;
 
+/// IPv4 flows.
 #[map]
-pub static FLOWS: HashMap<FlowKey, FlowEntry> = HashMap::with_max_entries(DEFAULT_MAX_FLOWS, 0);
+pub static FLOWS4: HashMap<FlowKey4, FlowEntry> = HashMap::with_max_entries(DEFAULT_MAX_FLOWS, 0);
 
+/// IPv6 flows.
 #[map]
-pub static COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(1, 0);
+pub static FLOWS6: HashMap<FlowKey6, FlowEntry> = HashMap::with_max_entries(DEFAULT_MAX_FLOWS, 0);
 
-/// Per-CPU scratch space for the segment being processed (keeps the BPF
-/// stack, 512 bytes across all calls, free for the state machine).
+/// Counters and scratch, one slot per CPU.
 #[map]
-static SCRATCH: PerCpuArray<Packet> = PerCpuArray::with_max_entries(1, 0);
+pub static PER_CPU: PerCpuArray<CpuSlot> = PerCpuArray::with_max_entries(1, 0);
 
+const _: () = assert!(core::mem::size_of::<Packet>() <= core::mem::size_of::<[u32; 16]>());
+
+/// This CPU's counters and scratch packet.
 #[inline(always)]
-pub fn scratch() -> Option<&'static mut Packet> {
-    // SAFETY: as for `counters`: one program at a time per CPU.
-    SCRATCH.get_ptr_mut(0).map(|p| unsafe { &mut *p })
-}
-
-#[inline(always)]
-pub fn counters() -> Option<&'static mut Counters> {
+pub fn cpu_slot() -> Option<(&'static mut Counters, &'static mut Packet)> {
     // SAFETY: a per-CPU slot is only touched by programs running on this CPU,
-    // which do not preempt each other.
-    COUNTERS.get_ptr_mut(0).map(|p| unsafe { &mut *p })
+    // which do not preempt each other; the scratch area is large enough and
+    // 4-byte aligned like `Packet` (asserted above).
+    PER_CPU.get_ptr_mut(0).map(|p| unsafe { (&mut (*p).counters, &mut *((&raw mut (*p).scratch).cast::<Packet>())) })
 }
 
 #[inline(always)]
@@ -110,11 +109,20 @@ unsafe fn clear(e: *mut EndSeq) {
 
 #[inline(always)]
 pub fn track(pkt: &Packet, hook: Hook, c: &mut Counters) {
-    let (key, sender) = FlowKey::new(pkt.src, pkt.sport, pkt.dst, pkt.dport);
-    let seg = &pkt.seg;
+    if pkt.family == 6 {
+        let (key, sender) = FlowKey6::new(pkt.src, pkt.sport, pkt.dst, pkt.dport);
+        track_in(&FLOWS6, &key, sender, &pkt.seg, hook, c);
+    } else {
+        let (key, sender) = FlowKey4::new(pkt.src[0], pkt.sport, pkt.dst[0], pkt.dport);
+        track_in(&FLOWS4, &key, sender, &pkt.seg, hook, c);
+    }
+}
+
+#[inline(always)]
+fn track_in<K>(map: &HashMap<K, FlowEntry>, key: &K, sender: Side, seg: &Segment, hook: Hook, c: &mut Counters) {
     // Most segments: both ends established, no flags that move states. Only
     // the sender's sequence facts change; no swap, no counters.
-    if let Some(p) = FLOWS.get_ptr_mut(&key) {
+    if let Some(p) = map.get_ptr_mut(key) {
         // SAFETY: `p` is a live map value (see `swap_word`).
         let old = Word(unsafe { core::ptr::read_volatile(&raw const (*p).word) });
         if is_steady(old, sender, hook, seg) {
@@ -126,15 +134,15 @@ pub fn track(pkt: &Packet, hook: Hook, c: &mut Counters) {
             return;
         }
     }
-    transition(&key, seg, sender as u32, hook as u32, c);
+    transition(map, key, seg, sender as u32, hook as u32, c);
 }
 
-/// The slow path, a BPF subprogram of its own: create the entry or swap in
-/// the new state word. `sender_is_b` and `hook` arrive as plain integers: the
-/// verifier must see the masks that bound them, which the compiler would drop
-/// from enums it knows the range of.
+/// The slow path: create the entry or swap in the new state word.
+/// `sender_is_b` and `hook` arrive as plain integers: the verifier must see
+/// the masks that bound them, which the compiler would drop from enums whose
+/// range it knows.
 #[inline(always)]
-fn transition(key: &FlowKey, seg: &Segment, sender_is_b: u32, hook: u32, c: &mut Counters) {
+fn transition<K>(map: &HashMap<K, FlowEntry>, key: &K, seg: &Segment, sender_is_b: u32, hook: u32, c: &mut Counters) {
     let s = (sender_is_b & 1) as usize;
     let r = s ^ 1;
     let sender = if s == 0 { Side::A } else { Side::B };
@@ -144,7 +152,7 @@ fn transition(key: &FlowKey, seg: &Segment, sender_is_b: u32, hook: u32, c: &mut
         _ => Hook::Loopback,
     };
     for _ in 0..CAS_ATTEMPTS {
-        match FLOWS.get_ptr_mut(key) {
+        match map.get_ptr_mut(key) {
             None => {
                 if !seg.may_open() {
                     return;
@@ -158,7 +166,7 @@ fn transition(key: &FlowKey, seg: &Segment, sender_is_b: u32, hook: u32, c: &mut
                     ends: [none; 2],
                 };
                 entry.ends[s] = st.sender;
-                match FLOWS.insert(key, &entry, BPF_NOEXIST as u64) {
+                match map.insert(key, &entry, BPF_NOEXIST as u64) {
                     Ok(()) => {
                         move_counts(c, Word::EMPTY, st.word);
                         return;
