@@ -3,6 +3,7 @@
 //! on the same frames. Writes target/bench/perpacket.json.
 
 #[path = "../tests/support/frames.rs"]
+#[allow(dead_code)]
 mod frames;
 
 use std::{io::Write, path::PathBuf};
@@ -34,7 +35,8 @@ struct Refs {
 
 impl Refs {
     fn load() -> Refs {
-        let path = std::env::var("TCPSTATE_BENCH_REFS_OBJ").expect("run through `cargo xtask bench` (TCPSTATE_BENCH_REFS_OBJ)");
+        let path = std::env::var("TCPSTATE_BENCH_REFS_OBJ")
+            .expect("run through `cargo xtask bench` (TCPSTATE_BENCH_REFS_OBJ)");
         let mut ebpf = Ebpf::load_file(&path).expect("load the reference programs");
         for name in ["ref_pass", "ref_lookup", "ref_insert", "ref_lookup36"] {
             let p: &mut Xdp = ebpf.program_mut(name).unwrap().try_into().unwrap();
@@ -45,37 +47,65 @@ impl Refs {
 
     fn time(&self, name: &str, frame: &[u8], repeat: u32) -> f64 {
         let p: &Xdp = self.ebpf.program(name).unwrap().try_into().unwrap();
-        let opts = TestRunOptions { data_in: Some(frame), repeat, ..TestRunOptions::new() };
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            repeat,
+            ..TestRunOptions::new()
+        };
         p.test_run(opts).expect("test run").duration.as_nanos() as f64
     }
 
     /// Seeds the 4-tuple of `frame` so that `ref_lookup` finds it.
     fn seed(&mut self, frame: &[u8]) {
-        let mut map: HashMap<_, [u32; 3], u64> = HashMap::try_from(self.ebpf.map_mut("REF_FLOWS").unwrap()).unwrap();
+        let mut map: HashMap<_, [u32; 3], u64> =
+            HashMap::try_from(self.ebpf.map_mut("REF_FLOWS").unwrap()).unwrap();
         let w = |o: usize| u32::from_ne_bytes(frame[o..o + 4].try_into().unwrap());
         map.insert([w(26), w(30), w(34)], 0, 0).unwrap();
-        let mut map36: HashMap<_, [u32; 9], u64> = HashMap::try_from(self.ebpf.map_mut("REF_FLOWS36").unwrap()).unwrap();
-        map36.insert([0, 0, 0xffff_0000, w(26), 0, 0, 0xffff_0000, w(30), w(34)], 0, 0).unwrap();
+        let mut map36: HashMap<_, [u32; 9], u64> =
+            HashMap::try_from(self.ebpf.map_mut("REF_FLOWS36").unwrap()).unwrap();
+        map36
+            .insert(
+                [0, 0, 0xffff_0000, w(26), 0, 0, 0xffff_0000, w(30), w(34)],
+                0,
+                0,
+            )
+            .unwrap();
     }
 }
 
 fn main() {
-    assert!(nix::unistd::geteuid().is_root(), "the benchmark loads eBPF programs: run `cargo xtask bench` as root");
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "the benchmark loads eBPF programs: run `cargo xtask bench` as root"
+    );
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    let probe_opts = ProbeOptions { loopback_ifindex: 0, max_flows: 262_144, ..ProbeOptions::default() };
+    let probe_opts = ProbeOptions {
+        loopback_ifindex: 0,
+        max_flows: 262_144,
+        ..ProbeOptions::default()
+    };
     let mut refs = Refs::load();
 
     // One established flow (server local: client segments arrive via XDP).
-    let client = |sport: u16, flags: u8, seq: u32, ack: u32| Tcp::new("10.0.0.9", sport, "10.0.0.1", 443, flags).seq(seq, ack);
-    let server = |sport: u16, flags: u8, seq: u32, ack: u32| Tcp::new("10.0.0.1", 443, "10.0.0.9", sport, flags).seq(seq, ack);
+    let client = |sport: u16, flags: u8, seq: u32, ack: u32| {
+        Tcp::new("10.0.0.9", sport, "10.0.0.1", 443, flags).seq(seq, ack)
+    };
+    let server = |sport: u16, flags: u8, seq: u32, ack: u32| {
+        Tcp::new("10.0.0.1", 443, "10.0.0.9", sport, flags).seq(seq, ack)
+    };
     let establish = |p: &Probe, sport: u16| {
         p.run_xdp(&client(sport, SYN, 100, 0).frame()).unwrap();
-        p.run_tc(&server(sport, SYN | ACK, 900, 101).frame()).unwrap();
+        p.run_tc(&server(sport, SYN | ACK, 900, 101).frame())
+            .unwrap();
         p.run_xdp(&client(sport, ACK, 101, 901).frame()).unwrap();
     };
-    let ack = Tcp { payload: 0, ..client(1, ACK, 101, 901) }.frame();
+    let ack = Tcp {
+        payload: 0,
+        ..client(1, ACK, 101, 901)
+    }
+    .frame();
     let udp = {
         let mut f = ack.clone();
         f[14 + 9] = 17;
@@ -83,26 +113,44 @@ fn main() {
     };
     refs.seed(&ack);
 
-    let mut rows: Vec<(&str, Vec<f64>)> =
-        ["syn_new", "ack_established", "fin", "non_tcp", "ref_pass", "ref_lookup", "ref_insert", "ref_pass_single", "ref_lookup36"]
-            .into_iter()
-            .map(|n| (n, Vec::new()))
-            .collect();
-    let mut push = |name: &str, v: f64| rows.iter_mut().find(|(n, _)| *n == name).unwrap().1.push(v);
+    let mut rows: Vec<(&str, Vec<f64>)> = [
+        "syn_new",
+        "ack_established",
+        "fin",
+        "non_tcp",
+        "ref_pass",
+        "ref_lookup",
+        "ref_insert",
+        "ref_pass_single",
+        "ref_lookup36",
+    ]
+    .into_iter()
+    .map(|n| (n, Vec::new()))
+    .collect();
+    let mut push =
+        |name: &str, v: f64| rows.iter_mut().find(|(n, _)| *n == name).unwrap().1.push(v);
 
     for round in 0..ROUNDS {
         eprint!("round {}/{ROUNDS}\r", round + 1);
         // Steady state: the same frame many times.
         let probe = Probe::load(&probe_opts).expect("load the probe");
         establish(&probe, 1);
-        push("ack_established", probe.time_program("tcpstate_xdp", &ack, REPEAT).unwrap());
-        push("non_tcp", probe.time_program("tcpstate_xdp", &udp, REPEAT).unwrap());
+        push(
+            "ack_established",
+            probe.time_program("tcpstate_xdp", &ack, REPEAT).unwrap(),
+        );
+        push(
+            "non_tcp",
+            probe.time_program("tcpstate_xdp", &udp, REPEAT).unwrap(),
+        );
         push("ref_pass", refs.time("ref_pass", &ack, REPEAT));
         push("ref_lookup", refs.time("ref_lookup", &ack, REPEAT));
         push("ref_lookup36", refs.time("ref_lookup36", &ack, REPEAT));
 
         // A new flow per run: one run per distinct SYN (the kernel times the run alone).
-        let syns: Vec<Vec<u8>> = (0..FLOWS).map(|i| client(10_000 + i, SYN, 100, 0).frame()).collect();
+        let syns: Vec<Vec<u8>> = (0..FLOWS)
+            .map(|i| client(10_000 + i, SYN, 100, 0).frame())
+            .collect();
         let mut t = 0.0;
         for f in &syns {
             t += probe.time_program("tcpstate_xdp", f, 1).unwrap();
@@ -126,16 +174,27 @@ fn main() {
         }
         let mut t = 0.0;
         for i in 0..FLOWS {
-            t += probe.time_program("tcpstate_xdp", &client(10_000 + i, FIN | ACK, 101, 901).frame(), 1).unwrap();
+            t += probe
+                .time_program(
+                    "tcpstate_xdp",
+                    &client(10_000 + i, FIN | ACK, 101, 901).frame(),
+                    1,
+                )
+                .unwrap();
         }
         push("fin", t / FLOWS as f64);
     }
     eprintln!();
 
     let ns = |name: &str| median(rows.iter().find(|(n, _)| *n == name).unwrap().1.clone());
-    let (pass, lookup, insert, single) = (ns("ref_pass"), ns("ref_lookup"), ns("ref_insert"), ns("ref_pass_single"));
+    let (pass, lookup, insert, single) = (
+        ns("ref_pass"),
+        ns("ref_lookup"),
+        ns("ref_insert"),
+        ns("ref_pass_single"),
+    );
     println!("per-packet cost, BPF_PROG_TEST_RUN, median of {ROUNDS} rounds");
-    println!("{:<16} {:>8}  {}", "case", "ns", "ratio");
+    println!("{:<16} {:>8}  ratio", "case", "ns");
     let mut out = Vec::new();
     for (name, _) in &rows {
         let v = ns(name);

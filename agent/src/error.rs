@@ -65,10 +65,10 @@ impl Error {
 pub fn is_permission_error(err: &(dyn std::error::Error + 'static)) -> bool {
     let mut cur: Option<&dyn std::error::Error> = Some(err);
     while let Some(e) = cur {
-        if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            if matches!(io.raw_os_error(), Some(libc::EPERM) | Some(libc::EACCES)) {
-                return true;
-            }
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && matches!(io.raw_os_error(), Some(libc::EPERM) | Some(libc::EACCES))
+        {
+            return true;
         }
         cur = e.source();
     }

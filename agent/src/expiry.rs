@@ -7,9 +7,7 @@
 
 use std::time::Duration;
 
-use tcpstate_common::{
-    Side, TcpState, Word, command::outcome, machine::expire,
-};
+use tcpstate_common::{Side, TcpState, Word, command::outcome, machine::expire};
 
 use crate::{error::Result, netns::sysctl_u64, probe::Probe};
 

@@ -123,19 +123,32 @@ impl Probe {
 
     /// The IPv4 flow map.
     pub fn flows4(&self) -> Result<HashMap<&MapData, FlowKey4, FlowEntry>> {
-        Ok(HashMap::try_from(self.ebpf.map("FLOWS4").expect("the probe defines FLOWS4"))?)
+        Ok(HashMap::try_from(
+            self.ebpf.map("FLOWS4").expect("the probe defines FLOWS4"),
+        )?)
     }
 
     /// The IPv6 flow map.
     pub fn flows6(&self) -> Result<HashMap<&MapData, FlowKey6, FlowEntry>> {
-        Ok(HashMap::try_from(self.ebpf.map("FLOWS6").expect("the probe defines FLOWS6"))?)
+        Ok(HashMap::try_from(
+            self.ebpf.map("FLOWS6").expect("the probe defines FLOWS6"),
+        )?)
     }
 
     /// Every flow entry of both families (a walk of the maps: O(flows)).
     pub fn flow_entries(&self) -> Result<Vec<(FlowRef, FlowEntry)>> {
-        let mut out: Vec<(FlowRef, FlowEntry)> =
-            self.flows4()?.iter().filter_map(|r| r.ok()).map(|(k, e)| (FlowRef::V4(k), e)).collect();
-        out.extend(self.flows6()?.iter().filter_map(|r| r.ok()).map(|(k, e)| (FlowRef::V6(k), e)));
+        let mut out: Vec<(FlowRef, FlowEntry)> = self
+            .flows4()?
+            .iter()
+            .filter_map(|r| r.ok())
+            .map(|(k, e)| (FlowRef::V4(k), e))
+            .collect();
+        out.extend(
+            self.flows6()?
+                .iter()
+                .filter_map(|r| r.ok())
+                .map(|(k, e)| (FlowRef::V6(k), e)),
+        );
         Ok(out)
     }
 
@@ -270,7 +283,11 @@ pub enum FlowRef {
 impl FlowRef {
     /// The command that swaps this flow's word from `expect` to `new`.
     pub fn command(&self, expect: u64, new: u64) -> Command {
-        let mut cmd = Command { expect, new, ..Command::default() };
+        let mut cmd = Command {
+            expect,
+            new,
+            ..Command::default()
+        };
         match self {
             FlowRef::V4(k) => {
                 cmd.family = 4;

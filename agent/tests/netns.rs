@@ -23,10 +23,20 @@ fn accept(l: &TcpListener) -> TcpStream {
 /// that can be held, checking against ss after each step. `mon` and `peer`
 /// may be the same namespace (loopback).
 fn drive_states(agent: &Agent, mon: &Netns, peer: &Netns, mon_ip: &str, peer_ip: &str) {
-    let bracket = |ip: &str| if ip.contains(':') { format!("[{ip}]") } else { ip.to_owned() };
+    let bracket = |ip: &str| {
+        if ip.contains(':') {
+            format!("[{ip}]")
+        } else {
+            ip.to_owned()
+        }
+    };
     let (mon_ip, peer_ip) = (bracket(mon_ip), bracket(peer_ip));
     let truth = agent.assert_matches_ss(mon, "before any socket");
-    assert_eq!(truth, Default::default(), "a fresh namespace has no TCP sockets");
+    assert_eq!(
+        truth,
+        Default::default(),
+        "a fresh namespace has no TCP sockets"
+    );
 
     let at_mon = mon.listen(&format!("{mon_ip}:7001"));
     let at_peer = peer.listen(&format!("{peer_ip}:7002"));
@@ -46,7 +56,10 @@ fn drive_states(agent: &Agent, mon: &Netns, peer: &Netns, mon_ip: &str, peer_ip:
         })
         .collect();
     let truth = agent.assert_matches_ss(mon, "established");
-    assert!(truth.get(TcpState::Established) >= 7, "the scenario built 7 connections:\n{truth:?}");
+    assert!(
+        truth.get(TcpState::Established) >= 7,
+        "the scenario built 7 connections:\n{truth:?}"
+    );
 
     let mut inbound = inbound.into_iter();
     let mut outbound = outbound.into_iter();
@@ -76,7 +89,10 @@ fn drive_states(agent: &Agent, mon: &Netns, peer: &Netns, mon_ip: &str, peer_ip:
     keep.push(server);
     sleep(PAUSE);
     let truth = agent.assert_matches_ss(mon, "CLOSE_WAIT and FIN_WAIT2");
-    assert!(truth.get(TcpState::CloseWait) >= 1 && truth.get(TcpState::FinWait2) >= 1, "{truth:?}");
+    assert!(
+        truth.get(TcpState::CloseWait) >= 1 && truth.get(TcpState::FinWait2) >= 1,
+        "{truth:?}"
+    );
 
     // Aborted with an RST from either end.
     let (client, server) = inbound.next().unwrap();
@@ -171,27 +187,51 @@ fn stopping_the_agent_detaches_every_program() {
     let ours = |ids: &[u32]| -> Vec<u32> {
         aya::programs::loaded_programs()
             .filter_map(|p| p.ok())
-            .filter(|p| p.name_as_str().is_some_and(|n| n.starts_with("tcpstate_")) && !ids.contains(&p.id()))
+            .filter(|p| {
+                p.name_as_str().is_some_and(|n| n.starts_with("tcpstate_"))
+                    && !ids.contains(&p.id())
+            })
             .map(|p| p.id())
             .collect()
     };
-    assert!(!ours(&[]).is_empty(), "the running agent has its programs loaded");
-    let links = std::process::Command::new("ip").args(["-n", &net.left.name, "link", "show", "veth0"]).output().unwrap();
-    assert!(String::from_utf8_lossy(&links.stdout).contains("xdp"), "XDP is attached while the agent runs");
+    assert!(
+        !ours(&[]).is_empty(),
+        "the running agent has its programs loaded"
+    );
+    let links = std::process::Command::new("ip")
+        .args(["-n", &net.left.name, "link", "show", "veth0"])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&links.stdout).contains("xdp"),
+        "XDP is attached while the agent runs"
+    );
     assert!(agent.stop().success(), "SIGINT ends the agent cleanly");
     // Program teardown is asynchronous in the kernel (RCU): give it a moment.
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while !ours(&[]).is_empty() && std::time::Instant::now() < deadline {
         sleep(PAUSE);
     }
-    assert!(ours(&[]).is_empty(), "programs left loaded after the agent stopped");
-    let links = std::process::Command::new("ip").args(["-n", &net.left.name, "link", "show", "veth0"]).output().unwrap();
-    assert!(!String::from_utf8_lossy(&links.stdout).contains("xdp"), "XDP left attached");
+    assert!(
+        ours(&[]).is_empty(),
+        "programs left loaded after the agent stopped"
+    );
+    let links = std::process::Command::new("ip")
+        .args(["-n", &net.left.name, "link", "show", "veth0"])
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&links.stdout).contains("xdp"),
+        "XDP left attached"
+    );
 }
 
 #[test]
 fn count_without_an_agent_says_so_and_exits_2() {
-    let out = tcpstate().args(["count", "--socket", "/nonexistent/tcpstate.sock"]).output().unwrap();
+    let out = tcpstate()
+        .args(["count", "--socket", "/nonexistent/tcpstate.sock"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.lines().count(), 1, "one line: {err}");
@@ -204,7 +244,11 @@ fn bad_interface_and_namespace_are_clear_errors() {
     require_root();
     let ns = Netns::new("tsl");
     let run = |args: &[&str]| {
-        let out = tcpstate().args(["run", "--quiet", "--socket", "/tmp/tcpstate-bad-input.sock"]).args(args).output().unwrap();
+        let out = tcpstate()
+            .args(["run", "--quiet", "--socket", "/tmp/tcpstate-bad-input.sock"])
+            .args(args)
+            .output()
+            .unwrap();
         assert!(!out.status.success(), "{args:?} must fail");
         String::from_utf8_lossy(&out.stderr).into_owned()
     };

@@ -25,24 +25,41 @@ const TC_ACT_UNSPEC: i32 = -1;
 /// (receiver local), and whose TC program sees them as leaving (sender local).
 fn probe(max_flows: u32) -> Probe {
     require_root();
-    Probe::load(&ProbeOptions { max_flows, loopback_ifindex: 0, ..ProbeOptions::default() }).expect("load the probe")
+    Probe::load(&ProbeOptions {
+        max_flows,
+        loopback_ifindex: 0,
+        ..ProbeOptions::default()
+    })
+    .expect("load the probe")
 }
 
 /// Address words as they lie in the frame.
 fn words(b: &[u8]) -> Vec<u32> {
-    b.chunks(4).map(|w| u32::from_ne_bytes(w.try_into().unwrap())).collect()
+    b.chunks(4)
+        .map(|w| u32::from_ne_bytes(w.try_into().unwrap()))
+        .collect()
 }
 
 /// The entry the frame's 4-tuple names, and which side its receiver is.
 fn entry_of(p: &Probe, t: &Tcp) -> Option<(Word, Side)> {
     let (entry, sender) = match (t.src, t.dst) {
         (IpAddr::V4(s), IpAddr::V4(d)) => {
-            let (key, sender) = FlowKey4::new(words(&s.octets())[0], t.sport, words(&d.octets())[0], t.dport);
+            let (key, sender) = FlowKey4::new(
+                words(&s.octets())[0],
+                t.sport,
+                words(&d.octets())[0],
+                t.dport,
+            );
             (p.flows4().unwrap().get(&key, 0).ok()?, sender)
         }
         (IpAddr::V6(s), IpAddr::V6(d)) => {
             let (s, d) = (words(&s.octets()), words(&d.octets()));
-            let (key, sender) = FlowKey6::new(s.try_into().unwrap(), t.sport, d.try_into().unwrap(), t.dport);
+            let (key, sender) = FlowKey6::new(
+                s.try_into().unwrap(),
+                t.sport,
+                d.try_into().unwrap(),
+                t.dport,
+            );
             (p.flows6().unwrap().get(&key, 0).ok()?, sender)
         }
         _ => panic!("mixed families"),
@@ -81,22 +98,75 @@ fn a_syn_in_every_encapsulation_opens_one_flow() {
     };
     let mut cases = vec![
         ("IPv4", next("10.0.0.1", "10.0.0.2")),
-        ("IPv4 with 12 option bytes", Tcp { ip_options: 12, ..next("10.0.0.1", "10.0.0.2") }),
-        ("IPv4 with 40 option bytes", Tcp { ip_options: 40, ..next("10.0.0.1", "10.0.0.2") }),
-        ("802.1Q", Tcp { vlans: vec![0x8100], ..next("10.0.0.1", "10.0.0.2") }),
-        ("802.1ad + 802.1Q", Tcp { vlans: vec![0x88a8, 0x8100], ..next("10.0.0.1", "10.0.0.2") }),
+        (
+            "IPv4 with 12 option bytes",
+            Tcp {
+                ip_options: 12,
+                ..next("10.0.0.1", "10.0.0.2")
+            },
+        ),
+        (
+            "IPv4 with 40 option bytes",
+            Tcp {
+                ip_options: 40,
+                ..next("10.0.0.1", "10.0.0.2")
+            },
+        ),
+        (
+            "802.1Q",
+            Tcp {
+                vlans: vec![0x8100],
+                ..next("10.0.0.1", "10.0.0.2")
+            },
+        ),
+        (
+            "802.1ad + 802.1Q",
+            Tcp {
+                vlans: vec![0x88a8, 0x8100],
+                ..next("10.0.0.1", "10.0.0.2")
+            },
+        ),
         ("IPv6", next("fd00::1", "fd00::2")),
-        ("IPv6 hop-by-hop, routing, dest-opts", Tcp { ext: vec![(0, 8), (43, 24), (60, 16)], ..next("fd00::1", "fd00::2") }),
-        ("IPv6 first fragment", Tcp { ext: vec![(44, 8)], ..next("fd00::1", "fd00::2") }),
-        ("IPv6 authentication header", Tcp { ext: vec![(51, 16)], ..next("fd00::1", "fd00::2") }),
-        ("IPv6 in QinQ", Tcp { vlans: vec![0x88a8, 0x8100], ext: vec![(60, 8)], ..next("fd00::1", "fd00::2") }),
+        (
+            "IPv6 hop-by-hop, routing, dest-opts",
+            Tcp {
+                ext: vec![(0, 8), (43, 24), (60, 16)],
+                ..next("fd00::1", "fd00::2")
+            },
+        ),
+        (
+            "IPv6 first fragment",
+            Tcp {
+                ext: vec![(44, 8)],
+                ..next("fd00::1", "fd00::2")
+            },
+        ),
+        (
+            "IPv6 authentication header",
+            Tcp {
+                ext: vec![(51, 16)],
+                ..next("fd00::1", "fd00::2")
+            },
+        ),
+        (
+            "IPv6 in QinQ",
+            Tcp {
+                vlans: vec![0x88a8, 0x8100],
+                ext: vec![(60, 8)],
+                ..next("fd00::1", "fd00::2")
+            },
+        ),
     ];
     for (name, t) in &cases {
         assert_eq!(p.run_xdp(&t.frame()).unwrap(), XDP_PASS, "{name}");
-        let (word, receiver) = entry_of(&p, t).unwrap_or_else(|| panic!("{name}: no flow entry for its 4-tuple"));
+        let (word, receiver) =
+            entry_of(&p, t).unwrap_or_else(|| panic!("{name}: no flow entry for its 4-tuple"));
         assert_eq!(word.state(receiver), TcpState::SynRecv, "{name}");
         assert_eq!(word.state(receiver.other()), TcpState::SynSent, "{name}");
-        assert!(word.is_local(receiver) && !word.is_local(receiver.other()), "{name}: only the receiver is local at ingress");
+        assert!(
+            word.is_local(receiver) && !word.is_local(receiver.other()),
+            "{name}: only the receiver is local at ingress"
+        );
     }
     let c = p.counters().unwrap();
     assert_eq!(event(&c, Event::TcpSegments), cases.len() as u64);
@@ -119,7 +189,11 @@ fn a_syn_in_every_encapsulation_opens_one_flow() {
 fn malformed_and_foreign_frames_pass_untouched_and_are_counted() {
     let p = probe(1024);
     let syn4 = Tcp::new("10.0.0.1", 1, "10.0.0.2", 2, SYN).frame();
-    let syn6 = Tcp { ext: vec![(0, 8)], ..Tcp::new("fd00::1", 1, "fd00::2", 2, SYN) }.frame();
+    let syn6 = Tcp {
+        ext: vec![(0, 8)],
+        ..Tcp::new("fd00::1", 1, "fd00::2", 2, SYN)
+    }
+    .frame();
     let mut malformed = 0;
     // Every truncation inside the headers (the kernel needs 14 bytes at least).
     for frame in [&syn4, &syn6] {
@@ -152,7 +226,11 @@ fn malformed_and_foreign_frames_pass_untouched_and_are_counted() {
     fragment4[14 + 6] = 0x00;
     fragment4[14 + 7] = 0x10; // fragment offset 16 (x 8 bytes)
     let fragment6 = {
-        let mut f = Tcp { ext: vec![(44, 8)], ..Tcp::new("fd00::1", 1, "fd00::2", 2, SYN) }.frame();
+        let mut f = Tcp {
+            ext: vec![(44, 8)],
+            ..Tcp::new("fd00::1", 1, "fd00::2", 2, SYN)
+        }
+        .frame();
         f[14 + 40 + 3] = 0x08; // fragment offset 1 (x 8 bytes)
         f
     };
@@ -161,7 +239,11 @@ fn malformed_and_foreign_frames_pass_untouched_and_are_counted() {
     let mut arp = syn4.clone();
     arp[12] = 0x08;
     arp[13] = 0x06;
-    let too_deep = Tcp { ext: vec![(60, 8); 7], ..Tcp::new("fd00::1", 1, "fd00::2", 2, SYN) }.frame();
+    let too_deep = Tcp {
+        ext: vec![(60, 8); 7],
+        ..Tcp::new("fd00::1", 1, "fd00::2", 2, SYN)
+    }
+    .frame();
     for f in [&fragment4, &fragment6, &udp, &arp, &too_deep] {
         assert_eq!(p.run_xdp(f).unwrap(), XDP_PASS);
     }
@@ -172,7 +254,11 @@ fn malformed_and_foreign_frames_pass_untouched_and_are_counted() {
     assert_eq!(event(&c, Event::Ipv6ExtTooDeep), 1);
     assert_eq!(event(&c, Event::TcpSegments), 0);
     assert_eq!(flow_count(&p), 0, "no malformed frame may create a flow");
-    assert!(c.states.iter().all(|n| *n == 0), "no state counted: {:?}", c.states);
+    assert!(
+        c.states.iter().all(|n| *n == 0),
+        "no state counted: {:?}",
+        c.states
+    );
 }
 
 /// A connection to a local server, seen as the host sees it: the client's
@@ -193,25 +279,56 @@ fn a_whole_connection_through_both_hooks() {
     tc(&p, &server(SYN | ACK, 900, 101));
     assert_eq!(local(&p, TcpState::SynRecv), 1);
     xdp(&p, &client(ACK, 101, 901));
-    assert_eq!((local(&p, TcpState::SynRecv), local(&p, TcpState::Established)), (0, 1));
-    xdp(&p, &Tcp { payload: 200, ..client(ACK, 101, 901) });
+    assert_eq!(
+        (
+            local(&p, TcpState::SynRecv),
+            local(&p, TcpState::Established)
+        ),
+        (0, 1)
+    );
+    xdp(
+        &p,
+        &Tcp {
+            payload: 200,
+            ..client(ACK, 101, 901)
+        },
+    );
     tc(&p, &server(ACK, 901, 301));
     // A blind RST far outside the window leaves the connection alone.
     xdp(&p, &client(RST, 7_000_000, 0));
     assert_eq!(local(&p, TcpState::Established), 1);
     assert_eq!(event(&p.counters().unwrap(), Event::RstIgnored), 1);
     xdp(&p, &client(FIN | ACK, 301, 901));
-    assert_eq!((local(&p, TcpState::Established), local(&p, TcpState::CloseWait)), (0, 1));
+    assert_eq!(
+        (
+            local(&p, TcpState::Established),
+            local(&p, TcpState::CloseWait)
+        ),
+        (0, 1)
+    );
     tc(&p, &server(FIN | ACK, 901, 302));
-    assert_eq!((local(&p, TcpState::CloseWait), local(&p, TcpState::LastAck)), (0, 1));
+    assert_eq!(
+        (local(&p, TcpState::CloseWait), local(&p, TcpState::LastAck)),
+        (0, 1)
+    );
     xdp(&p, &client(ACK, 302, 902));
     let c = p.counters().unwrap();
-    assert!(c.states.iter().all(|n| *n == 0), "the server's socket is gone: {:?}", c.states);
-    assert_eq!((event(&c, Event::FlowsOpened), event(&c, Event::FlowsClosed)), (1, 1));
+    assert!(
+        c.states.iter().all(|n| *n == 0),
+        "the server's socket is gone: {:?}",
+        c.states
+    );
+    assert_eq!(
+        (event(&c, Event::FlowsOpened), event(&c, Event::FlowsClosed)),
+        (1, 1)
+    );
 
     // The agent's sweep deletes the dead entry through the command program.
     assert_eq!(flow_count(&p), 1);
-    let t = Timeouts { dead_grace: std::time::Duration::ZERO, ..Timeouts::default() };
+    let t = Timeouts {
+        dead_grace: std::time::Duration::ZERO,
+        ..Timeouts::default()
+    };
     let stats = expiry::sweep(&p, &t).unwrap();
     assert_eq!(stats.reaped, 1);
     assert_eq!(flow_count(&p), 0);
@@ -239,7 +356,10 @@ fn time_wait_expires_through_the_command_program() {
     // Not yet: TIME_WAIT lasts 60 s.
     expiry::sweep(&p, &Timeouts::default()).unwrap();
     assert_eq!(state_count(&p.counters().unwrap(), TcpState::TimeWait), 1);
-    let now = Timeouts { time_wait: std::time::Duration::ZERO, ..Timeouts::default() };
+    let now = Timeouts {
+        time_wait: std::time::Duration::ZERO,
+        ..Timeouts::default()
+    };
     let stats = expiry::sweep(&p, &now).unwrap();
     assert_eq!(stats.expired, 1);
     assert_eq!(state_count(&p.counters().unwrap(), TcpState::TimeWait), 0);
@@ -254,6 +374,10 @@ fn a_full_flow_map_is_counted_and_counts_stay_exact() {
     }
     let c = p.counters().unwrap();
     assert_eq!(event(&c, Event::MapFull), 2);
-    assert_eq!(state_count(&c, TcpState::SynRecv), 4, "only stored flows are counted");
+    assert_eq!(
+        state_count(&c, TcpState::SynRecv),
+        4,
+        "only stored flows are counted"
+    );
     assert_eq!(flow_count(&p), 4);
 }

@@ -68,8 +68,20 @@ impl FlowKey6 {
                 src_first = src[i] < dst[i];
             }
         }
-        let (a, pa, b, pb, side) = if src_first { (src, sport, dst, dport, Side::A) } else { (dst, dport, src, sport, Side::B) };
-        (FlowKey6 { addr_a: a, addr_b: b, port_a: pa, port_b: pb }, side)
+        let (a, pa, b, pb, side) = if src_first {
+            (src, sport, dst, dport, Side::A)
+        } else {
+            (dst, dport, src, sport, Side::B)
+        };
+        (
+            FlowKey6 {
+                addr_a: a,
+                addr_b: b,
+                port_a: pa,
+                port_b: pb,
+            },
+            side,
+        )
     }
 }
 
@@ -78,9 +90,25 @@ impl FlowKey4 {
     #[inline(always)]
     pub fn new(src: u32, sport: u16, dst: u32, dport: u16) -> (FlowKey4, Side) {
         if src < dst || (src == dst && sport <= dport) {
-            (FlowKey4 { addr_a: src, addr_b: dst, port_a: sport, port_b: dport }, Side::A)
+            (
+                FlowKey4 {
+                    addr_a: src,
+                    addr_b: dst,
+                    port_a: sport,
+                    port_b: dport,
+                },
+                Side::A,
+            )
         } else {
-            (FlowKey4 { addr_a: dst, addr_b: src, port_a: dport, port_b: sport }, Side::B)
+            (
+                FlowKey4 {
+                    addr_a: dst,
+                    addr_b: src,
+                    port_a: dport,
+                    port_b: sport,
+                },
+                Side::B,
+            )
         }
     }
 }
@@ -238,7 +266,10 @@ mod tests {
         let (k6, s6) = FlowKey4::new(b, 80, a, 40000);
         assert_eq!(k5, k6);
         assert_ne!(s5, s6);
-        assert_eq!(FlowKey4::new(a, 80, a, 40000).0, FlowKey4::new(a, 40000, a, 80).0);
+        assert_eq!(
+            FlowKey4::new(a, 80, a, 40000).0,
+            FlowKey4::new(a, 40000, a, 80).0
+        );
     }
 
     #[test]

@@ -98,7 +98,14 @@ const fn seq_ge(a: u32, b: u32) -> bool {
 /// Applies one segment sent by `sender` to the entry: its state word and the
 /// sequence facts of the sender and of the receiver.
 #[inline(always)]
-pub fn step(word: Word, sender_facts: &EndSeq, receiver_facts: &EndSeq, sender: Side, hook: Hook, seg: &Segment) -> Step {
+pub fn step(
+    word: Word,
+    sender_facts: &EndSeq,
+    receiver_facts: &EndSeq,
+    sender: Side,
+    hook: Hook,
+    seg: &Segment,
+) -> Step {
     let receiver = sender.other();
     let mut out = Step {
         word,
@@ -248,8 +255,13 @@ pub fn step(word: Word, sender_facts: &EndSeq, receiver_facts: &EndSeq, sender: 
 /// same word (a host test checks that for every such case).
 #[inline(always)]
 pub const fn is_steady(word: Word, sender: Side, hook: Hook, seg: &Segment) -> bool {
-    const BOTH_ESTABLISHED: u64 = (TcpState::Established as u64) | ((TcpState::Established as u64) << 4);
-    if seg.flags & (SYN | FIN | RST) != 0 || word.0 & 0xff != BOTH_ESTABLISHED || word.is_dead() || word.is_reaping() {
+    const BOTH_ESTABLISHED: u64 =
+        (TcpState::Established as u64) | ((TcpState::Established as u64) << 4);
+    if seg.flags & (SYN | FIN | RST) != 0
+        || word.0 & 0xff != BOTH_ESTABLISHED
+        || word.is_dead()
+        || word.is_reaping()
+    {
         return false;
     }
     match hook {

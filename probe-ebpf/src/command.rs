@@ -24,7 +24,11 @@ fn try_command(ctx: &XdpContext) -> Result<u32, u32> {
     // struct would become a call to `memmove`).
     let cmd = unsafe { &*(start as *const Command) };
     let (c, _) = cpu_slot().ok_or(outcome::MISSING)?;
-    let p = if cmd.family == 6 { FLOWS6.get_ptr_mut(&cmd.key6) } else { FLOWS4.get_ptr_mut(&cmd.key4) };
+    let p = if cmd.family == 6 {
+        FLOWS6.get_ptr_mut(&cmd.key6)
+    } else {
+        FLOWS4.get_ptr_mut(&cmd.key4)
+    };
     let p = p.ok_or(outcome::MISSING)?;
     let (old, new) = (Word(cmd.expect), Word(cmd.new));
     if !swap_word(p, old, new) {
@@ -33,7 +37,11 @@ fn try_command(ctx: &XdpContext) -> Result<u32, u32> {
     move_counts(c, old, new);
     if new.is_reaping() {
         // Nothing else writes a reaping entry, so deleting it loses nothing.
-        let _ = if cmd.family == 6 { FLOWS6.remove(&cmd.key6) } else { FLOWS4.remove(&cmd.key4) };
+        let _ = if cmd.family == 6 {
+            FLOWS6.remove(&cmd.key6)
+        } else {
+            FLOWS4.remove(&cmd.key4)
+        };
     }
     Ok(outcome::DONE)
 }

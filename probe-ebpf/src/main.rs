@@ -6,6 +6,9 @@
 // BPF_CMPXCHG through the compiler intrinsic (see `track::swap_word`).
 #![allow(internal_features)]
 #![feature(core_intrinsics)]
+// Map keys are passed by reference on purpose: a by-value key is copied to
+// the 512-byte stack first (or through a `memcpy` call).
+#![allow(clippy::needless_borrows_for_generic_args)]
 
 mod command;
 mod parse;

@@ -166,7 +166,13 @@ fn ipv6(start: usize, end: usize, off: usize, out: &mut Packet) -> Result<Parsed
 
 /// `ip_payload` is the length of the TCP header plus data, from the IP header.
 #[inline(always)]
-fn tcp(start: usize, end: usize, off: usize, ip_payload: usize, out: &mut Packet) -> Result<Parsed, ParseError> {
+fn tcp(
+    start: usize,
+    end: usize,
+    off: usize,
+    ip_payload: usize,
+    out: &mut Packet,
+) -> Result<Parsed, ParseError> {
     let th = bytes::<20>(start, end, off)?;
     let doff = (th[12] >> 4) as usize * 4;
     if doff < 20 {

@@ -14,7 +14,9 @@ use aya_ebpf::{
     maps::{HashMap, PerCpuArray},
 };
 use tcpstate_common::{
-    Counters, CpuSlot, EndSeq, Event, FlowEntry, FlowKey4, FlowKey6, Hook, Segment, Side, TcpState, Word, machine::{is_steady, step, steady_facts},
+    Counters, CpuSlot, EndSeq, Event, FlowEntry, FlowKey4, FlowKey6, Hook, Segment, Side, TcpState,
+    Word,
+    machine::{is_steady, steady_facts, step},
 };
 
 use crate::parse::Packet;
@@ -45,7 +47,12 @@ pub fn cpu_slot() -> Option<(&'static mut Counters, &'static mut Packet)> {
     // SAFETY: a per-CPU slot is only touched by programs running on this CPU,
     // which do not preempt each other; the scratch area is large enough and
     // 4-byte aligned like `Packet` (asserted above).
-    PER_CPU.get_ptr_mut(0).map(|p| unsafe { (&mut (*p).counters, &mut *((&raw mut (*p).scratch).cast::<Packet>())) })
+    PER_CPU.get_ptr_mut(0).map(|p| unsafe {
+        (
+            &mut (*p).counters,
+            &mut *((&raw mut (*p).scratch).cast::<Packet>()),
+        )
+    })
 }
 
 #[inline(always)]
@@ -119,7 +126,14 @@ pub fn track(pkt: &Packet, hook: Hook, c: &mut Counters) {
 }
 
 #[inline(always)]
-fn track_in<K>(map: &HashMap<K, FlowEntry>, key: &K, sender: Side, seg: &Segment, hook: Hook, c: &mut Counters) {
+fn track_in<K>(
+    map: &HashMap<K, FlowEntry>,
+    key: &K,
+    sender: Side,
+    seg: &Segment,
+    hook: Hook,
+    c: &mut Counters,
+) {
     // Most segments: both ends established, no flags that move states. Only
     // the sender's sequence facts change; no swap, no counters.
     if let Some(p) = map.get_ptr_mut(key) {
@@ -142,7 +156,14 @@ fn track_in<K>(map: &HashMap<K, FlowEntry>, key: &K, sender: Side, seg: &Segment
 /// the masks that bound them, which the compiler would drop from enums whose
 /// range it knows.
 #[inline(always)]
-fn transition<K>(map: &HashMap<K, FlowEntry>, key: &K, seg: &Segment, sender_is_b: u32, hook: u32, c: &mut Counters) {
+fn transition<K>(
+    map: &HashMap<K, FlowEntry>,
+    key: &K,
+    seg: &Segment,
+    sender_is_b: u32,
+    hook: u32,
+    c: &mut Counters,
+) {
     let s = (sender_is_b & 1) as usize;
     let r = s ^ 1;
     let sender = if s == 0 { Side::A } else { Side::B };
@@ -182,7 +203,11 @@ fn transition<K>(map: &HashMap<K, FlowEntry>, key: &K, seg: &Segment, sender_is_
             Some(p) => {
                 // SAFETY: `p` is a live map value (see `swap_word`).
                 let (old, sf, rf) = unsafe {
-                    (Word(core::ptr::read_volatile(&raw const (*p).word)), (*p).ends[s], (*p).ends[r])
+                    (
+                        Word(core::ptr::read_volatile(&raw const (*p).word)),
+                        (*p).ends[s],
+                        (*p).ends[r],
+                    )
                 };
                 if old.is_reaping() {
                     count(c, Event::ReapSkipped);

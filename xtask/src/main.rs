@@ -36,6 +36,8 @@ enum Task {
     },
     /// Per-packet cost of the probe against reference programs (target/bench/perpacket.json).
     Bench,
+    /// rustfmt check and clippy -D warnings, on the host crates and on the probe.
+    Lint,
 }
 
 fn main() -> ExitCode {
@@ -76,6 +78,29 @@ fn run(task: Task) -> Result<()> {
             args.extend(["--", "--include-ignored", "--test-threads=1"]);
             cargo(&root, &probe, &args)
         }
+        Task::Lint => {
+            let tools = setup::setup()?;
+            setup::ensure_nightly_component("rustfmt")?;
+            setup::ensure_nightly_component("clippy")?;
+            // The project's rustfmt.toml uses options only nightly rustfmt has.
+            status(
+                Command::new("cargo")
+                    .current_dir(&root)
+                    .args(["+nightly", "fmt", "--all", "--check"])
+                    .env_remove("RUSTUP_TOOLCHAIN"),
+            )
+            .context("formatting differs: run `cargo +nightly fmt --all`")?;
+            status(Command::new("cargo").current_dir(&root).args([
+                "clippy",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ]))?;
+            let mut probe = probe_cargo(&root, &tools, "clippy");
+            probe.args(["--", "-D", "warnings"]);
+            status(&mut probe)
+        }
         Task::Bench => {
             let probe = build_probe(&root)?;
             cargo(
@@ -94,17 +119,16 @@ fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// Builds the probe crate for the BPF target; returns the object's path.
-fn build_probe(root: &Path) -> Result<PathBuf> {
-    let tools = setup::setup()?;
-    let target_dir = root.join("target/probe");
+/// A nightly cargo command (`build`, `clippy`) on the probe crate for the BPF target.
+fn probe_cargo(root: &Path, tools: &setup::Tools, verb: &str) -> Command {
     let mut cmd = Command::new("cargo");
     cmd.current_dir(root)
-        .args(["+nightly", "build", "--release", "-p", "tcpstate-probe"])
+        .args(["+nightly", verb, "--release", "-p", "tcpstate-probe"])
         .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
         .arg("--target-dir")
-        .arg(&target_dir)
-        // cpu v3 gives BPF_CMPXCHG; --btf keeps type information for the verifier's log and bpftool.
+        .arg(root.join("target/probe"))
+        // cpu v3 gives BPF_CMPXCHG; --btf keeps type information for the
+        // verifier's log and bpftool.
         .env(
             "CARGO_TARGET_BPFEL_UNKNOWN_NONE_RUSTFLAGS",
             "-C target-cpu=v3 -C link-arg=--btf",
@@ -118,8 +142,14 @@ fn build_probe(root: &Path) -> Result<PathBuf> {
         .env_remove("RUSTUP_TOOLCHAIN")
         .env_remove("CARGO_ENCODED_RUSTFLAGS")
         .env_remove("RUSTFLAGS");
-    status(&mut cmd).context("building the probe")?;
-    let obj = target_dir.join("bpfel-unknown-none/release/tcpstate-probe");
+    cmd
+}
+
+/// Builds the probe crate for the BPF target; returns the object's path.
+fn build_probe(root: &Path) -> Result<PathBuf> {
+    let tools = setup::setup()?;
+    status(&mut probe_cargo(root, &tools, "build")).context("building the probe")?;
+    let obj = root.join("target/probe/bpfel-unknown-none/release/tcpstate-probe");
     if !obj.exists() {
         bail!("the probe build finished but {} is missing", obj.display());
     }

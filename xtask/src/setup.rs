@@ -53,24 +53,25 @@ fn nightly_sysroot() -> Result<PathBuf> {
 }
 
 fn ensure_rust_src() -> Result<()> {
-    let installed = output(Command::new("rustup").args([
-        "component",
-        "list",
+    ensure_nightly_component("rust-src")
+}
+
+/// Adds a rustup component to the nightly toolchain unless it is there.
+pub fn ensure_nightly_component(name: &str) -> Result<()> {
+    let installed = output(Command::new("rustup").args(["component", "list"]).args([
         "--toolchain",
         "nightly",
         "--installed",
     ]))?;
-    if installed.lines().any(|l| l.trim().starts_with("rust-src")) {
+    if installed.lines().any(|l| l.trim().starts_with(name)) {
         return Ok(());
     }
-    eprintln!("xtask: adding rust-src to the nightly toolchain");
+    eprintln!("xtask: adding {name} to the nightly toolchain");
     let st = Command::new("rustup")
-        .args(["component", "add", "rust-src", "--toolchain", "nightly"])
+        .args(["component", "add", name, "--toolchain", "nightly"])
         .status()?;
     if !st.success() {
-        bail!(
-            "could not add rust-src: run `rustup component add rust-src --toolchain nightly` and try again"
-        );
+        bail!("could not add {name}: run `rustup component add {name} --toolchain nightly`");
     }
     Ok(())
 }

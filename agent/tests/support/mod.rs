@@ -20,18 +20,32 @@ use tcpstate::snapshot::StateCounts;
 use tcpstate_common::TcpState;
 
 pub fn require_root() {
-    assert!(nix::unistd::geteuid().is_root(), "this test attaches eBPF programs and makes namespaces: run it as root through `cargo xtask test`");
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test attaches eBPF programs and makes namespaces: run it as root through `cargo xtask test`"
+    );
 }
 
 /// A unique name for this test process and call.
 pub fn unique(prefix: &str) -> String {
     static N: AtomicU32 = AtomicU32::new(0);
-    format!("{prefix}{}x{}", std::process::id() % 100_000, N.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{prefix}{}x{}",
+        std::process::id() % 100_000,
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 pub fn sh(args: &[&str]) {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap_or_else(|e| panic!("{args:?}: {e}"));
-    assert!(out.status.success(), "{args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// A network namespace made with `ip netns add`, deleted on drop (with the
@@ -73,12 +87,20 @@ impl Netns {
 
     /// `ss -tanH` of this namespace, counted per state: the ground truth.
     pub fn ss_counts(&self) -> StateCounts {
-        let out = Command::new("ip").args(["netns", "exec", &self.name, "ss", "-tanH"]).output().expect("ss");
-        assert!(out.status.success(), "ss failed: {}", String::from_utf8_lossy(&out.stderr));
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.name, "ss", "-tanH"])
+            .output()
+            .expect("ss");
+        assert!(
+            out.status.success(),
+            "ss failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let mut counts = StateCounts::default();
         for line in String::from_utf8_lossy(&out.stdout).lines() {
             let name = line.split_whitespace().next().unwrap_or_default();
-            let state = TcpState::parse(name).unwrap_or_else(|| panic!("ss printed an unknown state {name:?}"));
+            let state = TcpState::parse(name)
+                .unwrap_or_else(|| panic!("ss printed an unknown state {name:?}"));
             counts.set(state, counts.get(state) + 1);
         }
         counts
@@ -87,7 +109,9 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }
 
@@ -108,13 +132,53 @@ impl VethPair {
         let net = std::process::id() % 200 + 20;
         let (l4, r4) = (format!("10.{net}.0.1"), format!("10.{net}.0.2"));
         let (l6, r6) = (format!("fd{net:02x}::1"), format!("fd{net:02x}::2"));
-        sh(&["ip", "link", "add", "veth0", "netns", &left.name, "type", "veth", "peer", "name", "veth0", "netns", &right.name]);
+        sh(&[
+            "ip",
+            "link",
+            "add",
+            "veth0",
+            "netns",
+            &left.name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "veth0",
+            "netns",
+            &right.name,
+        ]);
         for (ns, a4, a6) in [(&left, &l4, &l6), (&right, &r4, &r6)] {
-            sh(&["ip", "-n", &ns.name, "addr", "add", &format!("{a4}/24"), "dev", "veth0"]);
-            sh(&["ip", "-n", &ns.name, "addr", "add", &format!("{a6}/64"), "dev", "veth0", "nodad"]);
+            sh(&[
+                "ip",
+                "-n",
+                &ns.name,
+                "addr",
+                "add",
+                &format!("{a4}/24"),
+                "dev",
+                "veth0",
+            ]);
+            sh(&[
+                "ip",
+                "-n",
+                &ns.name,
+                "addr",
+                "add",
+                &format!("{a6}/64"),
+                "dev",
+                "veth0",
+                "nodad",
+            ]);
             sh(&["ip", "-n", &ns.name, "link", "set", "veth0", "up"]);
         }
-        VethPair { left, right, left_v4: l4, right_v4: r4, left_v6: l6, right_v6: r6 }
+        VethPair {
+            left,
+            right,
+            left_v4: l4,
+            right_v4: r4,
+            left_v6: l6,
+            right_v6: r6,
+        }
     }
 }
 
@@ -138,13 +202,19 @@ impl Agent {
             .stdout(Stdio::null())
             .spawn()
             .expect("start tcpstate run");
-        let mut agent = Agent { child: Some(child), socket };
+        let mut agent = Agent {
+            child: Some(child),
+            socket,
+        };
         let deadline = Instant::now() + Duration::from_secs(30);
         while agent.try_counts().is_none() {
             if let Some(st) = agent.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("tcpstate run exited early: {st}");
             }
-            assert!(Instant::now() < deadline, "the agent did not answer within 30 s");
+            assert!(
+                Instant::now() < deadline,
+                "the agent did not answer within 30 s"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         agent
@@ -152,11 +222,16 @@ impl Agent {
 
     /// `tcpstate count --json` as a user runs it.
     pub fn try_counts(&self) -> Option<StateCounts> {
-        let out = tcpstate().args(["count", "--json", "--socket"]).arg(&self.socket).output().ok()?;
+        let out = tcpstate()
+            .args(["count", "--json", "--socket"])
+            .arg(&self.socket)
+            .output()
+            .ok()?;
         if !out.status.success() {
             return None;
         }
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("count --json prints JSON");
+        let v: serde_json::Value =
+            serde_json::from_slice(&out.stdout).expect("count --json prints JSON");
         Some(StateCounts::from_json(&v).expect("count --json names the eleven states"))
     }
 
@@ -179,7 +254,10 @@ impl Agent {
                 return truth;
             }
             if Instant::now() > deadline {
-                panic!("{what}: tcpstate and ss differ after 5 s\n{}", table(&ours, &truth));
+                panic!(
+                    "{what}: tcpstate and ss differ after 5 s\n{}",
+                    table(&ours, &truth)
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -216,15 +294,31 @@ impl Drop for Agent {
 pub fn table(ours: &StateCounts, truth: &StateCounts) -> String {
     let mut s = format!("{:<12} {:>8} {:>8}\n", "state", "tcpstate", "ss");
     for st in TcpState::REPORTED {
-        let mark = if ours.get(st) != truth.get(st) { "  <--" } else { "" };
-        s += &format!("{:<12} {:>8} {:>8}{mark}\n", st.name(), ours.get(st), truth.get(st));
+        let mark = if ours.get(st) != truth.get(st) {
+            "  <--"
+        } else {
+            ""
+        };
+        s += &format!(
+            "{:<12} {:>8} {:>8}{mark}\n",
+            st.name(),
+            ours.get(st),
+            truth.get(st)
+        );
     }
     s
 }
 
 /// Closes with an RST (SO_LINGER 0).
 pub fn abort(stream: TcpStream) {
-    nix::sys::socket::setsockopt(&stream, nix::sys::socket::sockopt::Linger, &libc::linger { l_onoff: 1, l_linger: 0 })
-        .expect("SO_LINGER");
+    nix::sys::socket::setsockopt(
+        &stream,
+        nix::sys::socket::sockopt::Linger,
+        &libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        },
+    )
+    .expect("SO_LINGER");
     drop(stream);
 }

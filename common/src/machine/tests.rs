@@ -69,7 +69,14 @@ impl Sim {
 
     /// Applies a segment (new, retransmitted or forged) as the probe would.
     fn deliver(&mut self, from: Side, seg: &Segment) {
-        let st = step(self.word, &self.ends[from.index()], &self.ends[from.other().index()], from, self.hook(from), seg);
+        let st = step(
+            self.word,
+            &self.ends[from.index()],
+            &self.ends[from.other().index()],
+            from,
+            self.hook(from),
+            seg,
+        );
         self.word = st.word;
         self.ends[from.index()] = st.sender;
         if st.reset_receiver {
@@ -369,7 +376,14 @@ fn reaping_entries_are_left_alone() {
         ack: 0,
         len: 0,
     };
-    let st = step(w, &EndSeq::default(), &EndSeq::default(), C, Hook::Egress, &seg);
+    let st = step(
+        w,
+        &EndSeq::default(),
+        &EndSeq::default(),
+        C,
+        Hook::Egress,
+        &seg,
+    );
     assert_eq!(st.word, w);
 }
 
@@ -382,7 +396,14 @@ fn segments_without_syn_never_open_a_flow() {
             ack: 1,
             len: 0,
         };
-        let st = step(Word::EMPTY, &EndSeq::default(), &EndSeq::default(), C, Hook::Ingress, &seg);
+        let st = step(
+            Word::EMPTY,
+            &EndSeq::default(),
+            &EndSeq::default(),
+            C,
+            Hook::Ingress,
+            &seg,
+        );
         assert_eq!(st.word.counted(S), TcpState::None, "flags {flags:#x}");
         assert_eq!(st.word.counted(C), TcpState::None, "flags {flags:#x}");
     }
@@ -418,15 +439,37 @@ fn the_steady_fast_path_agrees_with_step_everywhere_it_applies() {
             for hook in hooks {
                 for flags in 0u8..=0x3f {
                     let ends = [
-                        EndSeq { snd_nxt: 500, ack: 9000, fin_seq: 0, flags: EndSeq::SEEN | EndSeq::ACKED },
-                        EndSeq { snd_nxt: 9000, ack: 500, fin_seq: 0, flags: EndSeq::SEEN | EndSeq::ACKED },
+                        EndSeq {
+                            snd_nxt: 500,
+                            ack: 9000,
+                            fin_seq: 0,
+                            flags: EndSeq::SEEN | EndSeq::ACKED,
+                        },
+                        EndSeq {
+                            snd_nxt: 9000,
+                            ack: 500,
+                            fin_seq: 0,
+                            flags: EndSeq::SEEN | EndSeq::ACKED,
+                        },
                     ];
-                    let seg = Segment { flags, seq: ends[sender.index()].snd_nxt, ack: 777, len: 10 };
+                    let seg = Segment {
+                        flags,
+                        seq: ends[sender.index()].snd_nxt,
+                        ack: 777,
+                        len: 10,
+                    };
                     if !is_steady(word, sender, hook, &seg) {
                         continue;
                     }
                     applied += 1;
-                    let st = step(word, &ends[sender.index()], &ends[sender.other().index()], sender, hook, &seg);
+                    let st = step(
+                        word,
+                        &ends[sender.index()],
+                        &ends[sender.other().index()],
+                        sender,
+                        hook,
+                        &seg,
+                    );
                     assert_eq!(st.word, word, "{word:?} {sender:?} {hook:?} {flags:#x}");
                     assert_eq!(st.sender, steady_facts(ends[sender.index()], &seg));
                     assert!(!st.reset_receiver && !st.touch && !st.rst_ignored);
