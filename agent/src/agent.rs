@@ -24,6 +24,7 @@ use crate::{
     expiry::{self, Timeouts},
     netns::{self, NetNs},
     probe::{Probe, ProbeOptions},
+    seed,
     snapshot::{Snapshot, StateCounts},
     sockdiag::SockDiag,
 };
@@ -84,13 +85,18 @@ impl Agent {
                 };
                 probe.attach(iface, mode, loopback)?;
             }
-            Ok(Agent {
-                netns: cfg.netns.clone(),
-                probe,
-                diag: SockDiag::open()?,
-                timeouts: Timeouts::from_sysctls(),
-                expired: 0,
-            })
+            let mut diag = SockDiag::open()?;
+            let timeouts = Timeouts::from_sysctls();
+            // After attaching: from here on packets are seen, so every
+            // connection is either seeded now or tracked from its packets.
+            let seeded = seed::seed(&probe, &mut diag, &timeouts)?;
+            log::info!(
+                "seeded {} existing connections from the socket table ({} already tracked, {} refused: map full)",
+                seeded.seeded,
+                seeded.already,
+                seeded.map_full
+            );
+            Ok(Agent { netns: cfg.netns.clone(), probe, diag, timeouts, expired: 0 })
         })
     }
 

@@ -7,5 +7,6 @@ pub mod error;
 pub mod expiry;
 pub mod netns;
 pub mod probe;
+pub mod seed;
 pub mod snapshot;
 pub mod sockdiag;

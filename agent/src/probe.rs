@@ -11,7 +11,7 @@ use aya::{
         XdpMode, tc::TcAttachOptions,
     },
 };
-use tcpstate_common::{Command, Counters, CpuSlot, FlowEntry, FlowKey4, FlowKey6};
+use tcpstate_common::{Command, Counters, CpuSlot, FlowEntry, FlowKey4, FlowKey6, command::op};
 
 use crate::error::{Error, Result, is_permission_error};
 
@@ -274,7 +274,7 @@ fn attach_error(program: &str, iface: &str, e: ProgramError) -> Error {
 }
 
 /// A flow map key of either family.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum FlowRef {
     V4(FlowKey4),
     V6(FlowKey6),
@@ -284,6 +284,7 @@ impl FlowRef {
     /// The command that swaps this flow's word from `expect` to `new`.
     pub fn command(&self, expect: u64, new: u64) -> Command {
         let mut cmd = Command {
+            op: op::SWAP,
             expect,
             new,
             ..Command::default()

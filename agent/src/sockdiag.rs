@@ -1,6 +1,8 @@
 //! The kernel's TCP socket table through netlink sock_diag (what `ss` reads).
 //! Used for what packets cannot show: listening sockets send nothing.
 
+use std::{net::IpAddr, time::Duration};
+
 use netlink_packet_core::{
     NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
 };
@@ -37,11 +39,7 @@ impl SockDiag {
     }
 
     /// Calls `f` for every TCP socket (IPv4 and IPv6) in one of `states`.
-    pub fn for_each(
-        &mut self,
-        states: StateFlags,
-        mut f: impl FnMut(&InetResponseHeader),
-    ) -> Result<()> {
+    pub fn for_each(&mut self, states: StateFlags, mut f: impl FnMut(&SockInfo)) -> Result<()> {
         for family in [AF_INET, AF_INET6] {
             self.dump(family, states.clone(), &mut f)?;
         }
@@ -59,7 +57,7 @@ impl SockDiag {
         &mut self,
         family: u8,
         states: StateFlags,
-        f: &mut impl FnMut(&InetResponseHeader),
+        f: &mut impl FnMut(&SockInfo),
     ) -> Result<()> {
         let mut header = NetlinkHeader::default();
         header.flags = NLM_F_REQUEST | NLM_F_DUMP;
@@ -94,9 +92,9 @@ impl SockDiag {
                 })?;
                 let len = msg.header.length as usize;
                 match msg.payload {
-                    NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(resp)) => {
-                        f(&resp.header)
-                    }
+                    NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(resp)) => f(
+                        &SockInfo::new(&resp.header, &self.buf[offset..offset + len]),
+                    ),
                     NetlinkPayload::Done(_) => return Ok(()),
                     NetlinkPayload::Error(e) => {
                         let io = e.code.map_or_else(
@@ -112,6 +110,45 @@ impl SockDiag {
                 }
                 offset += len;
             }
+        }
+    }
+}
+
+/// What the agent reads of one socket.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SockInfo {
+    /// The kernel's state number (`TcpState` numbering).
+    pub state: u8,
+    pub local: IpAddr,
+    pub local_port: u16,
+    pub remote: IpAddr,
+    pub remote_port: u16,
+    /// For TIME_WAIT and orphaned FIN_WAIT2 sockets: time left on the timer.
+    pub timewait_left: Option<Duration>,
+}
+
+/// Offsets in a sock_diag message: netlink header (16 bytes), then
+/// `struct inet_diag_msg` with `idiag_timer` at 2 and `idiag_expires` at 52.
+const TIMER_AT: usize = 16 + 2;
+const EXPIRES_AT: usize = 16 + 52;
+/// `idiag_timer` of a socket in the time-wait table.
+const TIMER_TIMEWAIT: u8 = 3;
+
+impl SockInfo {
+    fn new(h: &InetResponseHeader, raw: &[u8]) -> SockInfo {
+        // The crate drops the time left on TIME_WAIT timers; read it raw.
+        let timewait_left =
+            (raw.len() >= EXPIRES_AT + 4 && raw[TIMER_AT] == TIMER_TIMEWAIT).then(|| {
+                let ms = u32::from_ne_bytes(raw[EXPIRES_AT..EXPIRES_AT + 4].try_into().unwrap());
+                Duration::from_millis(ms.into())
+            });
+        SockInfo {
+            state: h.state,
+            local: h.socket_id.source_address,
+            local_port: h.socket_id.source_port,
+            remote: h.socket_id.destination_address,
+            remote_port: h.socket_id.destination_port,
+            timewait_left,
         }
     }
 }

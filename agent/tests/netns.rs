@@ -257,3 +257,149 @@ fn bad_interface_and_namespace_are_clear_errors() {
     let err = run(&["--netns", "tcpstate-no-such-ns"]);
     assert!(err.contains("no network namespace named"), "{err}");
 }
+
+#[test]
+#[ignore = "needs root and the probe: run through `cargo xtask test`"]
+fn without_privileges_run_says_which_are_missing() {
+    require_root();
+    let out = std::process::Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            env!("CARGO_BIN_EXE_tcpstate"),
+        ])
+        .args([
+            "run",
+            "--quiet",
+            "--socket",
+            "/tmp/tcpstate-unprivileged.sock",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("permission denied") && err.contains("CAP_BPF"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+}
+
+#[test]
+#[ignore = "needs root and the probe: run through `cargo xtask test`"]
+fn on_a_terminal_run_prints_the_counts_every_second() {
+    require_root();
+    let ns = Netns::new("tsl");
+    let _listener = ns.listen("127.0.0.1:7300");
+    let socket = format!("/tmp/{}.sock", support::unique("tcpstate-tty-"));
+    let cmd = format!(
+        "{} run --netns {} --socket {socket}",
+        env!("CARGO_BIN_EXE_tcpstate"),
+        ns.name
+    );
+    // `script` gives the agent a pseudo-terminal; `timeout` stops it with SIGINT.
+    let out = std::process::Command::new("timeout")
+        .args(["-s", "INT", "4", "script", "-qfec", &cmd, "/dev/null"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("ESTABLISHED="))
+        .collect();
+    assert!(lines.len() >= 2, "a line a second for about 3 s:\n{text}");
+    let last = lines.last().unwrap();
+    for state in TcpState::REPORTED {
+        assert!(
+            last.contains(&format!("{}=", state.name())),
+            "{state:?} missing: {last}"
+        );
+    }
+    assert!(
+        last.contains("LISTEN=1"),
+        "the listener in the namespace: {last}"
+    );
+    assert!(
+        !std::path::Path::new(&socket).exists(),
+        "the control socket is removed on exit"
+    );
+}
+
+/// Connections made before the agent starts are read from the socket table,
+/// and from then on packets move them.
+fn seeded_then_tracked(mon: &Netns, peer: &Netns, mon_ip: &str, peer_ip: &str) {
+    let bracket = |ip: &str| if ip.contains(':') { format!("[{ip}]") } else { ip.to_owned() };
+    let at_mon = mon.listen(&format!("{}:7401", bracket(mon_ip)));
+    let at_peer = peer.listen(&format!("{}:7402", bracket(peer_ip)));
+    let mut inbound: Vec<(TcpStream, TcpStream)> = (0..5)
+        .map(|_| (peer.connect(at_mon.local_addr().unwrap()), accept(&at_mon)))
+        .collect();
+    let outbound: Vec<(TcpStream, TcpStream)> = (0..3)
+        .map(|_| (mon.connect(at_peer.local_addr().unwrap()), accept(&at_peer)))
+        .collect();
+    // Before the agent: a TIME_WAIT, a CLOSE_WAIT, a FIN_WAIT2.
+    let (c, s) = inbound.pop().unwrap();
+    drop(s);
+    sleep(PAUSE);
+    drop(c);
+    let (c, s) = inbound.pop().unwrap();
+    drop(c);
+    let mut keep = vec![s];
+    let mut outbound = outbound.into_iter();
+    let (c, s) = outbound.next().unwrap();
+    drop(c);
+    keep.push(s);
+    sleep(PAUSE);
+    let before = mon.ss_counts();
+    assert!(before.get(TcpState::Established) >= 5 && before.get(TcpState::TimeWait) >= 1, "{before:?}");
+
+    let agent = Agent::start(mon, &[]);
+    agent.assert_matches_ss(mon, "seeded from the socket table");
+
+    // Packets take over: close the seeded connections every way.
+    for (i, (c, s)) in inbound.into_iter().enumerate() {
+        if i % 2 == 0 {
+            drop(s);
+            sleep(PAUSE);
+            drop(c);
+        } else {
+            drop(c);
+            sleep(PAUSE);
+            drop(s);
+        }
+    }
+    let (c, s) = outbound.next().unwrap();
+    abort(c);
+    drop(s);
+    drop(keep);
+    sleep(PAUSE);
+    agent.assert_matches_ss(mon, "seeded connections closed");
+    drop(outbound);
+    sleep(PAUSE);
+    agent.assert_matches_ss(mon, "all closed");
+}
+
+#[test]
+#[ignore = "needs root and the probe: run through `cargo xtask test`"]
+fn existing_connections_are_seeded_on_veth_ipv4() {
+    require_root();
+    let net = VethPair::new();
+    seeded_then_tracked(&net.left, &net.right, &net.left_v4, &net.right_v4);
+}
+
+#[test]
+#[ignore = "needs root and the probe: run through `cargo xtask test`"]
+fn existing_connections_are_seeded_on_veth_ipv6() {
+    require_root();
+    let net = VethPair::new();
+    seeded_then_tracked(&net.left, &net.right, &net.left_v6, &net.right_v6);
+}
+
+#[test]
+#[ignore = "needs root and the probe: run through `cargo xtask test`"]
+fn existing_connections_are_seeded_on_loopback() {
+    require_root();
+    let ns = Netns::new("tsl");
+    seeded_then_tracked(&ns, &ns, "127.0.0.1", "127.0.0.1");
+}

@@ -4,22 +4,33 @@
 
 use crate::flow::{FlowKey4, FlowKey6};
 
-/// Replace the state word of a flow with `new` if it still equals `expect`,
-/// moving the per-state counters accordingly. A `new` word that is marked
-/// reaping deletes the entry. The flow is `key4` in the IPv4 map when
-/// `family` is 4, else `key6` in the IPv6 map.
+/// A change to one flow entry: `key4` in the IPv4 map when `family` is 4,
+/// else `key6` in the IPv6 map.
+///
+/// - [`op::SWAP`]: replace the state word with `new` if it still equals
+///   `expect`, moving the per-state counters accordingly; a `new` word that
+///   is marked reaping deletes the entry.
+/// - [`op::SEED`]: create the entry with word `new`, last changed at
+///   `changed_ns`, unless packets created it first; count it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Command {
     pub key4: FlowKey4,
     pub family: u32,
     pub key6: FlowKey6,
-    pub _pad: u32,
+    pub op: u32,
     pub expect: u64,
     pub new: u64,
+    pub changed_ns: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<Command>() == 72);
+const _: () = assert!(core::mem::size_of::<Command>() == 80);
+
+/// What a [`Command`] does.
+pub mod op {
+    pub const SWAP: u32 = 0;
+    pub const SEED: u32 = 1;
+}
 
 /// What the command program returns (XDP action codes, since it is an XDP program).
 pub mod outcome {
@@ -27,7 +38,7 @@ pub mod outcome {
     pub const DONE: u32 = 2; // XDP_PASS
     /// The word had changed since the agent read it; nothing was done.
     pub const CHANGED: u32 = 1; // XDP_DROP
-    /// No such entry (or a malformed command).
+    /// No such entry (or a malformed command, or a full map for a seed).
     pub const MISSING: u32 = 0; // XDP_ABORTED
 }
 

@@ -201,7 +201,9 @@ pub fn step(
             if ss == TcpState::SynSent {
                 ss = TcpState::Established;
             }
-            let acks = |target: u32| rf.flags & EndSeq::SEEN != 0 && seq_ge(seg.ack, target);
+            // A receiver whose own segments were never seen (a connection
+            // seeded from the socket table) gets the benefit of the doubt.
+            let acks = |target: u32| rf.flags & EndSeq::SEEN == 0 || seq_ge(seg.ack, target);
             rs = match rs {
                 TcpState::SynRecv if acks(rf.snd_nxt) => TcpState::Established,
                 TcpState::FinWait1 if acks(rf.fin_seq.wrapping_add(1)) => TcpState::FinWait2,
@@ -220,8 +222,9 @@ pub fn step(
                     // A FIN that does not acknowledge the peer's FIN was sent
                     // before the peer's FIN arrived: the FINs crossed
                     // (simultaneous close), and the sender is CLOSING.
-                    let acks_peer_fin =
-                        !seg.has(ACK) || seq_ge(seg.ack, rf.fin_seq.wrapping_add(1));
+                    let acks_peer_fin = !seg.has(ACK)
+                        || rf.flags & EndSeq::SEEN == 0
+                        || seq_ge(seg.ack, rf.fin_seq.wrapping_add(1));
                     ss = if acks_peer_fin {
                         TcpState::LastAck
                     } else {

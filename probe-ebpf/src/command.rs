@@ -3,10 +3,13 @@
 //! entry) through the same compare-and-swap and counter update as the data
 //! path. The "packet" is a [`Command`].
 
-use aya_ebpf::{macros::xdp, programs::XdpContext};
-use tcpstate_common::{Command, Word, command::outcome};
+use aya_ebpf::{bindings::BPF_NOEXIST, macros::xdp, programs::XdpContext};
+use tcpstate_common::{
+    Command, Counters, EndSeq, Event, FlowEntry, Word,
+    command::{op, outcome},
+};
 
-use crate::track::{FLOWS4, FLOWS6, cpu_slot, move_counts, swap_word};
+use crate::track::{EEXIST, FLOWS4, FLOWS6, count, cpu_slot, move_counts, swap_word};
 
 #[xdp]
 pub fn tcpstate_command(ctx: XdpContext) -> u32 {
@@ -24,6 +27,9 @@ fn try_command(ctx: &XdpContext) -> Result<u32, u32> {
     // struct would become a call to `memmove`).
     let cmd = unsafe { &*(start as *const Command) };
     let (c, _) = cpu_slot().ok_or(outcome::MISSING)?;
+    if cmd.op == op::SEED {
+        return seed(cmd, c);
+    }
     let p = if cmd.family == 6 {
         FLOWS6.get_ptr_mut(&cmd.key6)
     } else {
@@ -44,4 +50,31 @@ fn try_command(ctx: &XdpContext) -> Result<u32, u32> {
         };
     }
     Ok(outcome::DONE)
+}
+
+/// Creates an entry for a connection that existed before the probe was
+/// attached; packets that created it first win.
+#[inline(always)]
+fn seed(cmd: &Command, c: &mut Counters) -> Result<u32, u32> {
+    let entry = FlowEntry {
+        word: cmd.new,
+        changed_ns: cmd.changed_ns,
+        ends: [EndSeq::default(); 2],
+    };
+    let res = if cmd.family == 6 {
+        FLOWS6.insert(&cmd.key6, &entry, BPF_NOEXIST as u64)
+    } else {
+        FLOWS4.insert(&cmd.key4, &entry, BPF_NOEXIST as u64)
+    };
+    match res {
+        Ok(()) => {
+            move_counts(c, Word::EMPTY, Word(cmd.new));
+            Ok(outcome::DONE)
+        }
+        Err(e) if e == -EEXIST => Err(outcome::CHANGED),
+        Err(_) => {
+            count(c, Event::MapFull);
+            Err(outcome::MISSING)
+        }
+    }
 }

@@ -25,7 +25,7 @@ use crate::parse::Packet;
 const DEFAULT_MAX_FLOWS: u32 = 262_144;
 /// Attempts at one update when other CPUs keep changing the same entry.
 const CAS_ATTEMPTS: usize = 4;
-const EEXIST: i32 = 17;
+pub const EEXIST: i32 = 17;
 
 /// IPv4 flows.
 #[map]

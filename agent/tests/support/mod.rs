@@ -200,6 +200,7 @@ impl Agent {
             .arg(&socket)
             .args(extra)
             .stdout(Stdio::null())
+            .env("RUST_LOG", "warn")
             .spawn()
             .expect("start tcpstate run");
         let mut agent = Agent {
