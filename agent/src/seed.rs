@@ -4,7 +4,7 @@
 //! programs are attached, so a connection is either seen by packets or
 //! seeded; if packets created its entry first, the seed is dropped.
 
-use std::{collections::HashMap, net::IpAddr, time::Duration};
+use std::{collections::HashMap, net::IpAddr};
 
 use netlink_packet_sock_diag::inet::StateFlags;
 use tcpstate_common::{
@@ -137,6 +137,8 @@ pub fn seed(probe: &Probe, diag: &mut SockDiag, t: &Timeouts) -> Result<SeedStat
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     fn sock(state: TcpState, local: &str, lport: u16, remote: &str, rport: u16) -> SockInfo {

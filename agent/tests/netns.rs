@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use support::{Agent, Netns, VethPair, abort, require_root, tcpstate};
+use support::{Agent, Netns, VethPair, abort, require_root, sockaddr, tcpstate};
 use tcpstate_common::TcpState;
 
 const PAUSE: Duration = Duration::from_millis(100);
@@ -23,14 +23,6 @@ fn accept(l: &TcpListener) -> TcpStream {
 /// that can be held, checking against ss after each step. `mon` and `peer`
 /// may be the same namespace (loopback).
 fn drive_states(agent: &Agent, mon: &Netns, peer: &Netns, mon_ip: &str, peer_ip: &str) {
-    let bracket = |ip: &str| {
-        if ip.contains(':') {
-            format!("[{ip}]")
-        } else {
-            ip.to_owned()
-        }
-    };
-    let (mon_ip, peer_ip) = (bracket(mon_ip), bracket(peer_ip));
     let truth = agent.assert_matches_ss(mon, "before any socket");
     assert_eq!(
         truth,
@@ -38,8 +30,8 @@ fn drive_states(agent: &Agent, mon: &Netns, peer: &Netns, mon_ip: &str, peer_ip:
         "a fresh namespace has no TCP sockets"
     );
 
-    let at_mon = mon.listen(&format!("{mon_ip}:7001"));
-    let at_peer = peer.listen(&format!("{peer_ip}:7002"));
+    let at_mon = mon.listen(&sockaddr(mon_ip, 7001));
+    let at_peer = peer.listen(&sockaddr(peer_ip, 7002));
     agent.assert_matches_ss(mon, "listeners");
 
     // Inbound (peer -> mon) and outbound (mon -> peer) connections.
@@ -300,7 +292,7 @@ fn on_a_terminal_run_prints_the_counts_every_second() {
     );
     // `script` gives the agent a pseudo-terminal; `timeout` stops it with SIGINT.
     let out = std::process::Command::new("timeout")
-        .args(["-s", "INT", "4", "script", "-qfec", &cmd, "/dev/null"])
+        .args(["-s", "INT", "7", "script", "-qfec", &cmd, "/dev/null"])
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
@@ -308,7 +300,7 @@ fn on_a_terminal_run_prints_the_counts_every_second() {
         .lines()
         .filter(|l| l.contains("ESTABLISHED="))
         .collect();
-    assert!(lines.len() >= 2, "a line a second for about 3 s:\n{text}");
+    assert!(lines.len() >= 2, "a line a second once attached:\n{text}");
     let last = lines.last().unwrap();
     for state in TcpState::REPORTED {
         assert!(
@@ -329,9 +321,8 @@ fn on_a_terminal_run_prints_the_counts_every_second() {
 /// Connections made before the agent starts are read from the socket table,
 /// and from then on packets move them.
 fn seeded_then_tracked(mon: &Netns, peer: &Netns, mon_ip: &str, peer_ip: &str) {
-    let bracket = |ip: &str| if ip.contains(':') { format!("[{ip}]") } else { ip.to_owned() };
-    let at_mon = mon.listen(&format!("{}:7401", bracket(mon_ip)));
-    let at_peer = peer.listen(&format!("{}:7402", bracket(peer_ip)));
+    let at_mon = mon.listen(&sockaddr(mon_ip, 7401));
+    let at_peer = peer.listen(&sockaddr(peer_ip, 7402));
     let mut inbound: Vec<(TcpStream, TcpStream)> = (0..5)
         .map(|_| (peer.connect(at_mon.local_addr().unwrap()), accept(&at_mon)))
         .collect();
@@ -352,7 +343,10 @@ fn seeded_then_tracked(mon: &Netns, peer: &Netns, mon_ip: &str, peer_ip: &str) {
     keep.push(s);
     sleep(PAUSE);
     let before = mon.ss_counts();
-    assert!(before.get(TcpState::Established) >= 5 && before.get(TcpState::TimeWait) >= 1, "{before:?}");
+    assert!(
+        before.get(TcpState::Established) >= 5 && before.get(TcpState::TimeWait) >= 1,
+        "{before:?}"
+    );
 
     let agent = Agent::start(mon, &[]);
     agent.assert_matches_ss(mon, "seeded from the socket table");

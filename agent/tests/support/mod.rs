@@ -323,3 +323,12 @@ pub fn abort(stream: TcpStream) {
     .expect("SO_LINGER");
     drop(stream);
 }
+
+/// `ip:port`, with brackets around an IPv6 address.
+pub fn sockaddr(ip: &str, port: u16) -> String {
+    if ip.contains(':') {
+        format!("[{ip}]:{port}")
+    } else {
+        format!("{ip}:{port}")
+    }
+}
