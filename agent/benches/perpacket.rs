@@ -22,7 +22,7 @@ const REPEAT: u32 = 2_000_000;
 /// Distinct flows for the cases that need a new flow per run.
 const FLOWS: u16 = 20_000;
 /// Rounds; the median round is reported.
-const ROUNDS: usize = 5;
+const ROUNDS: usize = 9;
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());

@@ -397,3 +397,30 @@ fn existing_connections_are_seeded_on_loopback() {
     let ns = Netns::new("tsl");
     seeded_then_tracked(&ns, &ns, "127.0.0.1", "127.0.0.1");
 }
+
+#[test]
+#[ignore = "needs root and the probe: run through `cargo xtask test`"]
+fn a_killed_agent_leaves_nothing_attached() {
+    require_root();
+    let net = VethPair::new();
+    let mut agent = Agent::start(&net.left, &[]);
+    agent.kill();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let attached = || {
+        let out = std::process::Command::new("ip")
+            .args(["-n", &net.left.name, "link", "show", "veth0"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).contains("xdp")
+    };
+    let loaded = || {
+        aya::programs::loaded_programs()
+            .filter_map(|p| p.ok())
+            .any(|p| p.name_as_str().is_some_and(|n| n.starts_with("tcpstate_")))
+    };
+    while (attached() || loaded()) && std::time::Instant::now() < deadline {
+        sleep(PAUSE);
+    }
+    assert!(!attached(), "XDP left attached after SIGKILL");
+    assert!(!loaded(), "programs left loaded after SIGKILL");
+}

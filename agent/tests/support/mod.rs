@@ -264,6 +264,13 @@ impl Agent {
         }
     }
 
+    /// Kills the agent with SIGKILL (no chance to clean up).
+    pub fn kill(&mut self) {
+        let mut child = self.child.take().expect("running");
+        child.kill().expect("SIGKILL");
+        child.wait().expect("reap");
+    }
+
     /// Sends SIGINT and waits for a clean exit.
     pub fn stop(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("running");
