@@ -186,24 +186,35 @@ fn main() {
     }
     eprintln!();
 
-    let ns = |name: &str| median(rows.iter().find(|(n, _)| *n == name).unwrap().1.clone());
-    let (pass, lookup, insert, single) = (
-        ns("ref_pass"),
-        ns("ref_lookup"),
-        ns("ref_insert"),
-        ns("ref_pass_single"),
-    );
+    let series = |name: &str| rows.iter().find(|(n, _)| *n == name).unwrap().1.clone();
+    let ns = |name: &str| median(series(name));
+    // Ratios are taken within each round (both measured seconds apart), then
+    // the median round is reported: steadier than a ratio of medians when the
+    // machine's speed drifts between rounds.
+    let ratio = |a: &str, b: &str| {
+        let mut r: Vec<f64> = series(a)
+            .iter()
+            .zip(series(b))
+            .map(|(x, y)| x / y)
+            .collect();
+        r.sort_by(|x, y| x.partial_cmp(y).unwrap());
+        format!(
+            "{:.2}x {b} (rounds {:.2}-{:.2})",
+            r[r.len() / 2],
+            r[0],
+            r[r.len() - 1]
+        )
+    };
     println!("per-packet cost, BPF_PROG_TEST_RUN, median of {ROUNDS} rounds");
     println!("{:<16} {:>8}  ratio", "case", "ns");
     let mut out = Vec::new();
     for (name, _) in &rows {
         let v = ns(name);
         let ratio = match *name {
-            "ack_established" | "non_tcp" => format!("{:.2}x ref_lookup", v / lookup),
-            "syn_new" => format!("{:.2}x ref_insert", v / insert),
-            "fin" => format!("{:.2}x ref_insert (one run each)", v / insert),
-            "ref_lookup" | "ref_lookup36" => format!("{:.2}x ref_pass", v / pass),
-            "ref_insert" => format!("{:.2}x ref_pass_single", v / single),
+            "ack_established" | "non_tcp" => ratio(name, "ref_lookup"),
+            "syn_new" | "fin" => ratio(name, "ref_insert"),
+            "ref_lookup" | "ref_lookup36" => ratio(name, "ref_pass"),
+            "ref_insert" => ratio(name, "ref_pass_single"),
             _ => String::new(),
         };
         println!("{name:<16} {v:>8.1}  {ratio}");

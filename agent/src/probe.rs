@@ -118,6 +118,7 @@ impl Probe {
         for cpu in array.get(&0, 0)?.iter() {
             total.accumulate(&cpu.counters);
         }
+        total.derive();
         Ok(total)
     }
 

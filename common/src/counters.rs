@@ -11,7 +11,8 @@ pub enum Event {
     PacketsXdp = 0,
     /// Frames seen by the TC egress program.
     PacketsTc = 1,
-    /// TCP segments parsed.
+    /// TCP segments parsed (derived by [`Counters::derive`]: packets minus the
+    /// frames counted as something else).
     TcpSegments = 2,
     /// Frames that carry no TCP (other ethertypes or IP protocols).
     NotTcp = 3,
@@ -96,6 +97,21 @@ impl Default for Counters {
 }
 
 impl Counters {
+    /// Fills in the counts the probe leaves to userspace (summed over CPUs first).
+    pub fn derive(&mut self) {
+        let e = &self.events;
+        let seen = e[Event::PacketsXdp as usize].wrapping_add(e[Event::PacketsTc as usize]);
+        let other = [
+            Event::NotTcp,
+            Event::Fragments,
+            Event::ParseErrors,
+            Event::Ipv6ExtTooDeep,
+        ]
+        .iter()
+        .fold(0u64, |n, k| n.wrapping_add(e[*k as usize]));
+        self.events[Event::TcpSegments as usize] = seen.wrapping_sub(other);
+    }
+
     /// Adds another CPU's counters into this one.
     pub fn accumulate(&mut self, other: &Counters) {
         for (a, b) in self.states.iter_mut().zip(other.states.iter()) {

@@ -73,10 +73,10 @@ fn try_tc(ctx: &TcContext) -> Result<i32, i32> {
 #[inline(always)]
 fn observe(start: usize, end: usize, hook: Hook, c: &mut Counters, pkt: &mut Packet) {
     match parse(start, end, pkt) {
-        Ok(Parsed::Tcp) => {
-            count(c, Event::TcpSegments);
-            track(pkt, hook, c);
-        }
+        // TCP segments are not counted here: every frame is counted once as
+        // a packet and non-TCP ones once more by kind, so userspace derives
+        // them (one write less per segment).
+        Ok(Parsed::Tcp) => track(pkt, hook, c),
         Ok(Parsed::NotTcp) => count(c, Event::NotTcp),
         Ok(Parsed::Fragment) => count(c, Event::Fragments),
         Err(ParseError::Malformed) => count(c, Event::ParseErrors),
