@@ -82,7 +82,6 @@ fn main() {
         return;
     }
     let probe_opts = ProbeOptions {
-        loopback_ifindex: 0,
         max_flows: 262_144,
         ..ProbeOptions::default()
     };

@@ -42,6 +42,7 @@ pub struct Config {
 
 pub struct Agent {
     netns: Option<String>,
+    ns: NetNs,
     probe: Probe,
     diag: SockDiag,
     timeouts: Timeouts,
@@ -56,7 +57,7 @@ impl Agent {
             None => NetNs::current(),
         };
         let ns_label = ns.to_string();
-        ns.run(|| {
+        let (probe, diag, timeouts) = ns.run(|| {
             let ifaces = if cfg.interfaces.is_empty() {
                 let up = netns::interfaces_up()?;
                 if up.is_empty() {
@@ -75,6 +76,9 @@ impl Agent {
                 cfg.interfaces.clone()
             };
             let mut probe = Probe::load(&cfg.probe)?;
+            // Before attaching: the first segments already need to know
+            // which endpoints are local.
+            probe.set_local_addresses(&netns::local_addresses()?)?;
             for iface in &ifaces {
                 let loopback = nix::net::if_::if_nametoindex(iface.as_str()).ok()
                     == Some(crate::probe::LOOPBACK_IFINDEX);
@@ -96,8 +100,22 @@ impl Agent {
                 seeded.already,
                 seeded.map_full
             );
-            Ok(Agent { netns: cfg.netns.clone(), probe, diag, timeouts, expired: 0 })
+            Ok((probe, diag, timeouts))
+        })?;
+        Ok(Agent {
+            netns: cfg.netns.clone(),
+            ns,
+            probe,
+            diag,
+            timeouts,
+            expired: 0,
         })
+    }
+
+    /// Follows the namespace's addresses (added or removed since the last call).
+    pub fn refresh_addresses(&mut self) -> Result<()> {
+        let addrs = self.ns.run(netns::local_addresses)?;
+        self.probe.set_local_addresses(&addrs)
     }
 
     /// The counts now: states from the probe's counters, LISTEN from the
@@ -158,6 +176,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             _ = sigterm.recv() => break,
             _ = tick.tick() => {
                 let mut a = agent.lock().expect("agent lock");
+                if let Err(e) = a.refresh_addresses() {
+                    log::warn!("reading the namespace's addresses failed: {e}");
+                }
                 if let Err(e) = a.sweep() {
                     log::warn!("timer sweep failed: {e}");
                 }

@@ -97,3 +97,21 @@ pub fn sysctl_u64(path: &str) -> Option<u64> {
         .parse()
         .ok()
 }
+
+/// The addresses of the calling thread's namespace, on every interface.
+pub fn local_addresses() -> Result<Vec<std::net::IpAddr>> {
+    let addrs = nix::ifaddrs::getifaddrs().map_err(|e| Error::io("listing addresses", e.into()))?;
+    let mut out: Vec<std::net::IpAddr> = addrs
+        .filter_map(|a| a.address)
+        .filter_map(|a| {
+            if let Some(v4) = a.as_sockaddr_in() {
+                Some(std::net::IpAddr::V4(v4.ip()))
+            } else {
+                a.as_sockaddr_in6().map(|v6| std::net::IpAddr::V6(v6.ip()))
+            }
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    Ok(out)
+}

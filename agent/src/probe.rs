@@ -3,6 +3,12 @@
 //! Programs are attached through BPF links owned by this process, so they are
 //! detached when it exits, however it exits; nothing is pinned.
 
+use std::{
+    collections::HashSet,
+    hash::Hash,
+    net::{IpAddr, Ipv6Addr},
+};
+
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, MapData, PerCpuArray},
@@ -23,7 +29,8 @@ const XDP_PROGRAM: &str = "tcpstate_xdp";
 const TC_PROGRAM: &str = "tcpstate_tc";
 const COMMAND_PROGRAM: &str = "tcpstate_command";
 
-/// ifindex of loopback in every namespace.
+/// ifindex of loopback in every namespace (no TC program there: XDP alone
+/// sees each loopback segment exactly once).
 pub const LOOPBACK_IFINDEX: u32 = 1;
 
 #[derive(Clone, Debug)]
@@ -32,9 +39,6 @@ pub struct ProbeOptions {
     pub max_flows: u32,
     /// XDP attach mode (generic by default: it keeps segmentation offloads).
     pub xdp_mode: XdpMode,
-    /// The ifindex treated as loopback (both endpoints local). Packet tests
-    /// set 0 to see test frames as arriving from outside.
-    pub loopback_ifindex: u32,
 }
 
 impl Default for ProbeOptions {
@@ -42,7 +46,6 @@ impl Default for ProbeOptions {
         ProbeOptions {
             max_flows: 262_144,
             xdp_mode: XdpMode::Skb,
-            loopback_ifindex: LOOPBACK_IFINDEX,
         }
     }
 }
@@ -61,7 +64,6 @@ impl Probe {
         let mut ebpf = EbpfLoader::new()
             .map_max_entries("FLOWS4", opts.max_flows)
             .map_max_entries("FLOWS6", opts.max_flows)
-            .override_global("LOOPBACK_IFINDEX", &opts.loopback_ifindex, true)
             .load(PROBE_OBJECT)
             .map_err(|e| {
                 if is_permission_error(&e) {
@@ -120,6 +122,39 @@ impl Probe {
         }
         total.derive();
         Ok(total)
+    }
+
+    /// Makes `addrs` the set of addresses the probe treats as local (the
+    /// namespace's own): adds the new ones, removes the ones that are gone.
+    pub fn set_local_addresses(&mut self, addrs: &[IpAddr]) -> Result<()> {
+        let (v4, v6): (Vec<IpAddr>, Vec<IpAddr>) = addrs.iter().partition(|a| a.is_ipv4());
+        let v4: HashSet<u32> = v4
+            .iter()
+            .filter_map(|a| match a {
+                IpAddr::V4(a) => Some(u32::from_ne_bytes(a.octets())),
+                _ => None,
+            })
+            .collect();
+        let v6: HashSet<[u32; 4]> = v6
+            .iter()
+            .filter_map(|a| match a {
+                IpAddr::V6(a) => Some(ipv6_words(a)),
+                _ => None,
+            })
+            .collect();
+        sync_set(
+            self.ebpf
+                .map_mut("LOCAL4")
+                .expect("the probe defines LOCAL4"),
+            &v4,
+        )?;
+        sync_set(
+            self.ebpf
+                .map_mut("LOCAL6")
+                .expect("the probe defines LOCAL6"),
+            &v6,
+        )?;
+        Ok(())
     }
 
     /// The IPv4 flow map.
@@ -302,4 +337,23 @@ impl FlowRef {
         }
         cmd
     }
+}
+
+/// An IPv6 address as the probe stores it: four words in wire order.
+pub fn ipv6_words(a: &Ipv6Addr) -> [u32; 4] {
+    let b = a.octets();
+    std::array::from_fn(|i| u32::from_ne_bytes(b[4 * i..4 * i + 4].try_into().unwrap()))
+}
+
+/// Makes the keys of a set-like hash map equal `want`.
+fn sync_set<K: aya::Pod + Eq + Hash>(map: &mut aya::maps::Map, want: &HashSet<K>) -> Result<()> {
+    let mut set: HashMap<&mut MapData, K, u8> = HashMap::try_from(map)?;
+    let have: HashSet<K> = set.keys().filter_map(|k| k.ok()).collect();
+    for gone in have.difference(want) {
+        let _ = set.remove(gone);
+    }
+    for new in want.difference(&have) {
+        set.insert(new, 1, 0)?;
+    }
+    Ok(())
 }

@@ -15,7 +15,7 @@ use tcpstate_common::{
 use crate::{
     error::Result,
     expiry::{Timeouts, monotonic_ns},
-    probe::{FlowRef, Probe},
+    probe::{FlowRef, Probe, ipv6_words},
     sockdiag::{SockDiag, SockInfo},
 };
 
@@ -47,12 +47,7 @@ fn addr(ip: IpAddr) -> Addr {
     };
     match ip {
         IpAddr::V4(v4) => Addr::V4(u32::from_ne_bytes(v4.octets())),
-        IpAddr::V6(v6) => {
-            let b = v6.octets();
-            Addr::V6(std::array::from_fn(|i| {
-                u32::from_ne_bytes(b[4 * i..4 * i + 4].try_into().unwrap())
-            }))
-        }
+        IpAddr::V6(v6) => Addr::V6(ipv6_words(&v6)),
     }
 }
 

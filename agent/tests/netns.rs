@@ -424,3 +424,124 @@ fn a_killed_agent_leaves_nothing_attached() {
     assert!(!attached(), "XDP left attached after SIGKILL");
     assert!(!loaded(), "programs left loaded after SIGKILL");
 }
+
+/// A router namespace between two hosts: what it forwards is nobody's socket
+/// there, and must count nowhere; its own connections count as usual.
+#[test]
+#[ignore = "needs root and the probe: run through `cargo xtask test`"]
+fn forwarded_connections_count_nowhere() {
+    require_root();
+    let (a, router, b) = (Netns::new("tsa"), Netns::new("tsr"), Netns::new("tsb"));
+    let net = std::process::id() % 200 + 20;
+    let link = |host: &Netns, host_if: &str, r_if: &str| {
+        support::sh(&[
+            "ip",
+            "link",
+            "add",
+            host_if,
+            "netns",
+            &host.name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            r_if,
+            "netns",
+            &router.name,
+        ]);
+    };
+    link(&a, "eth0", "ra");
+    link(&b, "eth0", "rb");
+    let cmds: Vec<Vec<String>> = vec![
+        vec![
+            &a.name,
+            "addr",
+            "add",
+            &format!("10.{net}.1.2/24"),
+            "dev",
+            "eth0",
+        ],
+        vec![&a.name, "link", "set", "eth0", "up"],
+        vec![
+            &a.name,
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("10.{net}.1.1"),
+        ],
+        vec![
+            &b.name,
+            "addr",
+            "add",
+            &format!("10.{net}.2.2/24"),
+            "dev",
+            "eth0",
+        ],
+        vec![&b.name, "link", "set", "eth0", "up"],
+        vec![
+            &b.name,
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("10.{net}.2.1"),
+        ],
+        vec![
+            &router.name,
+            "addr",
+            "add",
+            &format!("10.{net}.1.1/24"),
+            "dev",
+            "ra",
+        ],
+        vec![
+            &router.name,
+            "addr",
+            "add",
+            &format!("10.{net}.2.1/24"),
+            "dev",
+            "rb",
+        ],
+        vec![&router.name, "link", "set", "ra", "up"],
+        vec![&router.name, "link", "set", "rb", "up"],
+    ]
+    .into_iter()
+    .map(|v| v.into_iter().map(str::to_owned).collect())
+    .collect();
+    for c in &cmds {
+        let mut args = vec!["ip", "-n"];
+        args.extend(c.iter().map(String::as_str));
+        support::sh(&args);
+    }
+    support::sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &router.name,
+        "sysctl",
+        "-qw",
+        "net.ipv4.ip_forward=1",
+    ]);
+    let agent = Agent::start(&router, &[]);
+
+    let server = b.listen(&format!("10.{net}.2.2:7500"));
+    let through: Vec<(TcpStream, TcpStream)> = (0..5)
+        .map(|_| (a.connect(server.local_addr().unwrap()), accept(&server)))
+        .collect();
+    // And one connection of the router's own, to its own address.
+    let own = router.listen(&format!("10.{net}.1.1:7501"));
+    let mine = (a.connect(own.local_addr().unwrap()), accept(&own));
+    sleep(PAUSE);
+    let truth = agent.assert_matches_ss(&router, "forwarding 5 connections, 1 of its own");
+    assert_eq!(truth.get(TcpState::Established), 1, "{truth:?}");
+    let snap = agent.snapshot();
+    assert!(
+        snap.events["packets_xdp"].as_u64().unwrap() > 20,
+        "the forwarded segments were seen"
+    );
+    drop(through);
+    drop(mine);
+    sleep(PAUSE);
+    agent.assert_matches_ss(&router, "all closed");
+}

@@ -21,17 +21,22 @@ const XDP_PASS: u32 = 2;
 /// TC_ACT_UNSPEC: "no verdict", the packet goes on unchanged.
 const TC_ACT_UNSPEC: i32 = -1;
 
-/// A probe whose XDP program sees test frames as arriving from outside
-/// (receiver local), and whose TC program sees them as leaving (sender local).
-fn probe(max_flows: u32) -> Probe {
+/// A loaded (not attached) probe that takes `local` as the host's addresses.
+fn probe(max_flows: u32, local: &[&str]) -> Probe {
     require_root();
-    Probe::load(&ProbeOptions {
+    let mut p = Probe::load(&ProbeOptions {
         max_flows,
-        loopback_ifindex: 0,
         ..ProbeOptions::default()
     })
-    .expect("load the probe")
+    .expect("load the probe");
+    let addrs: Vec<IpAddr> = local.iter().map(|a| a.parse().unwrap()).collect();
+    p.set_local_addresses(&addrs)
+        .expect("set the local addresses");
+    p
 }
+
+/// The host's addresses in these tests: 10.0.0.2, fd00::2, 10.1.1.1 and fd00::5.
+const LOCAL: &[&str] = &["10.0.0.2", "fd00::2", "10.1.1.1", "fd00::5"];
 
 /// Address words as they lie in the frame.
 fn words(b: &[u8]) -> Vec<u32> {
@@ -90,7 +95,7 @@ fn tc(p: &Probe, t: &Tcp) {
 #[test]
 #[ignore = "needs root and the probe: run through `cargo xtask test`"]
 fn a_syn_in_every_encapsulation_opens_one_flow() {
-    let p = probe(1024);
+    let p = probe(1024, LOCAL);
     let mut port = 40_000;
     let mut next = |src: &str, dst: &str| {
         port += 1;
@@ -165,7 +170,7 @@ fn a_syn_in_every_encapsulation_opens_one_flow() {
         assert_eq!(word.state(receiver.other()), TcpState::SynSent, "{name}");
         assert!(
             word.is_local(receiver) && !word.is_local(receiver.other()),
-            "{name}: only the receiver is local at ingress"
+            "{name}: only the receiver (10.0.0.2 or fd00::2) is local"
         );
     }
     let c = p.counters().unwrap();
@@ -174,9 +179,12 @@ fn a_syn_in_every_encapsulation_opens_one_flow() {
     assert_eq!(state_count(&c, TcpState::SynRecv), cases.len() as i64);
     assert_eq!(flow_count(&p), cases.len());
 
-    // The same frames leaving through TC: the sender (local now) is SYN_SENT.
+    // The same frames sent back by the local address through TC, as new
+    // connections: the sender (local) is SYN_SENT.
     for (_, t) in cases.iter_mut() {
-        t.sport += 1000;
+        std::mem::swap(&mut t.src, &mut t.dst);
+        t.dport = t.sport;
+        t.sport = 80;
         tc(&p, t);
     }
     let c = p.counters().unwrap();
@@ -187,7 +195,7 @@ fn a_syn_in_every_encapsulation_opens_one_flow() {
 #[test]
 #[ignore = "needs root and the probe: run through `cargo xtask test`"]
 fn malformed_and_foreign_frames_pass_untouched_and_are_counted() {
-    let p = probe(1024);
+    let p = probe(1024, LOCAL);
     let syn4 = Tcp::new("10.0.0.1", 1, "10.0.0.2", 2, SYN).frame();
     let syn6 = Tcp {
         ext: vec![(0, 8)],
@@ -267,8 +275,8 @@ fn malformed_and_foreign_frames_pass_untouched_and_are_counted() {
 #[test]
 #[ignore = "needs root and the probe: run through `cargo xtask test`"]
 fn a_whole_connection_through_both_hooks() {
-    let p = probe(1024);
-    let (cip, sip) = ("fd00::9", "fd00::1");
+    let p = probe(1024, LOCAL);
+    let (cip, sip) = ("fd00::9", "fd00::5"); // the server is local
     let client = |flags, seq, ack| Tcp::new(cip, 50_000, sip, 443, flags).seq(seq, ack);
     let server = |flags, seq, ack| Tcp::new(sip, 443, cip, 50_000, flags).seq(seq, ack);
     let local = |p: &Probe, s: TcpState| state_count(&p.counters().unwrap(), s);
@@ -341,8 +349,8 @@ fn a_whole_connection_through_both_hooks() {
 #[test]
 #[ignore = "needs root and the probe: run through `cargo xtask test`"]
 fn time_wait_expires_through_the_command_program() {
-    let p = probe(1024);
-    let (cip, sip) = ("10.1.1.1", "10.1.1.2");
+    let p = probe(1024, LOCAL);
+    let (cip, sip) = ("10.1.1.1", "10.1.1.2"); // the client is local
     let local_client = |flags, seq, ack| Tcp::new(cip, 40_000, sip, 80, flags).seq(seq, ack);
     let remote_server = |flags, seq, ack| Tcp::new(sip, 80, cip, 40_000, flags).seq(seq, ack);
     tc(&p, &local_client(SYN, 1, 0));
@@ -368,7 +376,7 @@ fn time_wait_expires_through_the_command_program() {
 #[test]
 #[ignore = "needs root and the probe: run through `cargo xtask test`"]
 fn a_full_flow_map_is_counted_and_counts_stay_exact() {
-    let p = probe(4);
+    let p = probe(4, LOCAL);
     for port in 0..6 {
         xdp(&p, &Tcp::new("10.0.0.1", 1000 + port, "10.0.0.2", 80, SYN));
     }
@@ -380,4 +388,45 @@ fn a_full_flow_map_is_counted_and_counts_stay_exact() {
         "only stored flows are counted"
     );
     assert_eq!(flow_count(&p), 4);
+}
+
+#[test]
+#[ignore = "needs root and the probe: run through `cargo xtask test`"]
+fn forwarded_traffic_counts_nowhere_and_loopback_counts_both_ends() {
+    let p = probe(1024, LOCAL);
+    // Neither address is the host's: a router or bridge forwarding it sees the
+    // segment at ingress and again at egress.
+    let syn = Tcp::new("192.168.7.1", 1000, "192.168.7.2", 80, SYN);
+    xdp(&p, &syn);
+    tc(&p, &syn);
+    let c = p.counters().unwrap();
+    assert!(
+        c.states.iter().all(|n| *n == 0),
+        "forwarded: {:?}",
+        c.states
+    );
+    // 127.0.0.0/8 is local without being listed: both ends count.
+    xdp(&p, &Tcp::new("127.0.0.1", 1000, "127.0.0.7", 80, SYN));
+    let c = p.counters().unwrap();
+    assert_eq!(
+        (
+            state_count(&c, TcpState::SynSent),
+            state_count(&c, TcpState::SynRecv)
+        ),
+        (1, 1)
+    );
+}
+
+#[test]
+#[ignore = "needs root and the probe: run through `cargo xtask test`"]
+fn local_addresses_follow_the_namespace() {
+    let mut p = probe(1024, &["10.0.0.2"]);
+    xdp(&p, &Tcp::new("10.0.0.1", 1000, "10.0.0.2", 80, SYN));
+    assert_eq!(state_count(&p.counters().unwrap(), TcpState::SynRecv), 1);
+    // 10.0.0.2 removed, 10.0.0.3 added: only the new address counts now.
+    p.set_local_addresses(&["10.0.0.3".parse().unwrap()])
+        .unwrap();
+    xdp(&p, &Tcp::new("10.0.0.1", 1001, "10.0.0.2", 80, SYN));
+    xdp(&p, &Tcp::new("10.0.0.1", 1002, "10.0.0.3", 80, SYN));
+    assert_eq!(state_count(&p.counters().unwrap(), TcpState::SynRecv), 2);
 }

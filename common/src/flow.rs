@@ -182,6 +182,14 @@ impl Word {
     pub const fn with_local(self, side: Side) -> Word {
         Word(self.0 | (Self::LOCAL_A << side as u64))
     }
+    /// Marks the sender and/or receiver local, without a branch (the BPF
+    /// verifier walks every branch of the state machine once per way in).
+    #[inline(always)]
+    pub const fn with_locality(self, sender: Side, local: crate::machine::Locality) -> Word {
+        let s = (local.sender as u64) << (8 + sender as u64);
+        let r = (local.receiver as u64) << (8 + sender.other() as u64);
+        Word(self.0 | s | r)
+    }
     #[inline(always)]
     pub const fn is_dead(self) -> bool {
         self.0 & Self::DEAD != 0

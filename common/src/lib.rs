@@ -14,5 +14,5 @@ pub mod state;
 pub use command::Command;
 pub use counters::{Counters, CpuSlot, Event};
 pub use flow::{EndSeq, FlowEntry, FlowKey4, FlowKey6, Side, Word};
-pub use machine::{Hook, Segment, Step};
+pub use machine::{Locality, Segment, Step};
 pub use state::TcpState;

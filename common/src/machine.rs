@@ -1,12 +1,10 @@
 //! The pure TCP endpoint state machine.
 //!
-//! A flow entry holds the state of both endpoints. Each segment is seen once,
-//! at the hook where it passes the monitored host: leaving it (TC egress: the
-//! sender is local), entering it (XDP: the receiver is local) or on loopback
-//! (both are local). [`step`] moves the sender's and the receiver's states the
-//! way the Linux stack does on sending and on receiving that segment, so the
-//! local endpoints' states match what `ss` shows once the stack has processed
-//! the segment.
+//! A flow entry holds the state of both endpoints. [`step`] moves the
+//! sender's and the receiver's states the way the Linux stack does on sending
+//! and on receiving a segment, so the local endpoints' states match what `ss`
+//! shows once the stack has processed it. Which endpoints are local comes
+//! with the segment ([`Locality`]); only local endpoints are counted.
 //!
 //! Rules worth knowing:
 //! - Retransmitted SYN, SYN-ACK and FIN never move a state twice: every rule
@@ -29,15 +27,14 @@ pub const SYN: u8 = 0x02;
 pub const RST: u8 = 0x04;
 pub const ACK: u8 = 0x10;
 
-/// Where the segment was seen, which tells which endpoints are local.
+/// Which endpoints of a segment are on the monitored host: those whose
+/// address is one of the namespace's own. The probe decides it from the
+/// addresses, not from where the segment was seen, so traffic the host only
+/// forwards (a bridge, a router) counts nowhere.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Hook {
-    /// XDP on a non-loopback interface: the receiver is local.
-    Ingress = 0,
-    /// TC egress: the sender is local.
-    Egress = 1,
-    /// XDP on loopback: both endpoints are local.
-    Loopback = 2,
+pub struct Locality {
+    pub sender: bool,
+    pub receiver: bool,
 }
 
 /// The parts of a TCP segment the state machine reads.
@@ -103,7 +100,7 @@ pub fn step(
     sender_facts: &EndSeq,
     receiver_facts: &EndSeq,
     sender: Side,
-    hook: Hook,
+    local: Locality,
     seg: &Segment,
 ) -> Step {
     let receiver = sender.other();
@@ -126,11 +123,7 @@ pub fn step(
         out.sender = EndSeq::default();
         out.reset_receiver = true;
     }
-    w = match hook {
-        Hook::Ingress => w.with_local(receiver),
-        Hook::Egress => w.with_local(sender),
-        Hook::Loopback => w.with_local(sender).with_local(receiver),
-    };
+    w = w.with_locality(sender, local);
     let sender_local = w.is_local(sender);
     let rf = if out.reset_receiver {
         EndSeq::default()
@@ -252,26 +245,18 @@ pub fn step(
 }
 
 /// The common case, decided without [`step`]: a segment without SYN, FIN or
-/// RST on a flow whose endpoints are both ESTABLISHED, seen at a hook whose
-/// local endpoint is already marked. Such a segment changes no state, only
-/// the sender's sequence facts ([`steady_facts`]); `step` would return the
-/// same word (a host test checks that for every such case).
+/// RST on a flow whose endpoints are both ESTABLISHED. Such a segment changes
+/// no state (the entry's local marks were set when it was created), only the
+/// sender's sequence facts ([`steady_facts`]); `step` would return the same
+/// word (a host test checks that for every such case).
 #[inline(always)]
-pub const fn is_steady(word: Word, sender: Side, hook: Hook, seg: &Segment) -> bool {
+pub const fn is_steady(word: Word, seg: &Segment) -> bool {
     const BOTH_ESTABLISHED: u64 =
         (TcpState::Established as u64) | ((TcpState::Established as u64) << 4);
-    if seg.flags & (SYN | FIN | RST) != 0
-        || word.0 & 0xff != BOTH_ESTABLISHED
-        || word.is_dead()
-        || word.is_reaping()
-    {
-        return false;
-    }
-    match hook {
-        Hook::Ingress => word.is_local(sender.other()),
-        Hook::Egress => word.is_local(sender),
-        Hook::Loopback => word.is_local(sender) && word.is_local(sender.other()),
-    }
+    seg.flags & (SYN | FIN | RST) == 0
+        && word.0 & 0xff == BOTH_ESTABLISHED
+        && !word.is_dead()
+        && !word.is_reaping()
 }
 
 /// The sender's facts after a steady segment (the same update `step` makes).

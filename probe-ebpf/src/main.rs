@@ -1,5 +1,7 @@
 //! The tcpstate probe: XDP sees every frame entering a monitored interface,
-//! TC egress every frame the host sends on it; both feed one flow map. The
+//! TC egress every frame the host sends on it; both feed the flow maps. An
+//! endpoint is local when its address is one of the namespace's (the agent
+//! keeps LOCAL4/LOCAL6 current), so forwarded traffic counts nowhere. The
 //! probe is a monitor: every path lets the packet through unchanged.
 #![no_std]
 #![no_main]
@@ -19,18 +21,12 @@ use aya_ebpf::{
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
-use tcpstate_common::{Counters, Event, Hook};
+use tcpstate_common::{Counters, Event};
 
 use crate::{
     parse::{Packet, ParseError, Parsed, parse},
     track::{count, cpu_slot, track},
 };
-
-/// ifindex of the loopback device: 1 in every network namespace. On loopback
-/// each segment passes ingress exactly once and both endpoints are local.
-/// The packet tests set it to 0 to see frames as arriving from outside.
-#[unsafe(no_mangle)]
-static LOOPBACK_IFINDEX: u32 = 1;
 
 #[xdp]
 pub fn tcpstate_xdp(ctx: XdpContext) -> u32 {
@@ -42,14 +38,7 @@ pub fn tcpstate_xdp(ctx: XdpContext) -> u32 {
 fn try_xdp(ctx: &XdpContext) -> Result<u32, u32> {
     let (c, pkt) = cpu_slot().ok_or(XDP_PASS)?;
     count(c, Event::PacketsXdp);
-    // SAFETY: a global the loader may override; read once per packet.
-    let lo = unsafe { core::ptr::read_volatile(&LOOPBACK_IFINDEX) };
-    let hook = if ctx.ingress_ifindex() as u32 == lo {
-        Hook::Loopback
-    } else {
-        Hook::Ingress
-    };
-    observe(ctx.data(), ctx.data_end(), hook, c, pkt);
+    observe(ctx.data(), ctx.data_end(), c, pkt);
     Ok(XDP_PASS)
 }
 
@@ -66,17 +55,17 @@ pub fn tcpstate_tc(ctx: TcContext) -> i32 {
 fn try_tc(ctx: &TcContext) -> Result<i32, i32> {
     let (c, pkt) = cpu_slot().ok_or(TC_ACT_UNSPEC)?;
     count(c, Event::PacketsTc);
-    observe(ctx.data(), ctx.data_end(), Hook::Egress, c, pkt);
+    observe(ctx.data(), ctx.data_end(), c, pkt);
     Ok(TC_ACT_UNSPEC)
 }
 
 #[inline(always)]
-fn observe(start: usize, end: usize, hook: Hook, c: &mut Counters, pkt: &mut Packet) {
+fn observe(start: usize, end: usize, c: &mut Counters, pkt: &mut Packet) {
     match parse(start, end, pkt) {
         // TCP segments are not counted here: every frame is counted once as
         // a packet and non-TCP ones once more by kind, so userspace derives
         // them (one write less per segment).
-        Ok(Parsed::Tcp) => track(pkt, hook, c),
+        Ok(Parsed::Tcp) => track(pkt, c),
         Ok(Parsed::NotTcp) => count(c, Event::NotTcp),
         Ok(Parsed::Fragment) => count(c, Event::Fragments),
         Err(ParseError::Malformed) => count(c, Event::ParseErrors),

@@ -14,8 +14,8 @@ use aya_ebpf::{
     maps::{HashMap, PerCpuArray},
 };
 use tcpstate_common::{
-    Counters, CpuSlot, EndSeq, Event, FlowEntry, FlowKey4, FlowKey6, Hook, Segment, Side, TcpState,
-    Word,
+    Counters, CpuSlot, EndSeq, Event, FlowEntry, FlowKey4, FlowKey6, Locality, Segment, Side,
+    TcpState, Word,
     machine::{is_steady, steady_facts, step},
 };
 
@@ -23,8 +23,12 @@ use crate::parse::Packet;
 
 /// Default size of the flow map; the agent sets the real one at load time.
 const DEFAULT_MAX_FLOWS: u32 = 262_144;
-/// Attempts at one update when other CPUs keep changing the same entry.
-const CAS_ATTEMPTS: usize = 4;
+/// Attempts at one update when another CPU changes the same entry at the
+/// same moment (one retry covers a lost insert race or a lost swap; more
+/// would multiply the paths the verifier walks). Giving up is counted.
+const CAS_ATTEMPTS: usize = 2;
+/// Addresses one namespace may have (the agent warns beyond).
+pub const MAX_LOCAL_ADDRS: u32 = 4096;
 pub const EEXIST: i32 = 17;
 
 /// IPv4 flows.
@@ -115,62 +119,89 @@ unsafe fn clear(e: *mut EndSeq) {
 }
 
 #[inline(always)]
-pub fn track(pkt: &Packet, hook: Hook, c: &mut Counters) {
+pub fn track(pkt: &Packet, c: &mut Counters) {
     if pkt.family == 6 {
         let (key, sender) = FlowKey6::new(pkt.src, pkt.sport, pkt.dst, pkt.dport);
-        track_in(&FLOWS6, &key, sender, &pkt.seg, hook, c);
+        if steady(&FLOWS6, &key, sender, &pkt.seg) {
+            return;
+        }
+        let local = || local6(&pkt.src) as u32 | (local6(&pkt.dst) as u32) << 1;
+        transition(&FLOWS6, &key, &pkt.seg, sender as u32, local, c);
     } else {
         let (key, sender) = FlowKey4::new(pkt.src[0], pkt.sport, pkt.dst[0], pkt.dport);
-        track_in(&FLOWS4, &key, sender, &pkt.seg, hook, c);
+        if steady(&FLOWS4, &key, sender, &pkt.seg) {
+            return;
+        }
+        let local = || local4(pkt.src[0]) as u32 | (local4(pkt.dst[0]) as u32) << 1;
+        transition(&FLOWS4, &key, &pkt.seg, sender as u32, local, c);
     }
+}
+
+/// The namespace's own IPv4 addresses (the agent keeps them current).
+#[map]
+pub static LOCAL4: HashMap<u32, u8> = HashMap::with_max_entries(MAX_LOCAL_ADDRS, 0);
+
+/// The namespace's own IPv6 addresses.
+#[map]
+pub static LOCAL6: HashMap<[u32; 4], u8> = HashMap::with_max_entries(MAX_LOCAL_ADDRS, 0);
+
+/// Is this IPv4 address (wire order) one of the host's? All of 127.0.0.0/8
+/// is, without being listed.
+#[inline(always)]
+fn local4(addr: u32) -> bool {
+    addr.to_ne_bytes()[0] == 127 || LOCAL4.get_ptr(&addr).is_some()
 }
 
 #[inline(always)]
-fn track_in<K>(
-    map: &HashMap<K, FlowEntry>,
-    key: &K,
-    sender: Side,
-    seg: &Segment,
-    hook: Hook,
-    c: &mut Counters,
-) {
-    // Most segments: both ends established, no flags that move states. Only
-    // the sender's sequence facts change; no swap, no counters.
-    if let Some(p) = map.get_ptr_mut(key) {
-        // SAFETY: `p` is a live map value (see `swap_word`).
-        let old = Word(unsafe { core::ptr::read_volatile(&raw const (*p).word) });
-        if is_steady(old, sender, hook, seg) {
-            let prev = unsafe { (*p).ends[sender.index()] };
-            let facts = steady_facts(prev, seg);
-            if facts != prev {
-                unsafe { (*p).ends[sender.index()] = facts };
-            }
-            return;
-        }
+fn local6(addr: &[u32; 4]) -> bool {
+    LOCAL6.get_ptr(addr).is_some()
+}
+
+/// The fast path: most segments find both ends established and carry no
+/// flag that moves a state. Only the sender's sequence facts change; no
+/// swap, no counters. Returns false when the slow path must run.
+#[inline(always)]
+fn steady<K>(map: &HashMap<K, FlowEntry>, key: &K, sender: Side, seg: &Segment) -> bool {
+    let Some(p) = map.get_ptr_mut(key) else {
+        return false;
+    };
+    // SAFETY: `p` is a live map value (see `swap_word`).
+    let old = Word(unsafe { core::ptr::read_volatile(&raw const (*p).word) });
+    if !is_steady(old, seg) {
+        return false;
     }
-    transition(map, key, seg, sender as u32, hook as u32, c);
+    let prev = unsafe { (*p).ends[sender.index()] };
+    let facts = steady_facts(prev, seg);
+    if facts != prev {
+        unsafe { (*p).ends[sender.index()] = facts };
+    }
+    true
 }
 
 /// The slow path: create the entry or swap in the new state word.
-/// `sender_is_b` and `hook` arrive as plain integers: the verifier must see
-/// the masks that bound them, which the compiler would drop from enums whose
-/// range it knows.
+/// `sender_is_b` arrives as a plain integer: the verifier must see the mask
+/// that bounds it, which the compiler would drop from an enum whose range it
+/// knows. `local` looks the addresses up (bit 0: sender, bit 1: receiver);
+/// it runs only for a new or reused entry, since a live entry's local marks
+/// were set when it was created (fewer paths for the verifier to walk).
 #[inline(always)]
 fn transition<K>(
     map: &HashMap<K, FlowEntry>,
     key: &K,
     seg: &Segment,
     sender_is_b: u32,
-    hook: u32,
+    local: impl Fn() -> u32,
     c: &mut Counters,
 ) {
     let s = (sender_is_b & 1) as usize;
     let r = s ^ 1;
     let sender = if s == 0 { Side::A } else { Side::B };
-    let hook = match hook & 3 {
-        0 => Hook::Ingress,
-        1 => Hook::Egress,
-        _ => Hook::Loopback,
+    let looked_up = || {
+        let bits = local();
+        Locality {
+            sender: bits & 1 != 0,
+            receiver: bits & 2 != 0,
+        }
     };
     for _ in 0..CAS_ATTEMPTS {
         match map.get_ptr_mut(key) {
@@ -179,7 +210,7 @@ fn transition<K>(
                     return;
                 }
                 let none = EndSeq::default();
-                let st = step(Word::EMPTY, &none, &none, sender, hook, seg);
+                let st = step(Word::EMPTY, &none, &none, sender, looked_up(), seg);
                 let mut entry = FlowEntry {
                     word: st.word.0,
                     // SAFETY: helper without preconditions.
@@ -213,7 +244,15 @@ fn transition<K>(
                     count(c, Event::ReapSkipped);
                     return;
                 }
-                let st = step(old, &sf, &rf, sender, hook, seg);
+                let local = if old.is_dead() {
+                    looked_up()
+                } else {
+                    Locality {
+                        sender: old.is_local(sender),
+                        receiver: old.is_local(sender.other()),
+                    }
+                };
+                let st = step(old, &sf, &rf, sender, local, seg);
                 if st.rst_ignored {
                     count(c, Event::RstIgnored);
                 }

@@ -19,6 +19,14 @@ struct Sim {
 }
 
 const C: Side = Side::A;
+const INGRESS: Locality = Locality {
+    sender: false,
+    receiver: true,
+};
+const EGRESS: Locality = Locality {
+    sender: true,
+    receiver: false,
+};
 const S: Side = Side::B;
 
 impl Sim {
@@ -34,12 +42,10 @@ impl Sim {
         }
     }
 
-    fn hook(&self, from: Side) -> Hook {
-        match (self.local[from.index()], self.local[from.other().index()]) {
-            (true, true) => Hook::Loopback,
-            (true, false) => Hook::Egress,
-            (false, true) => Hook::Ingress,
-            (false, false) => panic!("a flow with no local endpoint is never seen"),
+    fn locality(&self, from: Side) -> Locality {
+        Locality {
+            sender: self.local[from.index()],
+            receiver: self.local[from.other().index()],
         }
     }
 
@@ -74,7 +80,7 @@ impl Sim {
             &self.ends[from.index()],
             &self.ends[from.other().index()],
             from,
-            self.hook(from),
+            self.locality(from),
             seg,
         );
         self.word = st.word;
@@ -376,14 +382,7 @@ fn reaping_entries_are_left_alone() {
         ack: 0,
         len: 0,
     };
-    let st = step(
-        w,
-        &EndSeq::default(),
-        &EndSeq::default(),
-        C,
-        Hook::Egress,
-        &seg,
-    );
+    let st = step(w, &EndSeq::default(), &EndSeq::default(), C, EGRESS, &seg);
     assert_eq!(st.word, w);
 }
 
@@ -401,7 +400,7 @@ fn segments_without_syn_never_open_a_flow() {
             &EndSeq::default(),
             &EndSeq::default(),
             C,
-            Hook::Ingress,
+            INGRESS,
             &seg,
         );
         assert_eq!(st.word.counted(S), TcpState::None, "flags {flags:#x}");
@@ -431,49 +430,52 @@ fn expiry_closes_one_side_and_kills_the_entry_when_nothing_local_remains() {
 
 #[test]
 fn the_steady_fast_path_agrees_with_step_everywhere_it_applies() {
-    let hooks = [Hook::Ingress, Hook::Egress, Hook::Loopback];
     let mut applied = 0;
     for bits in 0u64..(1 << 12) {
         let word = Word(bits);
         for sender in [C, S] {
-            for hook in hooks {
-                for flags in 0u8..=0x3f {
-                    let ends = [
-                        EndSeq {
-                            snd_nxt: 500,
-                            ack: 9000,
-                            fin_seq: 0,
-                            flags: EndSeq::SEEN | EndSeq::ACKED,
-                        },
-                        EndSeq {
-                            snd_nxt: 9000,
-                            ack: 500,
-                            fin_seq: 0,
-                            flags: EndSeq::SEEN | EndSeq::ACKED,
-                        },
-                    ];
-                    let seg = Segment {
-                        flags,
-                        seq: ends[sender.index()].snd_nxt,
-                        ack: 777,
-                        len: 10,
-                    };
-                    if !is_steady(word, sender, hook, &seg) {
-                        continue;
-                    }
-                    applied += 1;
-                    let st = step(
-                        word,
-                        &ends[sender.index()],
-                        &ends[sender.other().index()],
-                        sender,
-                        hook,
-                        &seg,
-                    );
-                    assert_eq!(st.word, word, "{word:?} {sender:?} {hook:?} {flags:#x}");
-                    assert_eq!(st.sender, steady_facts(ends[sender.index()], &seg));
-                    assert!(!st.reset_receiver && !st.touch && !st.rst_ignored);
+            for flags in 0u8..=0x3f {
+                let ends = [
+                    EndSeq {
+                        snd_nxt: 500,
+                        ack: 9000,
+                        fin_seq: 0,
+                        flags: EndSeq::SEEN | EndSeq::ACKED,
+                    },
+                    EndSeq {
+                        snd_nxt: 9000,
+                        ack: 500,
+                        fin_seq: 0,
+                        flags: EndSeq::SEEN | EndSeq::ACKED,
+                    },
+                ];
+                let seg = Segment {
+                    flags,
+                    seq: ends[sender.index()].snd_nxt,
+                    ack: 777,
+                    len: 10,
+                };
+                if !is_steady(word, &seg) {
+                    continue;
                 }
+                applied += 1;
+                // The locality the entry already records: steady segments
+                // belong to entries whose local marks were set at creation.
+                let local = Locality {
+                    sender: word.is_local(sender),
+                    receiver: word.is_local(sender.other()),
+                };
+                let st = step(
+                    word,
+                    &ends[sender.index()],
+                    &ends[sender.other().index()],
+                    sender,
+                    local,
+                    &seg,
+                );
+                assert_eq!(st.word, word, "{word:?} {sender:?} {flags:#x}");
+                assert_eq!(st.sender, steady_facts(ends[sender.index()], &seg));
+                assert!(!st.reset_receiver && !st.touch && !st.rst_ignored);
             }
         }
     }
