@@ -84,7 +84,6 @@ fn main() -> ExitCode {
                         Mode::Skb => XdpMode::Skb,
                         Mode::Native => XdpMode::Driver,
                     },
-                    ..ProbeOptions::default()
                 },
                 print: !quiet,
             };
