@@ -430,3 +430,86 @@ fn local_addresses_follow_the_namespace() {
     xdp(&p, &Tcp::new("10.0.0.1", 1002, "10.0.0.3", 80, SYN));
     assert_eq!(state_count(&p.counters().unwrap(), TcpState::SynRecv), 2);
 }
+
+/// Thousands of random segments on a few tuples, through both programs, then
+/// the timer sweep: at every check the per-state counters must equal what the
+/// flow entries in the kernel hold for their local endpoints.
+#[test]
+#[ignore = "needs root and the probe: run through `cargo xtask test`"]
+fn counters_always_equal_what_the_entries_hold() {
+    let p = probe(1024, LOCAL);
+    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let flags = [
+        SYN,
+        SYN | ACK,
+        ACK,
+        ACK,
+        ACK,
+        FIN | ACK,
+        RST,
+        RST | ACK,
+        FIN,
+    ];
+    let hosts = [
+        ("10.0.0.2", "10.0.0.1"),
+        ("fd00::2", "fd00::1"),
+        ("127.0.0.1", "127.0.0.1"),
+    ];
+    let check = |p: &Probe, when: &str| {
+        let mut held = [0i64; 16];
+        for (_, e) in p.flow_entries().unwrap() {
+            let w = Word(e.word);
+            for side in [Side::A, Side::B] {
+                let s = w.counted(side);
+                if s != TcpState::None {
+                    held[s as usize] += 1;
+                }
+            }
+        }
+        assert_eq!(p.counters().unwrap().states, held, "{when}");
+        held.iter().sum::<i64>()
+    };
+    let mut counted = 0;
+    for round in 0..20 {
+        for _ in 0..1000 {
+            let r = next();
+            let (local, remote) = hosts[(r % 3) as usize];
+            let port = 40_000 + (r >> 8) as u16 % 8;
+            let f = flags[((r >> 16) % flags.len() as u64) as usize];
+            let (seq, ack) = ((r >> 24) as u32 % 4 * 100, (r >> 40) as u32 % 4 * 100);
+            let outbound = (r >> 60) & 1 == 1;
+            let t = if outbound {
+                Tcp::new(local, port, remote, 80, f).seq(seq, ack)
+            } else {
+                Tcp::new(remote, 80, local, port, f).seq(seq, ack)
+            };
+            if outbound && !local.starts_with("127.") {
+                tc(&p, &t);
+            } else {
+                xdp(&p, &t);
+            }
+        }
+        counted += check(&p, &format!("after round {round}"));
+    }
+    assert!(
+        counted > 0,
+        "the random segments must have opened some flows"
+    );
+    let now = Timeouts {
+        time_wait: std::time::Duration::ZERO,
+        fin_wait2: std::time::Duration::ZERO,
+        syn_sent: std::time::Duration::ZERO,
+        syn_recv: std::time::Duration::ZERO,
+        dead_grace: std::time::Duration::ZERO,
+    };
+    expiry::sweep(&p, &now).unwrap();
+    check(&p, "after the sweep");
+    expiry::sweep(&p, &now).unwrap();
+    check(&p, "after the second sweep");
+}
