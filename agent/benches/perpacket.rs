@@ -73,6 +73,15 @@ impl Refs {
     }
 }
 
+/// The probe, with the benchmark's server address (10.0.0.1) as the host's own.
+fn load(opts: &ProbeOptions) -> Probe {
+    let mut probe = Probe::load(opts).expect("load the probe");
+    probe
+        .set_local_addresses(&["10.0.0.1".parse().unwrap()])
+        .expect("local addresses");
+    probe
+}
+
 fn main() {
     assert!(
         nix::unistd::geteuid().is_root(),
@@ -132,7 +141,7 @@ fn main() {
     for round in 0..ROUNDS {
         eprint!("round {}/{ROUNDS}\r", round + 1);
         // Steady state: the same frame many times.
-        let probe = Probe::load(&probe_opts).expect("load the probe");
+        let probe = load(&probe_opts);
         establish(&probe, 1);
         push(
             "ack_established",
@@ -167,7 +176,7 @@ fn main() {
         push("ref_pass_single", t / FLOWS as f64);
 
         // A FIN on an established flow, each a real transition.
-        let probe = Probe::load(&probe_opts).expect("load the probe");
+        let probe = load(&probe_opts);
         for i in 0..FLOWS {
             establish(&probe, 10_000 + i);
         }
