@@ -24,8 +24,9 @@ use crate::{
     expiry::{self, Timeouts},
     netns::{self, NetNs},
     probe::{Probe, ProbeOptions},
+    reconcile::Reconciler,
     seed,
-    snapshot::{Snapshot, StateCounts},
+    snapshot::{Snapshot, StateCounts, by_state},
     sockdiag::SockDiag,
 };
 
@@ -38,6 +39,8 @@ pub struct Config {
     pub probe: ProbeOptions,
     /// Print the counts once a second (on a terminal).
     pub print: bool,
+    /// How often to reconcile with the socket table (`None`: never).
+    pub reconcile_every: Option<Duration>,
 }
 
 pub struct Agent {
@@ -47,6 +50,7 @@ pub struct Agent {
     diag: SockDiag,
     timeouts: Timeouts,
     expired: u64,
+    reconciler: Reconciler,
 }
 
 impl Agent {
@@ -109,6 +113,7 @@ impl Agent {
             diag,
             timeouts,
             expired: 0,
+            reconciler: Reconciler::default(),
         })
     }
 
@@ -125,14 +130,34 @@ impl Agent {
         let mut states = StateCounts::from_slots(&counters.states);
         let table = self.diag.count(StateFlags::LISTEN)?;
         states.set(TcpState::Listen, table[TcpState::Listen as usize]);
-        Ok(Snapshot::new(
+        let mut snap = Snapshot::new(
             self.netns.clone(),
             self.probe.attached().to_vec(),
             states,
             &counters,
             self.probe.max_flows()?,
             self.expired,
-        ))
+        );
+        snap.drift = by_state(&self.reconciler.drift);
+        snap.corrections = by_state(&self.reconciler.corrections);
+        Ok(snap)
+    }
+
+    /// Compares with the socket table and fixes confirmed mismatches.
+    pub fn reconcile(&mut self) -> Result<usize> {
+        self.reconciler.check(&self.probe, &mut self.diag)
+    }
+
+    /// A snapshot with the socket table's own counts beside ours.
+    pub fn verify(&mut self) -> Result<Snapshot> {
+        let mut snap = self.snapshot()?;
+        let table = self.diag.count(StateFlags::all())?;
+        let mut kernel = StateCounts::default();
+        for s in TcpState::REPORTED {
+            kernel.set(s, table[s as usize]);
+        }
+        snap.kernel = Some(kernel.json());
+        Ok(snap)
     }
 
     /// Applies the kernel's timers to the flow map.
@@ -170,6 +195,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let print = cfg.print && std::io::stdout().is_terminal();
+    let mut last_reconcile = std::time::Instant::now();
     loop {
         tokio::select! {
             _ = sigint.recv() => break,
@@ -181,6 +207,14 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 }
                 if let Err(e) = a.sweep() {
                     log::warn!("timer sweep failed: {e}");
+                }
+                if cfg.reconcile_every.is_some_and(|every| last_reconcile.elapsed() >= every) {
+                    last_reconcile = std::time::Instant::now();
+                    match a.reconcile() {
+                        Ok(0) => {}
+                        Ok(n) => log::info!("reconciled {n} flows with the socket table"),
+                        Err(e) => log::warn!("reconciliation failed: {e}"),
+                    }
                 }
                 if print {
                     match a.snapshot() {
@@ -217,10 +251,11 @@ async fn answer(stream: tokio::net::UnixStream, agent: Arc<Mutex<Agent>>) -> any
         BufReader::new(read).read_line(&mut line),
     )
     .await??;
-    if line != control::REQUEST {
-        anyhow::bail!("unknown request {line:?}");
-    }
-    let snap = agent.lock().expect("agent lock").snapshot()?;
+    let snap = match line.as_str() {
+        control::REQUEST => agent.lock().expect("agent lock").snapshot()?,
+        control::VERIFY => agent.lock().expect("agent lock").verify()?,
+        _ => anyhow::bail!("unknown request {line:?}"),
+    };
     let mut out = serde_json::to_vec(&snap)?;
     out.push(b'\n');
     write.write_all(&out).await?;

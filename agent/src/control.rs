@@ -15,14 +15,26 @@ use crate::{
 };
 
 pub const DEFAULT_SOCKET: &str = "/run/tcpstate/tcpstate.sock";
+/// The counts and the probe's events.
 pub const REQUEST: &str = "snapshot\n";
+/// The same, plus the socket table's own counts read for this answer.
+pub const VERIFY: &str = "verify\n";
 
 /// Asks the agent at `path` for a snapshot.
 pub fn query(path: &Path) -> Result<Snapshot> {
+    ask(path, REQUEST)
+}
+
+/// Asks the agent at `path` for a snapshot with the socket table's counts.
+pub fn verify(path: &Path) -> Result<Snapshot> {
+    ask(path, VERIFY)
+}
+
+fn ask(path: &Path, request: &str) -> Result<Snapshot> {
     let mut stream = UnixStream::connect(path).map_err(|_| Error::NoAgent(path.to_owned()))?;
     stream.set_read_timeout(Some(Duration::from_secs(10))).ok();
     stream
-        .write_all(REQUEST.as_bytes())
+        .write_all(request.as_bytes())
         .map_err(|e| Error::io("asking the agent", e))?;
     let mut line = String::new();
     BufReader::new(stream)

@@ -7,6 +7,7 @@ pub mod error;
 pub mod expiry;
 pub mod netns;
 pub mod probe;
+pub mod reconcile;
 pub mod seed;
 pub mod snapshot;
 pub mod sockdiag;

@@ -9,6 +9,7 @@ use tcpstate::{
     control,
     error::Error,
     probe::ProbeOptions,
+    snapshot::verify_table,
 };
 
 #[derive(Parser)]
@@ -43,12 +44,20 @@ enum Cmd {
         /// Do not print the counts every second.
         #[arg(long)]
         quiet: bool,
+        /// Seconds between reconciliations with the socket table (0: never).
+        /// Mismatches seen at two checks in a row are corrected.
+        #[arg(long, default_value_t = 10, value_name = "SECS")]
+        reconcile_interval: u64,
     },
     /// Print the eleven state counts of the running agent, one `STATE N` line each.
     Count {
         /// One JSON object mapping the state names to counts.
         #[arg(long)]
         json: bool,
+        /// Print the socket table's counts beside tcpstate's and the
+        /// difference; exit with status 1 when they differ.
+        #[arg(long, conflicts_with = "json")]
+        verify: bool,
         #[arg(long, default_value = control::DEFAULT_SOCKET)]
         socket: PathBuf,
     },
@@ -73,6 +82,7 @@ fn main() -> ExitCode {
             max_flows,
             xdp_mode,
             quiet,
+            reconcile_interval,
         } => {
             let cfg = Config {
                 netns,
@@ -86,6 +96,8 @@ fn main() -> ExitCode {
                     },
                 },
                 print: !quiet,
+                reconcile_every: (reconcile_interval > 0)
+                    .then(|| std::time::Duration::from_secs(reconcile_interval)),
             };
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -99,12 +111,33 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Cmd::Count { json, socket } => match control::query(&socket) {
+        Cmd::Count {
+            json,
+            verify,
+            socket,
+        } => match if verify {
+            control::verify(&socket)
+        } else {
+            control::query(&socket)
+        } {
             Ok(snap) => {
                 let Some(counts) = snap.state_counts() else {
                     eprintln!("tcpstate: the agent's answer has no state counts");
                     return ExitCode::FAILURE;
                 };
+                if verify {
+                    let Some(kernel) = snap.kernel_counts() else {
+                        eprintln!("tcpstate: the agent's answer has no socket table counts");
+                        return ExitCode::FAILURE;
+                    };
+                    let (table, same) = verify_table(&counts, &kernel);
+                    print!("{table}");
+                    return if same {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    };
+                }
                 if json {
                     println!("{}", counts.json());
                 } else {

@@ -52,7 +52,7 @@ fn addr(ip: IpAddr) -> Addr {
 }
 
 /// The flow a socket belongs to and the side its local endpoint is.
-fn flow_of(s: &SockInfo) -> Option<(FlowRef, Side)> {
+pub fn flow_of(s: &SockInfo) -> Option<(FlowRef, Side)> {
     match (addr(s.local), addr(s.remote)) {
         (Addr::V4(l), Addr::V4(r)) => {
             let (k, side) = FlowKey4::new(l, s.local_port, r, s.remote_port);

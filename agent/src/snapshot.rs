@@ -73,6 +73,17 @@ pub struct Snapshot {
     pub flow_map_capacity: u32,
     /// Entries the agent expired on the kernel's timers.
     pub expired: u64,
+    /// At the last reconciliation: tcpstate's count minus the socket table's,
+    /// per state (all 0 on a healthy host).
+    #[serde(default)]
+    pub drift: serde_json::Map<String, serde_json::Value>,
+    /// Corrections reconciliation made, by the state tcpstate had counted
+    /// (`NONE`: connections the flow maps had missed).
+    #[serde(default)]
+    pub corrections: serde_json::Map<String, serde_json::Value>,
+    /// The socket table's own counts, read for this answer (`count --verify`).
+    #[serde(default)]
+    pub kernel: Option<serde_json::Value>,
 }
 
 impl Snapshot {
@@ -95,12 +106,50 @@ impl Snapshot {
             events,
             flow_map_capacity: capacity,
             expired,
+            drift: Default::default(),
+            corrections: Default::default(),
+            kernel: None,
         }
     }
 
     pub fn state_counts(&self) -> Option<StateCounts> {
         StateCounts::from_json(&self.states)
     }
+
+    pub fn kernel_counts(&self) -> Option<StateCounts> {
+        StateCounts::from_json(self.kernel.as_ref()?)
+    }
+}
+
+/// Per-state values by name; `None` (slot 0) is named NONE.
+pub fn by_state<T: Copy + Into<serde_json::Value>>(
+    slots: &[T; 16],
+) -> serde_json::Map<String, serde_json::Value> {
+    let mut names = vec![TcpState::None];
+    names.extend(TcpState::REPORTED);
+    names
+        .into_iter()
+        .map(|s| (s.name().to_owned(), slots[s as usize].into()))
+        .collect()
+}
+
+/// `count --verify`: both columns and the difference; true when they agree.
+pub fn verify_table(ours: &StateCounts, kernel: &StateCounts) -> (String, bool) {
+    let mut out = format!(
+        "{:<12} {:>9} {:>9} {:>6}\n",
+        "STATE", "TCPSTATE", "KERNEL", "DIFF"
+    );
+    let mut same = true;
+    for s in TcpState::REPORTED {
+        let (a, b) = (ours.get(s), kernel.get(s));
+        same &= a == b;
+        out += &format!(
+            "{:<12} {a:>9} {b:>9} {:>6}\n",
+            s.name(),
+            a as i64 - b as i64
+        );
+    }
+    (out, same)
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@
 use crate::state::TcpState;
 
 /// Which endpoint of a flow entry.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Side {
     A = 0,
     B = 1,

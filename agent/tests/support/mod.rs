@@ -193,7 +193,14 @@ pub fn tcpstate() -> Command {
 }
 
 impl Agent {
+    /// Starts the agent on `ns`. Reconciliation with the socket table is off
+    /// unless `extra` sets it: the tests see what packets alone make of the
+    /// counts.
     pub fn start(ns: &Netns, extra: &[&str]) -> Agent {
+        let mut extra = extra.to_vec();
+        if !extra.contains(&"--reconcile-interval") {
+            extra.extend(["--reconcile-interval", "0"]);
+        }
         let socket = std::env::temp_dir().join(format!("{}.sock", unique("tcpstate-test-")));
         let child = tcpstate()
             .args(["run", "--quiet", "--netns", &ns.name, "--socket"])
