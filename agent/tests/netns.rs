@@ -644,3 +644,119 @@ fn count_verify_shows_the_difference_from_the_socket_table() {
     assert_eq!(row("CLOSE_WAIT"), [0, 2, -2]);
     assert_eq!(row("TIME_WAIT")[1], truth.get(TcpState::TimeWait) as i64);
 }
+
+/// Runs `nft` in a namespace (the tests' way of losing packets: no netem here).
+fn nft(ns: &Netns, rule: &str) {
+    support::sh(&["ip", "netns", "exec", &ns.name, "nft", rule]);
+}
+
+/// A connect that does not wait for the handshake.
+fn connect_nonblocking(ns: &Netns, to: SocketAddr) -> std::os::fd::OwnedFd {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrStorage, connect, socket};
+    ns.run(|| {
+        let family = if to.is_ipv4() {
+            AddressFamily::Inet
+        } else {
+            AddressFamily::Inet6
+        };
+        let fd = socket(family, SockType::Stream, SockFlag::SOCK_NONBLOCK, None).expect("socket");
+        match connect(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            &SockaddrStorage::from(to),
+        ) {
+            Err(nix::errno::Errno::EINPROGRESS) | Ok(()) => fd,
+            Err(e) => panic!("connect: {e}"),
+        }
+    })
+}
+
+/// Every state that needs lost packets to hold, made with nftables drops in
+/// the peer namespace, compared with ss after each.
+fn held_states(v6: bool) {
+    require_root();
+    let net = VethPair::new();
+    let (mon_ip, peer_ip) = if v6 {
+        (&net.left_v6, &net.right_v6)
+    } else {
+        (&net.left_v4, &net.right_v4)
+    };
+    let (mon, peer) = (&net.left, &net.right);
+    let agent = Agent::start(mon, &[]);
+    nft(peer, "add table inet t");
+    nft(
+        peer,
+        "add chain inet t in { type filter hook input priority 0; }",
+    );
+    nft(
+        peer,
+        "add chain inet t out { type filter hook output priority 0; }",
+    );
+    let at_peer = |port| -> SocketAddr { sockaddr(peer_ip, port).parse().unwrap() };
+    let at_mon = |port| -> SocketAddr { sockaddr(mon_ip, port).parse().unwrap() };
+
+    // SYN_SENT: the peer drops our SYNs.
+    nft(peer, "add rule inet t in tcp dport 7701 drop");
+    let _syn_sent = connect_nonblocking(mon, at_peer(7701));
+    sleep(PAUSE);
+    let t = agent.assert_matches_ss(mon, "SYN_SENT");
+    assert_eq!(t.get(TcpState::SynSent), 1, "{t:?}");
+
+    // SYN_RECV: the peer's final ACK of the handshake never leaves it.
+    let l2 = mon.listen(&sockaddr(mon_ip, 7702));
+    nft(
+        peer,
+        "add rule inet t out tcp dport 7702 tcp flags & (syn | ack) == ack drop",
+    );
+    let _half_open = connect_nonblocking(peer, at_mon(7702));
+    sleep(PAUSE);
+    let t = agent.assert_matches_ss(mon, "SYN_RECV");
+    assert_eq!(t.get(TcpState::SynRecv), 1, "{t:?}");
+
+    // FIN_WAIT1: our FIN is lost.
+    let l3 = peer.listen(&sockaddr(peer_ip, 7703));
+    let c3 = mon.connect(at_peer(7703));
+    let s3 = accept(&l3);
+    nft(peer, "add rule inet t in tcp dport 7703 drop");
+    drop(c3);
+    sleep(PAUSE);
+    let t = agent.assert_matches_ss(mon, "FIN_WAIT1");
+    assert_eq!(t.get(TcpState::FinWait1), 1, "{t:?}");
+
+    // LAST_ACK: the peer closed; our FIN is lost.
+    let l4 = mon.listen(&sockaddr(mon_ip, 7704));
+    let c4 = peer.connect(at_mon(7704));
+    let s4 = accept(&l4);
+    drop(c4);
+    sleep(PAUSE);
+    nft(peer, "add rule inet t in tcp sport 7704 drop");
+    drop(s4);
+    sleep(PAUSE);
+    let t = agent.assert_matches_ss(mon, "LAST_ACK");
+    assert_eq!(t.get(TcpState::LastAck), 1, "{t:?}");
+
+    // CLOSING: both close; ours never arrives, theirs does: FINs crossed.
+    let l5 = peer.listen(&sockaddr(peer_ip, 7705));
+    let c5 = mon.connect(at_peer(7705));
+    let s5 = accept(&l5);
+    nft(peer, "add rule inet t in tcp dport 7705 drop");
+    drop(c5);
+    sleep(PAUSE);
+    drop(s5);
+    sleep(PAUSE);
+    let t = agent.assert_matches_ss(mon, "CLOSING");
+    assert_eq!(t.get(TcpState::Closing), 1, "{t:?}");
+    drop(s3);
+    drop((l2, l3, l4, l5));
+}
+
+#[test]
+#[ignore = "needs root and the probe: run through `cargo xtask test`"]
+fn states_held_by_lost_packets_match_ss_ipv4() {
+    held_states(false);
+}
+
+#[test]
+#[ignore = "needs root and the probe: run through `cargo xtask test`"]
+fn states_held_by_lost_packets_match_ss_ipv6() {
+    held_states(true);
+}

@@ -162,9 +162,9 @@ fn ensure_bpf_linker(sysroot: &Path) -> Result<PathBuf> {
     Ok(bin)
 }
 
-/// Debian packages the tests drive (`ss`, `ip`).
+/// Debian packages the tests drive (`ss`, `ip`, `nft` to lose packets on purpose).
 fn ensure_packages() -> Result<()> {
-    let wanted = [("ss", "iproute2"), ("ip", "iproute2")];
+    let wanted = [("ss", "iproute2"), ("ip", "iproute2"), ("nft", "nftables")];
     let mut missing: Vec<&str> = wanted
         .iter()
         .filter(|(cmd, _)| !on_path(cmd))
