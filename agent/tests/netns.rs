@@ -760,3 +760,102 @@ fn states_held_by_lost_packets_match_ss_ipv4() {
 fn states_held_by_lost_packets_match_ss_ipv6() {
     held_states(true);
 }
+
+/// 5 % of the segments are lost in both directions (nftables in the peer):
+/// connections open, carry data and close through retransmissions; once the
+/// kernel has settled, the counts must equal ss. Reconciliation is off.
+#[test]
+#[ignore = "needs root and the probe: run through `cargo xtask test`"]
+fn five_percent_loss_settles_equal_to_ss() {
+    use std::io::{Read, Write};
+    require_root();
+    let net = VethPair::new();
+    let (mon, peer) = (&net.left, &net.right);
+    let agent = Agent::start(mon, &[]);
+    nft(peer, "add table inet loss");
+    for hook in ["input", "output"] {
+        nft(
+            peer,
+            &format!("add chain inet loss {hook} {{ type filter hook {hook} priority 0; }}"),
+        );
+        nft(
+            peer,
+            &format!("add rule inet loss {hook} meta l4proto tcp numgen random mod 100 < 5 drop"),
+        );
+    }
+    let listener = mon.listen(&sockaddr(&net.left_v4, 7800));
+    let addr = listener.local_addr().unwrap();
+    const CONNS: usize = 60;
+    let server = std::thread::spawn(move || {
+        (0..CONNS)
+            .map(|_| {
+                let (mut s, _) = listener.accept().expect("accept");
+                s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                let mut buf = [0u8; 8192];
+                let mut got = 0;
+                while got < 20_000 {
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => got += n,
+                    }
+                }
+                let _ = s.write_all(&[7u8; 20_000]);
+                s
+            })
+            .collect::<Vec<TcpStream>>()
+    });
+    let clients: Vec<_> = (0..CONNS)
+        .map(|_| {
+            let mut c = peer.connect(addr);
+            c.write_all(&[1u8; 20_000]).unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            let mut buf = [0u8; 8192];
+            let mut got = 0;
+            while got < 20_000 {
+                match c.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got += n,
+                }
+            }
+            c
+        })
+        .collect();
+    let servers = server.join().expect("server thread");
+    // The clients close first; two thirds of the servers follow, the rest
+    // stay in CLOSE_WAIT.
+    drop(clients);
+    sleep(PAUSE);
+    let kept: Vec<TcpStream> = servers
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, s)| (i % 3 == 0).then_some(s))
+        .collect();
+    // Settled: nothing left in the states that retransmissions resolve (every
+    // client has closed, so ESTABLISHED means a FIN still in flight).
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let t = mon.ss_counts();
+        let moving = [
+            TcpState::SynRecv,
+            TcpState::FinWait1,
+            TcpState::LastAck,
+            TcpState::Closing,
+        ]
+        .iter()
+        .map(|s| t.get(*s))
+        .sum::<u64>();
+        if moving == 0 || std::time::Instant::now() > deadline {
+            break;
+        }
+        sleep(Duration::from_millis(250));
+    }
+    let t = agent.assert_matches_ss(mon, "after 5 % loss");
+    assert_eq!(t.get(TcpState::CloseWait), kept.len() as u64, "{t:?}");
+    let snap = agent.snapshot();
+    assert_eq!(
+        snap.events["cas_conflicts"].as_u64(),
+        Some(0),
+        "{:?}",
+        snap.events
+    );
+}
