@@ -21,7 +21,7 @@ use tokio::{
 use crate::{
     control,
     error::{Error, Result},
-    expiry::{self, Timeouts},
+    expiry::{Timeouts, Timers},
     netns::{self, NetNs},
     probe::{Probe, ProbeOptions},
     reconcile::Reconciler,
@@ -51,6 +51,7 @@ pub struct Agent {
     timeouts: Timeouts,
     expired: u64,
     reconciler: Reconciler,
+    timers: Timers,
 }
 
 impl Agent {
@@ -114,6 +115,7 @@ impl Agent {
             timeouts,
             expired: 0,
             reconciler: Reconciler::default(),
+            timers: Timers::default(),
         })
     }
 
@@ -162,7 +164,14 @@ impl Agent {
 
     /// Applies the kernel's timers to the flow map.
     pub fn sweep(&mut self) -> Result<()> {
-        let stats = expiry::sweep(&self.probe, &self.timeouts)?;
+        let stats = self.timers.walk(&self.probe, &self.timeouts)?;
+        self.expired += stats.expired;
+        Ok(())
+    }
+
+    /// Fires the timers filed by the last walk that are due now.
+    pub fn fire_timers(&mut self) -> Result<()> {
+        let stats = self.timers.fire(&self.probe, &self.timeouts)?;
         self.expired += stats.expired;
         Ok(())
     }
@@ -194,12 +203,19 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    // Timers fire within this of the kernel's.
+    let mut timer_tick = tokio::time::interval(Duration::from_millis(50));
     let print = cfg.print && std::io::stdout().is_terminal();
     let mut last_reconcile = std::time::Instant::now();
     loop {
         tokio::select! {
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
+            _ = timer_tick.tick() => {
+                if let Err(e) = agent.lock().expect("agent lock").fire_timers() {
+                    log::warn!("timers: {e}");
+                }
+            }
             _ = tick.tick() => {
                 let mut a = agent.lock().expect("agent lock");
                 if let Err(e) = a.refresh_addresses() {

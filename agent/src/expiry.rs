@@ -5,11 +5,16 @@
 //! probe's command program (same compare-and-swap and counter update as the
 //! data path), then deletes entries that no longer hold a local socket.
 
-use std::time::Duration;
+use std::{collections::BTreeMap, time::Duration};
 
 use tcpstate_common::{Side, TcpState, Word, command::outcome, machine::expire};
 
-use crate::{error::Result, netns::sysctl_u64, probe::Probe};
+use crate::{
+    error::Result,
+    kernel_clock::KernelClock,
+    netns::sysctl_u64,
+    probe::{FlowRef, Probe},
+};
 
 /// How long each timed state lasts in the monitored namespace.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -24,6 +29,8 @@ pub struct Timeouts {
     pub syn_recv: Duration,
     /// How long a dead entry stays before it is deleted.
     pub dead_grace: Duration,
+    /// The kernel's timer wheel, for TIME_WAIT and FIN_WAIT2 (None: exact).
+    pub clock: Option<KernelClock>,
 }
 
 impl Default for Timeouts {
@@ -34,6 +41,7 @@ impl Default for Timeouts {
             syn_sent: retries_span(6),
             syn_recv: retries_span(5),
             dead_grace: Duration::from_secs(1),
+            clock: None,
         }
     }
 }
@@ -53,6 +61,7 @@ impl Timeouts {
                 .map_or(d.fin_wait2, Duration::from_secs),
             syn_sent: sysctl_u64("net/ipv4/tcp_syn_retries").map_or(d.syn_sent, retries_span),
             syn_recv: sysctl_u64("net/ipv4/tcp_synack_retries").map_or(d.syn_recv, retries_span),
+            clock: KernelClock::read(),
             ..d
         }
     }
@@ -66,22 +75,53 @@ impl Timeouts {
             _ => None,
         }
     }
+
+    /// When the kernel ends a local endpoint that entered `s` at `since_ns`.
+    pub fn ends_at(&self, s: TcpState, since_ns: u64) -> Option<u64> {
+        let limit = self.for_state(s)?;
+        Some(match (s, self.clock) {
+            // TIME_WAIT and FIN_WAIT2 (time-wait sockets): wheel timers.
+            (TcpState::TimeWait | TcpState::FinWait2, Some(clock)) => {
+                clock.fire_ns(since_ns, limit)
+            }
+            _ => since_ns.saturating_add(limit.as_nanos() as u64),
+        })
+    }
 }
 
-/// What one entry needs, given its age in its current state: the word to
-/// swap in, or `None` to leave it.
-pub fn decide(word: Word, age: Duration, t: &Timeouts) -> Option<Word> {
+/// When [`decide`] first wants to change an entry that changed at
+/// `changed_ns`: the earliest of its local endpoints' timers (or the end of a
+/// dead entry's grace). `None` for an entry no timer ends.
+pub fn deadline(word: Word, changed_ns: u64, t: &Timeouts) -> Option<u64> {
     if word.is_reaping() {
         return None;
     }
     if word.is_dead() {
-        return (age >= t.dead_grace).then(|| word.reaping());
+        return Some(changed_ns.saturating_add(t.dead_grace.as_nanos() as u64));
+    }
+    [Side::A, Side::B]
+        .into_iter()
+        .filter(|s| word.is_local(*s))
+        .filter_map(|s| t.ends_at(word.state(s), changed_ns))
+        .min()
+}
+
+/// What an entry that changed at `changed_ns` needs at `now_ns`: the word to
+/// swap in, or `None` to leave it.
+pub fn decide(word: Word, changed_ns: u64, now_ns: u64, t: &Timeouts) -> Option<Word> {
+    if word.is_reaping() {
+        return None;
+    }
+    if word.is_dead() {
+        return deadline(word, changed_ns, t)
+            .is_some_and(|at| now_ns >= at)
+            .then(|| word.reaping());
     }
     let mut new = word;
     for side in [Side::A, Side::B] {
         if word.is_local(side)
-            && t.for_state(word.state(side))
-                .is_some_and(|limit| age >= limit)
+            && t.ends_at(word.state(side), changed_ns)
+                .is_some_and(|at| now_ns >= at)
         {
             new = expire(new, side);
         }
@@ -102,34 +142,71 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
 }
 
-/// One pass over the flow map.
-pub fn sweep(probe: &Probe, t: &Timeouts) -> Result<SweepStats> {
-    let now = monotonic_ns();
-    // Collect first: deleting while walking the map would restart the walk.
-    let entries = probe.flow_entries()?;
-    let mut stats = SweepStats::default();
-    for (key, entry) in entries {
-        let word = Word(entry.word);
-        let age = Duration::from_nanos(now.saturating_sub(entry.changed_ns));
-        let Some(new) = decide(word, age, t) else {
-            continue;
-        };
-        let cmd = key.command(word.0, new.0);
-        // CHANGED means a packet moved the entry first; the next sweep looks again.
-        if probe.command(&cmd)? == outcome::DONE {
-            if new.is_reaping() {
-                stats.reaped += 1;
-            } else {
-                stats.expired += 1;
+/// The kernel's timers, kept to within a fraction of a second: a walk of the
+/// flow maps once a second finds every entry with a timer running and files
+/// it by deadline; a short tick fires what is due. An entry that changed since
+/// the walk is left alone (its swap finds a different word) and filed again
+/// by the next walk.
+#[derive(Default)]
+pub struct Timers {
+    due: BTreeMap<u64, Vec<(FlowRef, Word, u64)>>,
+}
+
+impl Timers {
+    /// Walks the flow maps: acts on what is due, files the rest.
+    pub fn walk(&mut self, probe: &Probe, t: &Timeouts) -> Result<SweepStats> {
+        self.due.clear();
+        // Collect first: deleting while walking the map would restart the walk.
+        for (flow, entry) in probe.flow_entries()? {
+            if let Some(at) = deadline(Word(entry.word), entry.changed_ns, t) {
+                self.due
+                    .entry(at)
+                    .or_default()
+                    .push((flow, Word(entry.word), entry.changed_ns));
             }
         }
+        self.fire(probe, t)
     }
-    Ok(stats)
+
+    /// Fires every filed timer whose deadline has passed.
+    pub fn fire(&mut self, probe: &Probe, t: &Timeouts) -> Result<SweepStats> {
+        let now = monotonic_ns();
+        let later = self.due.split_off(&now.saturating_add(1));
+        let due = std::mem::replace(&mut self.due, later);
+        let mut stats = SweepStats::default();
+        for (flow, word, changed_ns) in due.into_values().flatten() {
+            let Some(new) = decide(word, changed_ns, now, t) else {
+                continue;
+            };
+            // CHANGED: a packet moved the entry first; the next walk files it again.
+            if probe.command(&flow.command(word.0, new.0))? == outcome::DONE {
+                if new.is_reaping() {
+                    stats.reaped += 1;
+                } else {
+                    stats.expired += 1;
+                    // A dead entry is deleted after its grace: file that too.
+                    if let Some(at) = deadline(new, now, t) {
+                        self.due.entry(at).or_default().push((flow, new, now));
+                    }
+                }
+            }
+        }
+        Ok(stats)
+    }
+}
+
+/// One full pass: act on everything due now.
+pub fn sweep(probe: &Probe, t: &Timeouts) -> Result<SweepStats> {
+    Timers::default().walk(probe, t)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn ns(d: Duration) -> u64 {
+        d.as_nanos() as u64
+    }
 
     fn word(a: TcpState, b: TcpState, a_local: bool) -> Word {
         let w = Word::EMPTY.with_state(Side::A, a).with_state(Side::B, b);
@@ -151,8 +228,8 @@ mod tests {
     fn time_wait_expires_at_sixty_seconds_and_not_before() {
         let t = Timeouts::default();
         let w = word(TcpState::TimeWait, TcpState::Close, true).settle();
-        assert_eq!(decide(w, Duration::from_secs(59), &t), None);
-        let new = decide(w, Duration::from_secs(60), &t).expect("expired");
+        assert_eq!(decide(w, 0, ns(Duration::from_secs(59)), &t), None);
+        let new = decide(w, 0, ns(Duration::from_secs(60)), &t).expect("expired");
         assert_eq!(new.state(Side::A), TcpState::Close);
         assert!(new.is_dead());
     }
@@ -161,9 +238,51 @@ mod tests {
     fn remote_endpoints_and_untimed_states_are_left_alone() {
         let t = Timeouts::default();
         let remote_tw = word(TcpState::TimeWait, TcpState::Established, false);
-        assert_eq!(decide(remote_tw, Duration::from_secs(3600), &t), None);
+        assert_eq!(
+            decide(remote_tw, 0, ns(Duration::from_secs(3600)), &t),
+            None
+        );
         let est = word(TcpState::Established, TcpState::Established, true);
-        assert_eq!(decide(est, Duration::from_secs(3600), &t), None);
+        assert_eq!(decide(est, 0, ns(Duration::from_secs(3600)), &t), None);
+    }
+
+    #[test]
+    fn with_the_kernels_wheel_time_wait_ends_at_the_bucket_end() {
+        let clock = KernelClock {
+            j0: 1_000_000,
+            t0_ns: 4_000_000_000,
+            hz: 250,
+        };
+        let t = Timeouts {
+            clock: Some(clock),
+            ..Timeouts::default()
+        };
+        let tw = word(TcpState::TimeWait, TcpState::Close, true).settle();
+        let at = deadline(tw, clock.t0_ns, &t).unwrap();
+        // 15,000 jiffies ahead of jiffy 1,000,000: bucket end 1,015,296.
+        assert_eq!(at, clock.t0_ns + (15_296 * 1_000_000_000 / 250));
+        assert_eq!(decide(tw, clock.t0_ns, at - 1, &t), None);
+        assert!(decide(tw, clock.t0_ns, at, &t).is_some());
+        // Handshake timers are retransmission timers: not rounded.
+        let syn = word(TcpState::SynSent, TcpState::SynRecv, true);
+        assert_eq!(deadline(syn, 7, &t), Some(7 + 127_000_000_000));
+    }
+
+    #[test]
+    fn deadlines_are_the_earliest_local_timer() {
+        let t = Timeouts::default();
+        let tw = word(TcpState::TimeWait, TcpState::Close, true).settle();
+        assert_eq!(deadline(tw, 5, &t), Some(5 + 60_000_000_000));
+        let est = word(TcpState::Established, TcpState::Established, true);
+        assert_eq!(deadline(est, 5, &t), None);
+        let remote_tw = word(TcpState::TimeWait, TcpState::Established, false);
+        assert_eq!(deadline(remote_tw, 5, &t), None);
+        let dead = word(TcpState::Close, TcpState::Close, true).settle();
+        assert_eq!(deadline(dead, 5, &t), Some(5 + 1_000_000_000));
+        // The deadline is exactly when `decide` starts acting.
+        let at = deadline(tw, 0, &t).unwrap();
+        assert_eq!(decide(tw, 0, ns(Duration::from_nanos(at - 1)), &t), None);
+        assert!(decide(tw, 0, ns(Duration::from_nanos(at)), &t).is_some());
     }
 
     #[test]
@@ -171,8 +290,11 @@ mod tests {
         let t = Timeouts::default();
         let dead = word(TcpState::Close, TcpState::Close, true).settle();
         assert!(dead.is_dead());
-        assert_eq!(decide(dead, Duration::ZERO, &t), None);
-        assert_eq!(decide(dead, t.dead_grace, &t), Some(dead.reaping()));
-        assert_eq!(decide(dead.reaping(), Duration::from_secs(100), &t), None);
+        assert_eq!(decide(dead, 0, ns(Duration::ZERO), &t), None);
+        assert_eq!(decide(dead, 0, ns(t.dead_grace), &t), Some(dead.reaping()));
+        assert_eq!(
+            decide(dead.reaping(), 0, ns(Duration::from_secs(100)), &t),
+            None
+        );
     }
 }

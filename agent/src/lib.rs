@@ -5,6 +5,7 @@ pub mod agent;
 pub mod control;
 pub mod error;
 pub mod expiry;
+pub mod kernel_clock;
 pub mod netns;
 pub mod probe;
 pub mod reconcile;

@@ -507,6 +507,7 @@ fn counters_always_equal_what_the_entries_hold() {
         syn_sent: std::time::Duration::ZERO,
         syn_recv: std::time::Duration::ZERO,
         dead_grace: std::time::Duration::ZERO,
+        clock: None,
     };
     expiry::sweep(&p, &now).unwrap();
     check(&p, "after the sweep");

@@ -38,6 +38,8 @@ enum Task {
     Bench,
     /// rustfmt check and clippy -D warnings, on the host crates and on the probe.
     Lint,
+    /// The long accuracy scenarios; prints and writes target/accuracy/report.md.
+    Accuracy,
 }
 
 fn main() -> ExitCode {
@@ -100,6 +102,33 @@ fn run(task: Task) -> Result<()> {
             let mut probe = probe_cargo(&root, &tools, "clippy");
             probe.args(["--", "-D", "warnings"]);
             status(&mut probe)
+        }
+        Task::Accuracy => {
+            let probe = build_probe(&root)?;
+            let dir = root.join("target/accuracy");
+            let _ = std::fs::remove_dir_all(&dir);
+            let run = cargo(
+                &root,
+                &probe,
+                &[
+                    "test",
+                    "-p",
+                    "tcpstate",
+                    "--features",
+                    "accuracy",
+                    "--test",
+                    "accuracy",
+                    "--",
+                    "--ignored",
+                    "--test-threads=1",
+                    "--nocapture",
+                ],
+            );
+            // The report covers what ran, also when a scenario failed.
+            let report = accuracy_report(&dir)?;
+            print!("{report}");
+            std::fs::write(dir.join("report.md"), &report)?;
+            run
         }
         Task::Bench => {
             let probe = build_probe(&root)?;
@@ -175,4 +204,65 @@ fn status(cmd: &mut Command) -> Result<()> {
         bail!("{:?} failed ({st})", cmd.get_program());
     }
     Ok(())
+}
+
+/// A markdown table from target/accuracy/*.json: scenario x state,
+/// tcpstate/ss, with the settle time.
+fn accuracy_report(dir: &Path) -> Result<String> {
+    let mut rows: Vec<serde_json::Value> = Vec::new();
+    for entry in
+        std::fs::read_dir(dir).with_context(|| format!("no results in {}", dir.display()))?
+    {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "json") {
+            rows.push(serde_json::from_str(&std::fs::read_to_string(&path)?)?);
+        }
+    }
+    rows.sort_by_key(|r| r["scenario"].as_str().unwrap_or_default().to_owned());
+    const STATES: [&str; 11] = [
+        "LISTEN",
+        "SYN_SENT",
+        "SYN_RECV",
+        "ESTABLISHED",
+        "FIN_WAIT1",
+        "FIN_WAIT2",
+        "CLOSE_WAIT",
+        "CLOSING",
+        "LAST_ACK",
+        "TIME_WAIT",
+        "CLOSE",
+    ];
+    let mut out = String::from("| scenario | settle (s) |");
+    for s in STATES {
+        out += &format!(" {s} |");
+    }
+    out += "\n|---|---|";
+    out += &"---|".repeat(STATES.len());
+    out += "\n";
+    for r in &rows {
+        out += &format!(
+            "| {} | {} |",
+            r["scenario"].as_str().unwrap_or("?"),
+            r["settle_s"]
+        );
+        for s in STATES {
+            let pair = &r["states"][s];
+            let (a, b) = (&pair[0], &pair[1]);
+            out += &if a == b {
+                format!(" {a} |")
+            } else {
+                format!(" **{a} / {b}** |")
+            };
+        }
+        out += "\n";
+    }
+    out += "\nCells are tcpstate's count; a bold cell is tcpstate / ss where they differ.\n\n";
+    for r in &rows {
+        out += &format!(
+            "- {}: {}\n",
+            r["scenario"].as_str().unwrap_or("?"),
+            r["extra"]
+        );
+    }
+    Ok(out)
 }

@@ -1,0 +1,221 @@
+//! Long accuracy scenarios, run by `cargo xtask accuracy` (not by
+//! `cargo xtask test`: minutes each). Each compares the agent with `ss -tan`
+//! of the monitored namespace and writes target/accuracy/<scenario>.json,
+//! which xtask turns into the report.
+
+mod support;
+
+use std::{
+    io::Read,
+    net::{SocketAddr, TcpListener},
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread::sleep,
+    time::{Duration, Instant},
+};
+
+use serde_json::json;
+use support::{Agent, Netns, VethPair, require_root, sh, sockaddr};
+use tcpstate::snapshot::StateCounts;
+use tcpstate_common::TcpState;
+
+fn report(
+    scenario: &str,
+    settle: Duration,
+    ours: &StateCounts,
+    truth: &StateCounts,
+    extra: serde_json::Value,
+) {
+    let states: serde_json::Map<String, serde_json::Value> = TcpState::REPORTED
+        .iter()
+        .map(|s| (s.name().to_owned(), json!([ours.get(*s), truth.get(*s)])))
+        .collect();
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/accuracy");
+    std::fs::create_dir_all(&dir).unwrap();
+    let row = json!({
+        "scenario": scenario,
+        "settle_s": (settle.as_secs_f64() * 100.0).round() / 100.0,
+        "states": states,
+        "extra": extra,
+    });
+    std::fs::write(
+        dir.join(format!("{scenario}.json")),
+        serde_json::to_string_pretty(&row).unwrap(),
+    )
+    .unwrap();
+    println!(
+        "{scenario}: settled in {settle:?}\n{}",
+        support::table(ours, truth)
+    );
+}
+
+/// Time until the agent equals ss (checked every 100 ms, at most `limit`).
+fn settle(agent: &Agent, ns: &Netns, limit: Duration) -> (Duration, StateCounts, StateCounts) {
+    let start = Instant::now();
+    loop {
+        let (ours, truth) = (agent.counts(), ns.ss_counts());
+        if ours == truth || start.elapsed() > limit {
+            return (start.elapsed(), ours, truth);
+        }
+        sleep(Duration::from_millis(100));
+    }
+}
+
+/// A server in `ns` that closes every connection first (TIME_WAIT there).
+fn closing_server(listener: TcpListener, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+    listener.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        while !stop.load(Ordering::Relaxed) {
+            match listener.accept() {
+                Ok((s, _)) => drop(s),
+                Err(_) => sleep(Duration::from_micros(200)),
+            }
+        }
+    })
+}
+
+/// Clients in `ns` that connect, wait for the server's close, and close.
+fn clients(
+    ns: &Netns,
+    to: SocketAddr,
+    threads: usize,
+    stop: Arc<AtomicBool>,
+    done: Arc<AtomicU64>,
+) -> Vec<std::thread::JoinHandle<()>> {
+    (0..threads)
+        .map(|_| {
+            let (stop, done) = (stop.clone(), done.clone());
+            let file = std::fs::File::open(format!("/run/netns/{}", ns.name)).unwrap();
+            std::thread::spawn(move || {
+                nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+                let mut buf = [0u8; 16];
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok(mut c) =
+                        std::net::TcpStream::connect_timeout(&to, Duration::from_secs(2))
+                    {
+                        let _ = c.read(&mut buf);
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect()
+}
+
+/// TIME_WAIT sockets drain 60 s after they were made: sampled every 200 ms,
+/// tcpstate's TIME_WAIT count must follow ss's.
+#[test]
+#[ignore = "long: run through `cargo xtask accuracy`"]
+fn time_wait_drain() {
+    require_root();
+    let net = VethPair::new();
+    let agent = Agent::start(&net.left, &[]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let server = closing_server(net.left.listen(&sockaddr(&net.left_v4, 9000)), stop.clone());
+    let to: SocketAddr = sockaddr(&net.left_v4, 9000).parse().unwrap();
+    let workers = clients(&net.right, to, 4, stop.clone(), done.clone());
+    sleep(Duration::from_secs(3));
+    stop.store(true, Ordering::Relaxed);
+    workers.into_iter().for_each(|w| w.join().unwrap());
+    server.join().unwrap();
+    let made = done.load(Ordering::Relaxed);
+    let (settled, ours, truth) = settle(&agent, &net.left, Duration::from_secs(10));
+    assert_eq!(
+        ours,
+        truth,
+        "before the drain:\n{}",
+        support::table(&ours, &truth)
+    );
+    let peak = truth.get(TcpState::TimeWait);
+    assert!(
+        peak > 1000,
+        "enough TIME_WAIT sockets to watch drain: {peak}"
+    );
+    // The kernel fires TIME_WAIT timers in batches (timer wheel buckets):
+    // a sample taken while a batch fires catches ss before or after it. So
+    // each of tcpstate's samples is bracketed by an ss read before and after
+    // it; in step means within the bracket (the count only falls here).
+    let start = Instant::now();
+    let (mut worst, mut samples) = (0i64, 0);
+    loop {
+        let before = net.left.ss_counts().get(TcpState::TimeWait) as i64;
+        let ours = agent.counts().get(TcpState::TimeWait) as i64;
+        let after = net.left.ss_counts().get(TcpState::TimeWait) as i64;
+        let outside = (after - ours).max(ours - before).max(0);
+        worst = worst.max(outside);
+        samples += 1;
+        if before == 0 && ours == 0 || start.elapsed() > Duration::from_secs(75) {
+            break;
+        }
+        sleep(Duration::from_millis(100));
+    }
+    let drained = start.elapsed();
+    let (_, ours, truth) = settle(&agent, &net.left, Duration::from_secs(5));
+    report(
+        "time_wait_drain",
+        settled,
+        &ours,
+        &truth,
+        json!({"connections": made, "time_wait_peak": peak, "samples": samples, "worst_outside_ss_bracket": worst, "drained_after_s": drained.as_secs_f64()}),
+    );
+    assert_eq!(ours, truth);
+    // A timer armed within a jiffy of a bucket edge may land either side of
+    // it: allow a per-mille of stragglers, no more.
+    assert!(
+        worst <= peak as i64 / 1000 + 2,
+        "TIME_WAIT left the bracket of ss by {worst} (of {peak}) while draining"
+    );
+}
+
+/// At least 5,000 connection open/close cycles a second for 60 s (the
+/// server closes first, so TIME_WAIT piles up and ports are reused while their
+/// old connection is still in TIME_WAIT), then equal to ss after settling.
+#[test]
+#[ignore = "long: run through `cargo xtask accuracy`"]
+fn churn_60s() {
+    require_root();
+    let net = VethPair::new();
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &net.right.name,
+        "sysctl",
+        "-qw",
+        "net.ipv4.ip_local_port_range=1024 65535",
+    ]);
+    let agent = Agent::start(&net.left, &["--max-flows", "1048576"]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let server = closing_server(net.left.listen(&sockaddr(&net.left_v4, 9001)), stop.clone());
+    let to: SocketAddr = sockaddr(&net.left_v4, 9001).parse().unwrap();
+    let workers = clients(&net.right, to, 6, stop.clone(), done.clone());
+    let start = Instant::now();
+    sleep(Duration::from_secs(60));
+    stop.store(true, Ordering::Relaxed);
+    let ran = start.elapsed();
+    workers.into_iter().for_each(|w| w.join().unwrap());
+    server.join().unwrap();
+    let cycles = done.load(Ordering::Relaxed);
+    let rate = cycles as f64 / ran.as_secs_f64();
+    let (settled, ours, truth) = settle(&agent, &net.left, Duration::from_secs(10));
+    let snap = agent.snapshot();
+    report(
+        "churn_60s",
+        settled,
+        &ours,
+        &truth,
+        json!({"cycles": cycles, "cycles_per_s": rate.round(), "events": snap.events}),
+    );
+    assert_eq!(
+        ours,
+        truth,
+        "after churn:\n{}",
+        support::table(&ours, &truth)
+    );
+    assert!(rate >= 5000.0, "churn rate {rate:.0}/s below 5,000/s");
+}
