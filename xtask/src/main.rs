@@ -95,6 +95,7 @@ fn run(task: Task) -> Result<()> {
             status(Command::new("cargo").current_dir(&root).args([
                 "clippy",
                 "--all-targets",
+                "--all-features",
                 "--",
                 "-D",
                 "warnings",
