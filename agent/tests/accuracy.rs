@@ -219,3 +219,143 @@ fn churn_60s() {
     );
     assert!(rate >= 5000.0, "churn rate {rate:.0}/s below 5,000/s");
 }
+
+/// Python helper: opens `n` connections to `addr` and holds them until its
+/// standard input closes (a process holds at most 20,000 descriptors here).
+const HOLDER: &str = r#"
+import socket, sys
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+held = []
+for _ in range(n):
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.connect((host, port))
+    held.append(s)
+print("ready", flush=True)
+sys.stdin.read()
+"#;
+
+/// 100,000 concurrent connections in one namespace (the server side never
+/// accepts them: the kernel completes them into a deep backlog, so they cost
+/// no descriptors), equal to ss.
+#[test]
+#[ignore = "long: run through `cargo xtask accuracy`"]
+fn connections_100k() {
+    use std::{
+        io::BufRead,
+        process::{Command, Stdio},
+    };
+    require_root();
+    let net = VethPair::new();
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &net.left.name,
+        "sysctl",
+        "-qw",
+        "net.core.somaxconn=65535",
+    ]);
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &net.left.name,
+        "sysctl",
+        "-qw",
+        "net.ipv4.tcp_max_syn_backlog=65535",
+    ]);
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &net.right.name,
+        "sysctl",
+        "-qw",
+        "net.ipv4.ip_local_port_range=1024 65535",
+    ]);
+    let agent = Agent::start(&net.left, &[]);
+    let listeners: Vec<TcpListener> = (0..2)
+        .map(|i| {
+            let addr: SocketAddr = sockaddr(&net.left_v4, 9100 + i).parse().unwrap();
+            net.left.run(|| {
+                use nix::sys::socket::{
+                    AddressFamily, SockFlag, SockType, SockaddrIn, bind, socket,
+                };
+                let fd = socket(
+                    AddressFamily::Inet,
+                    SockType::Stream,
+                    SockFlag::empty(),
+                    None,
+                )
+                .unwrap();
+                let SocketAddr::V4(v4) = addr else {
+                    unreachable!()
+                };
+                bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::from(v4)).unwrap();
+                // SAFETY: a valid socket descriptor; nix caps its backlog type at
+                // SOMAXCONN, the kernel caps it at net.core.somaxconn (raised above).
+                assert_eq!(
+                    unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&fd), 65535) },
+                    0
+                );
+                TcpListener::from(fd)
+            })
+        })
+        .collect();
+    const TOTAL: usize = 100_000;
+    const PER_HELPER: usize = 12_500;
+    let start = Instant::now();
+    let helpers: Vec<_> = (0..TOTAL / PER_HELPER)
+        .map(|i| {
+            let port = 9100 + (i % 2) as u16;
+            let mut child = Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    &net.right.name,
+                    "python3",
+                    "-c",
+                    HOLDER,
+                    &net.left_v4,
+                ])
+                .args([port.to_string(), PER_HELPER.to_string()])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("python3 helper");
+            let mut line = String::new();
+            std::io::BufReader::new(child.stdout.as_mut().unwrap())
+                .read_line(&mut line)
+                .unwrap();
+            assert_eq!(
+                line.trim(),
+                "ready",
+                "helper {i} could not open its connections"
+            );
+            child
+        })
+        .collect();
+    let opened = start.elapsed();
+    let (settled, ours, truth) = settle(&agent, &net.left, Duration::from_secs(20));
+    let established = truth.get(TcpState::Established);
+    let snap = agent.snapshot();
+    report(
+        "connections_100k",
+        settled,
+        &ours,
+        &truth,
+        json!({"opened_in_s": opened.as_secs_f64(), "map_full": snap.events["map_full"]}),
+    );
+    assert_eq!(
+        ours,
+        truth,
+        "with {TOTAL} connections:\n{}",
+        support::table(&ours, &truth)
+    );
+    assert!(established >= TOTAL as u64, "{established} established");
+    for mut h in helpers {
+        drop(h.stdin.take());
+        let _ = h.wait();
+    }
+    drop(listeners);
+}
