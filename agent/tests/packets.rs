@@ -514,3 +514,35 @@ fn counters_always_equal_what_the_entries_hold() {
     expiry::sweep(&p, &now).unwrap();
     check(&p, "after the second sweep");
 }
+
+/// Port reuse: a new SYN on a tuple whose local end is in TIME_WAIT ends that
+/// connection (Linux lets the SYN through the time-wait socket) and starts one.
+#[test]
+#[ignore = "needs root and the probe: run through `cargo xtask test`"]
+fn a_syn_on_a_time_wait_tuple_starts_a_new_counted_flow() {
+    let p = probe(1024, LOCAL);
+    let (cip, sip) = ("10.1.1.9", "10.1.1.1"); // the server is local
+    let client = |flags, seq, ack| Tcp::new(cip, 41_000, sip, 80, flags).seq(seq, ack);
+    let server = |flags, seq, ack| Tcp::new(sip, 80, cip, 41_000, flags).seq(seq, ack);
+    xdp(&p, &client(SYN, 1, 0));
+    tc(&p, &server(SYN | ACK, 500, 2));
+    xdp(&p, &client(ACK, 2, 501));
+    tc(&p, &server(FIN | ACK, 501, 2));
+    xdp(&p, &client(FIN | ACK, 2, 502));
+    tc(&p, &server(ACK, 502, 3));
+    let c = p.counters().unwrap();
+    assert_eq!(state_count(&c, TcpState::TimeWait), 1);
+    xdp(&p, &client(SYN, 90_000, 0));
+    let c = p.counters().unwrap();
+    assert_eq!(
+        (
+            state_count(&c, TcpState::TimeWait),
+            state_count(&c, TcpState::SynRecv)
+        ),
+        (0, 1)
+    );
+    assert_eq!(
+        (event(&c, Event::FlowsOpened), event(&c, Event::FlowsClosed)),
+        (2, 1)
+    );
+}

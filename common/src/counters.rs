@@ -22,9 +22,11 @@ pub enum Event {
     ParseErrors = 5,
     /// A new flow could not be stored because the flow map is full.
     MapFull = 6,
-    /// Flows created (including a dead entry reused by a new connection).
+    /// Flows created (including an entry reused by a new connection on its
+    /// tuple: a dead one, or one in TIME_WAIT).
     FlowsOpened = 7,
-    /// Flows that ended with no local socket left.
+    /// Flows that ended: no local socket left, or replaced by a new
+    /// connection on the same tuple.
     FlowsClosed = 8,
     /// RSTs ignored as blind or stale.
     RstIgnored = 9,

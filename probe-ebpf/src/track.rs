@@ -276,6 +276,12 @@ fn transition<K>(
                 if swap_word(p, old, st.word) {
                     unsafe { (*p).changed_ns = bpf_ktime_get_ns() };
                     move_counts(c, old, st.word);
+                    // A new connection on a live entry's tuple (port reuse
+                    // through TIME_WAIT): one flow ended, another began.
+                    if st.reset_receiver && !old.is_dead() {
+                        count(c, Event::FlowsClosed);
+                        count(c, Event::FlowsOpened);
+                    }
                     return;
                 }
             }
