@@ -10,6 +10,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+use tcpstate_common::TcpState;
 
 #[derive(Parser)]
 #[command(about = "tcpstate's build and test tasks")]
@@ -220,25 +221,14 @@ fn accuracy_report(dir: &Path) -> Result<String> {
         }
     }
     rows.sort_by_key(|r| r["scenario"].as_str().unwrap_or_default().to_owned());
-    const STATES: [&str; 11] = [
-        "LISTEN",
-        "SYN_SENT",
-        "SYN_RECV",
-        "ESTABLISHED",
-        "FIN_WAIT1",
-        "FIN_WAIT2",
-        "CLOSE_WAIT",
-        "CLOSING",
-        "LAST_ACK",
-        "TIME_WAIT",
-        "CLOSE",
-    ];
+    // The states in the order `tcpstate count` prints them.
+    let states = TcpState::REPORTED.map(TcpState::name);
     let mut out = String::from("| scenario | settle (s) |");
-    for s in STATES {
+    for s in states {
         out += &format!(" {s} |");
     }
     out += "\n|---|---|";
-    out += &"---|".repeat(STATES.len());
+    out += &"---|".repeat(states.len());
     out += "\n";
     for r in &rows {
         out += &format!(
@@ -246,7 +236,7 @@ fn accuracy_report(dir: &Path) -> Result<String> {
             r["scenario"].as_str().unwrap_or("?"),
             r["settle_s"]
         );
-        for s in STATES {
+        for s in states {
             let pair = &r["states"][s];
             let (a, b) = (&pair[0], &pair[1]);
             out += &if a == b {
@@ -266,4 +256,30 @@ fn accuracy_report(dir: &Path) -> Result<String> {
         );
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_accuracy_report_marks_differences_and_keeps_state_order() {
+        let dir = std::env::temp_dir().join(format!("tcpstate-report-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut states = serde_json::Map::new();
+        for s in TcpState::REPORTED {
+            states.insert(s.name().into(), serde_json::json!([0, 0]));
+        }
+        states.insert("TIME_WAIT".into(), serde_json::json!([5, 7]));
+        let row =
+            serde_json::json!({"scenario": "x", "settle_s": 0.5, "states": states, "extra": {}});
+        std::fs::write(dir.join("x.json"), row.to_string()).unwrap();
+        let report = accuracy_report(&dir).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        let header = report.lines().next().unwrap();
+        assert!(header.find("LISTEN").unwrap() < header.find("CLOSE |").unwrap());
+        let line = report.lines().find(|l| l.starts_with("| x |")).unwrap();
+        assert!(line.contains("**5 / 7**"), "{line}");
+        assert_eq!(line.matches(" 0 |").count(), 10, "{line}");
+    }
 }
