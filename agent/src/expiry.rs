@@ -1,7 +1,8 @@
 //! The kernel's timers, applied to flow entries: a local endpoint in
 //! TIME_WAIT, FIN_WAIT2, SYN_SENT or SYN_RECV leaves the socket table when
 //! Linux's timer for that state fires, without sending a packet. The agent
-//! sweeps the flow map once a second and closes such endpoints through the
+//! walks the flow maps once a second, files each running timer by its
+//! deadline ([`Timers`]), and closes the endpoints that are due through the
 //! probe's command program (same compare-and-swap and counter update as the
 //! data path), then deletes entries that no longer hold a local socket.
 

@@ -18,7 +18,7 @@ use std::{
 };
 
 use serde_json::json;
-use support::{Agent, Netns, VethPair, require_root, sh, sockaddr};
+use support::{Agent, Netns, VethPair, require_root, sockaddr};
 use tcpstate::snapshot::StateCounts;
 use tcpstate_common::TcpState;
 
@@ -179,15 +179,7 @@ fn time_wait_drain() {
 fn churn_60s() {
     require_root();
     let net = VethPair::new();
-    sh(&[
-        "ip",
-        "netns",
-        "exec",
-        &net.right.name,
-        "sysctl",
-        "-qw",
-        "net.ipv4.ip_local_port_range=1024 65535",
-    ]);
+    net.right.sysctl("net.ipv4.ip_local_port_range=1024 65535");
     let agent = Agent::start(&net.left, &["--max-flows", "1048576"]);
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
@@ -246,33 +238,9 @@ fn connections_100k() {
     };
     require_root();
     let net = VethPair::new();
-    sh(&[
-        "ip",
-        "netns",
-        "exec",
-        &net.left.name,
-        "sysctl",
-        "-qw",
-        "net.core.somaxconn=65535",
-    ]);
-    sh(&[
-        "ip",
-        "netns",
-        "exec",
-        &net.left.name,
-        "sysctl",
-        "-qw",
-        "net.ipv4.tcp_max_syn_backlog=65535",
-    ]);
-    sh(&[
-        "ip",
-        "netns",
-        "exec",
-        &net.right.name,
-        "sysctl",
-        "-qw",
-        "net.ipv4.ip_local_port_range=1024 65535",
-    ]);
+    net.left.sysctl("net.core.somaxconn=65535");
+    net.left.sysctl("net.ipv4.tcp_max_syn_backlog=65535");
+    net.right.sysctl("net.ipv4.ip_local_port_range=1024 65535");
     let agent = Agent::start(&net.left, &[]);
     let listeners: Vec<TcpListener> = (0..2)
         .map(|i| {

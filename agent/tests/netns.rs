@@ -514,15 +514,7 @@ fn forwarded_connections_count_nowhere() {
         args.extend(c.iter().map(String::as_str));
         support::sh(&args);
     }
-    support::sh(&[
-        "ip",
-        "netns",
-        "exec",
-        &router.name,
-        "sysctl",
-        "-qw",
-        "net.ipv4.ip_forward=1",
-    ]);
+    router.sysctl("net.ipv4.ip_forward=1");
     let agent = Agent::start(&router, &[]);
 
     let server = b.listen(&format!("10.{net}.2.2:7500"));

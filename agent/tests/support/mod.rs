@@ -85,6 +85,11 @@ impl Netns {
         self.run(|| TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect"))
     }
 
+    /// Sets a sysctl of this namespace, e.g. `net.ipv4.ip_forward=1`.
+    pub fn sysctl(&self, setting: &str) {
+        sh(&["ip", "netns", "exec", &self.name, "sysctl", "-qw", setting]);
+    }
+
     /// `ss -tanH` of this namespace, counted per state: the ground truth.
     pub fn ss_counts(&self) -> StateCounts {
         let out = Command::new("ip")
