@@ -202,6 +202,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
+    // A closed terminal stops the agent as cleanly as Ctrl-C does.
+    let mut sighup = signal(SignalKind::hangup())?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     // Timers fire within this of the kernel's.
     let mut timer_tick = tokio::time::interval(Duration::from_millis(50));
@@ -211,6 +213,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         tokio::select! {
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
+            _ = sighup.recv() => break,
             _ = timer_tick.tick() => {
                 if let Err(e) = agent.lock().expect("agent lock").fire_timers() {
                     log::warn!("timers: {e}");

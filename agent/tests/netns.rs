@@ -173,49 +173,44 @@ fn many_connections_on_veth_match_ss() {
 #[test]
 #[ignore = "needs root and the probe: run through `cargo xtask test`"]
 fn stopping_the_agent_detaches_every_program() {
+    use nix::sys::signal::Signal;
     require_root();
     let net = VethPair::new();
-    let mut agent = Agent::start(&net.left, &[]);
-    let ours = |ids: &[u32]| -> Vec<u32> {
+    let ours = || -> Vec<u32> {
         aya::programs::loaded_programs()
             .filter_map(|p| p.ok())
-            .filter(|p| {
-                p.name_as_str().is_some_and(|n| n.starts_with("tcpstate_"))
-                    && !ids.contains(&p.id())
-            })
+            .filter(|p| p.name_as_str().is_some_and(|n| n.starts_with("tcpstate_")))
             .map(|p| p.id())
             .collect()
     };
-    assert!(
-        !ours(&[]).is_empty(),
-        "the running agent has its programs loaded"
-    );
-    let links = std::process::Command::new("ip")
-        .args(["-n", &net.left.name, "link", "show", "veth0"])
-        .output()
-        .unwrap();
-    assert!(
-        String::from_utf8_lossy(&links.stdout).contains("xdp"),
-        "XDP is attached while the agent runs"
-    );
-    assert!(agent.stop().success(), "SIGINT ends the agent cleanly");
-    // Program teardown is asynchronous in the kernel (RCU): give it a moment.
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while !ours(&[]).is_empty() && std::time::Instant::now() < deadline {
-        sleep(PAUSE);
+    let xdp_on_veth0 = || {
+        let links = std::process::Command::new("ip")
+            .args(["-n", &net.left.name, "link", "show", "veth0"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&links.stdout).contains("xdp")
+    };
+    // Ctrl-C, a service manager's stop, a closed terminal.
+    for signal in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        let mut agent = Agent::start(&net.left, &[]);
+        assert!(
+            !ours().is_empty(),
+            "the running agent has its programs loaded"
+        );
+        assert!(xdp_on_veth0(), "XDP is attached while the agent runs");
+        assert!(
+            agent.stop_with(signal).success(),
+            "{signal} ends the agent cleanly"
+        );
+        // Program teardown is asynchronous in the kernel (RCU): give it a moment.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !ours().is_empty() && std::time::Instant::now() < deadline {
+            sleep(PAUSE);
+        }
+        assert!(ours().is_empty(), "programs left loaded after {signal}");
+        assert!(!xdp_on_veth0(), "XDP left attached after {signal}");
+        assert!(!agent.socket.exists(), "control socket left after {signal}");
     }
-    assert!(
-        ours(&[]).is_empty(),
-        "programs left loaded after the agent stopped"
-    );
-    let links = std::process::Command::new("ip")
-        .args(["-n", &net.left.name, "link", "show", "veth0"])
-        .output()
-        .unwrap();
-    assert!(
-        !String::from_utf8_lossy(&links.stdout).contains("xdp"),
-        "XDP left attached"
-    );
 }
 
 #[test]
@@ -312,10 +307,16 @@ fn on_a_terminal_run_prints_the_counts_every_second() {
         last.contains("LISTEN=1"),
         "the listener in the namespace: {last}"
     );
-    assert!(
-        !std::path::Path::new(&socket).exists(),
-        "the control socket is removed on exit"
-    );
+    // `script` may return while the agent, told by SIGINT or the terminal's
+    // hangup, is still detaching.
+    let gone = (0..50).any(|_| {
+        let exists = std::path::Path::new(&socket).exists();
+        if exists {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        !exists
+    });
+    assert!(gone, "the control socket is removed on exit");
 }
 
 /// Connections made before the agent starts are read from the socket table,
