@@ -52,6 +52,12 @@ pub struct Agent {
     expired: u64,
     reconciler: Reconciler,
     timers: Timers,
+    /// The kernel's TCPTimeWaitOverflow at the last look.
+    tw_overflow: Option<u64>,
+    /// Growth of TCPTimeWaitOverflow since the agent started.
+    tw_overflow_seen: u64,
+    /// Socket-table checks owed after such growth.
+    checks_due: u8,
 }
 
 impl Agent {
@@ -116,7 +122,39 @@ impl Agent {
             expired: 0,
             reconciler: Reconciler::default(),
             timers: Timers::default(),
+            tw_overflow: None,
+            tw_overflow_seen: 0,
+            checks_due: 0,
         })
+    }
+
+    /// Watches the kernel's count of connections that closed without
+    /// TIME_WAIT because `net.ipv4.tcp_max_tw_buckets` was reached. Their
+    /// packets look like any other close, so the probe counts them in
+    /// TIME_WAIT; when the count grows, two socket-table checks follow a
+    /// second apart (a mismatch must hold for two), whether or not periodic
+    /// reconciliation is on. Returns the growth.
+    pub fn watch_tw_overflow(&mut self) -> Result<u64> {
+        let now = self
+            .ns
+            .run(|| Ok(netns::snmp_counter("TcpExt", "TCPTimeWaitOverflow")))?;
+        let Some(now) = now else { return Ok(0) };
+        let grew = self
+            .tw_overflow
+            .map_or(0, |before| now.saturating_sub(before));
+        self.tw_overflow = Some(now);
+        if grew > 0 {
+            self.tw_overflow_seen += grew;
+            self.checks_due = 2;
+        }
+        Ok(grew)
+    }
+
+    /// Whether a socket-table check is owed now (and takes it).
+    pub fn take_check_due(&mut self) -> bool {
+        let due = self.checks_due > 0;
+        self.checks_due = self.checks_due.saturating_sub(1);
+        due
     }
 
     /// Follows the namespace's addresses (added or removed since the last call).
@@ -142,6 +180,7 @@ impl Agent {
         );
         snap.drift = by_state(&self.reconciler.drift);
         snap.corrections = by_state(&self.reconciler.corrections);
+        snap.time_wait_overflow = self.tw_overflow_seen;
         Ok(snap)
     }
 
@@ -227,7 +266,17 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 if let Err(e) = a.sweep() {
                     log::warn!("timer sweep failed: {e}");
                 }
-                if cfg.reconcile_every.is_some_and(|every| last_reconcile.elapsed() >= every) {
+                match a.watch_tw_overflow() {
+                    Ok(0) => {}
+                    Ok(n) => log::info!(
+                        "{n} connections closed without TIME_WAIT (net.ipv4.tcp_max_tw_buckets reached): checking the socket table"
+                    ),
+                    Err(e) => log::warn!("reading TCPTimeWaitOverflow failed: {e}"),
+                }
+                let periodic = cfg
+                    .reconcile_every
+                    .is_some_and(|every| last_reconcile.elapsed() >= every);
+                if a.take_check_due() || periodic {
                     last_reconcile = std::time::Instant::now();
                     match a.reconcile() {
                         Ok(0) => {}

@@ -98,6 +98,21 @@ pub fn sysctl_u64(path: &str) -> Option<u64> {
         .ok()
 }
 
+/// One of the kernel's TCP counters of the calling thread's namespace from
+/// `/proc/net/netstat`, e.g. `TcpExt` `TCPTimeWaitOverflow`.
+pub fn snmp_counter(group: &str, name: &str) -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/thread-self/net/netstat").ok()?;
+    let prefix = format!("{group}:");
+    let mut lines = text.lines();
+    while let (Some(names), Some(values)) = (lines.next(), lines.next()) {
+        if names.starts_with(&prefix) {
+            let at = names.split_whitespace().position(|n| n == name)?;
+            return values.split_whitespace().nth(at)?.parse().ok();
+        }
+    }
+    None
+}
+
 /// The addresses of the calling thread's namespace, on every interface.
 pub fn local_addresses() -> Result<Vec<std::net::IpAddr>> {
     let addrs = nix::ifaddrs::getifaddrs().map_err(|e| Error::io("listing addresses", e.into()))?;

@@ -81,6 +81,10 @@ pub struct Snapshot {
     /// (`NONE`: connections the flow maps had missed).
     #[serde(default)]
     pub corrections: serde_json::Map<String, serde_json::Value>,
+    /// Connections the kernel closed without TIME_WAIT since the agent started
+    /// (`net.ipv4.tcp_max_tw_buckets` reached; TcpExt TCPTimeWaitOverflow).
+    #[serde(default)]
+    pub time_wait_overflow: u64,
     /// The socket table's own counts, read for this answer (`count --verify`).
     #[serde(default)]
     pub kernel: Option<serde_json::Value>,
@@ -108,6 +112,7 @@ impl Snapshot {
             expired,
             drift: Default::default(),
             corrections: Default::default(),
+            time_wait_overflow: 0,
             kernel: None,
         }
     }

@@ -595,6 +595,52 @@ fn reconciliation_corrects_what_packets_never_showed() {
     );
 }
 
+/// With `net.ipv4.tcp_max_tw_buckets` reached the kernel closes connections
+/// without TIME_WAIT; their packets are those of any close. The agent sees the
+/// kernel's TCPTimeWaitOverflow grow and checks the socket table at once, even
+/// with periodic reconciliation off: TIME_WAIT follows ss within seconds, not
+/// a minute later.
+#[test]
+#[ignore = "needs root and the probe: run through `cargo xtask test`"]
+fn time_wait_overflow_follows_the_kernel() {
+    require_root();
+    let net = VethPair::new();
+    let (mon, peer) = (&net.left, &net.right);
+    mon.sysctl("net.ipv4.tcp_max_tw_buckets=5");
+    let agent = Agent::start(mon, &[]);
+    let listener = peer.listen(&sockaddr(&net.right_v4, 7950));
+    let addr = listener.local_addr().unwrap();
+    let pairs: Vec<(TcpStream, TcpStream)> = (0..40)
+        .map(|_| (mon.connect(addr), accept(&listener)))
+        .collect();
+    // The monitored side closes first, with shutdown: its sockets take the
+    // peer's FIN in FIN_WAIT2, ACK it and would all enter TIME_WAIT. (An
+    // orphaned FIN_WAIT2, after close(), is itself a TIME_WAIT entry: on
+    // overflow it vanishes at once and the peer's FIN draws an RST that the
+    // probe sees.)
+    let mut clients = Vec::new();
+    for (client, server) in pairs {
+        client.shutdown(std::net::Shutdown::Write).unwrap();
+        clients.push((client, server));
+    }
+    sleep(PAUSE);
+    let clients: Vec<TcpStream> = clients.into_iter().map(|(c, _server)| c).collect();
+    sleep(PAUSE);
+    drop(clients);
+    let overflow = mon.snmp("TcpExt", "TCPTimeWaitOverflow");
+    assert!(
+        overflow >= 30,
+        "the kernel skipped TIME_WAIT {overflow} times"
+    );
+    let t = agent.assert_matches_ss(mon, "after TIME_WAIT overflow");
+    assert_eq!(t.get(TcpState::TimeWait), 5, "{t:?}");
+    let snap = agent.snapshot();
+    assert_eq!(
+        snap.time_wait_overflow, overflow,
+        "exported as seen by the kernel"
+    );
+}
+
 #[test]
 #[ignore = "needs root and the probe: run through `cargo xtask test`"]
 fn count_verify_shows_the_difference_from_the_socket_table() {
@@ -754,31 +800,86 @@ fn states_held_by_lost_packets_match_ss_ipv6() {
     held_states(true);
 }
 
-/// 5 % of the segments are lost in both directions (nftables in the peer):
-/// connections open, carry data and close through retransmissions; once the
-/// kernel has settled, the counts must equal ss. Reconciliation is off.
+/// Loss, duplication and reordering on a namespace's TCP segments: 5 % lost
+/// on the way in and 5 % on the way out (nftables `numgen`), 5 % of those
+/// sent duplicated (`dup to` at the device's egress hook) and 5 % held back
+/// behind later ones (`meta priority` into a slow HTB class: netem and fq are
+/// not in every kernel, HTB and nftables are).
+fn impair(ns: &Netns, dev: &str, lose: bool) {
+    let loss = if lose {
+        "table inet impair_loss {
+            chain input { type filter hook input priority 0; meta l4proto tcp numgen random mod 100 < 5 drop; }
+            chain output { type filter hook output priority 0; meta l4proto tcp numgen random mod 100 < 5 drop; }
+        }"
+        .to_owned()
+    } else {
+        String::new()
+    };
+    let rules = format!(
+        "{loss}
+        table netdev impair_dup {{
+            chain egress {{
+                type filter hook egress device \"{dev}\" priority 0;
+                meta l4proto tcp numgen random mod 100 < 5 dup to \"{dev}\";
+            }}
+        }}
+        table inet impair_order {{
+            chain output {{
+                type filter hook output priority 1;
+                meta l4proto tcp numgen random mod 100 < 5 meta priority set 0x10020; # class 1:20
+            }}
+        }}"
+    );
+    let mut nft = std::process::Command::new("ip")
+        .args(["netns", "exec", &ns.name, "nft", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("nft");
+    {
+        use std::io::Write;
+        nft.stdin
+            .take()
+            .unwrap()
+            .write_all(rules.as_bytes())
+            .unwrap();
+    }
+    assert!(nft.wait().unwrap().success(), "nft rules:\n{rules}");
+    let tc = |args: &str| {
+        let mut all = vec!["ip", "netns", "exec", &ns.name, "tc"];
+        all.extend(args.split_whitespace());
+        support::sh(&all);
+    };
+    tc(&format!(
+        "qdisc add dev {dev} root handle 1: htb default 10 r2q 100000"
+    ));
+    tc(&format!(
+        "class add dev {dev} parent 1: classid 1:10 htb rate 10gbit"
+    ));
+    tc(&format!(
+        "class add dev {dev} parent 1: classid 1:20 htb rate 1mbit burst 200 cburst 200"
+    ));
+}
+
+/// 5 % of the segments are lost, duplicated and reordered in both
+/// directions: connections open, carry data and close through
+/// retransmissions; once the kernel has settled, the counts must equal ss.
+/// Reconciliation is off. The kernel's own counters show that duplicates and
+/// out-of-order segments did reach the monitored namespace.
 #[test]
 #[ignore = "needs root and the probe: run through `cargo xtask test`"]
-fn five_percent_loss_settles_equal_to_ss() {
+fn loss_duplication_and_reordering_settle_equal_to_ss() {
     use std::io::{Read, Write};
     require_root();
     let net = VethPair::new();
     let (mon, peer) = (&net.left, &net.right);
     let agent = Agent::start(mon, &[]);
-    nft(peer, "add table inet loss");
-    for hook in ["input", "output"] {
-        nft(
-            peer,
-            &format!("add chain inet loss {hook} {{ type filter hook {hook} priority 0; }}"),
-        );
-        nft(
-            peer,
-            &format!("add rule inet loss {hook} meta l4proto tcp numgen random mod 100 < 5 drop"),
-        );
-    }
+    impair(peer, "veth0", true);
+    impair(mon, "veth0", false);
     let listener = mon.listen(&sockaddr(&net.left_v4, 7800));
     let addr = listener.local_addr().unwrap();
     const CONNS: usize = 60;
+    // Enough data that some of it is held back behind later segments.
+    const BYTES: usize = 200_000;
     let server = std::thread::spawn(move || {
         (0..CONNS)
             .map(|_| {
@@ -786,13 +887,13 @@ fn five_percent_loss_settles_equal_to_ss() {
                 s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
                 let mut buf = [0u8; 8192];
                 let mut got = 0;
-                while got < 20_000 {
+                while got < BYTES {
                     match s.read(&mut buf) {
                         Ok(0) | Err(_) => break,
                         Ok(n) => got += n,
                     }
                 }
-                let _ = s.write_all(&[7u8; 20_000]);
+                let _ = s.write_all(&vec![7u8; BYTES]);
                 s
             })
             .collect::<Vec<TcpStream>>()
@@ -800,11 +901,11 @@ fn five_percent_loss_settles_equal_to_ss() {
     let clients: Vec<_> = (0..CONNS)
         .map(|_| {
             let mut c = peer.connect(addr);
-            c.write_all(&[1u8; 20_000]).unwrap();
+            c.write_all(&vec![1u8; BYTES]).unwrap();
             c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
             let mut buf = [0u8; 8192];
             let mut got = 0;
-            while got < 20_000 {
+            while got < BYTES {
                 match c.read(&mut buf) {
                     Ok(0) | Err(_) => break,
                     Ok(n) => got += n,
@@ -829,6 +930,7 @@ fn five_percent_loss_settles_equal_to_ss() {
     loop {
         let t = mon.ss_counts();
         let moving = [
+            TcpState::Established,
             TcpState::SynRecv,
             TcpState::FinWait1,
             TcpState::LastAck,
@@ -842,8 +944,15 @@ fn five_percent_loss_settles_equal_to_ss() {
         }
         sleep(Duration::from_millis(250));
     }
-    let t = agent.assert_matches_ss(mon, "after 5 % loss");
+    let t = agent.assert_matches_ss(mon, "after 5 % loss, duplication and reordering");
     assert_eq!(t.get(TcpState::CloseWait), kept.len() as u64, "{t:?}");
+    let (ooo, dups) = (
+        mon.snmp("TcpExt", "TCPOFOQueue"),
+        mon.snmp("TcpExt", "TCPDSACKOldSent"),
+    );
+    assert!(ooo > 0, "no segment arrived out of order");
+    assert!(dups > 0, "no duplicate segment arrived");
+    eprintln!("out of order {ooo}, duplicates answered with D-SACK {dups}");
     let snap = agent.snapshot();
     assert_eq!(
         snap.events["cas_conflicts"].as_u64(),

@@ -91,6 +91,30 @@ impl Netns {
     }
 
     /// `ss -tanH` of this namespace, counted per state: the ground truth.
+    /// One of the kernel's SNMP counters (`/proc/net/netstat`, `/proc/net/snmp`)
+    /// in this namespace, e.g. `TcpExt` `TCPOFOQueue`.
+    pub fn snmp(&self, group: &str, name: &str) -> u64 {
+        self.run(|| {
+            let mut found = None;
+            for file in [
+                "/proc/thread-self/net/netstat",
+                "/proc/thread-self/net/snmp",
+            ] {
+                let text = std::fs::read_to_string(file).expect("reading the SNMP counters");
+                let mut lines = text.lines();
+                while let (Some(names), Some(values)) = (lines.next(), lines.next()) {
+                    let prefix = format!("{group}:");
+                    if !names.starts_with(&prefix) {
+                        continue;
+                    }
+                    let at = names.split_whitespace().position(|n| n == name);
+                    found = at.and_then(|i| values.split_whitespace().nth(i)?.parse().ok());
+                }
+            }
+            found.unwrap_or_else(|| panic!("no SNMP counter {group} {name}"))
+        })
+    }
+
     pub fn ss_counts(&self) -> StateCounts {
         let out = Command::new("ip")
             .args(["netns", "exec", &self.name, "ss", "-tanH"])
