@@ -198,6 +198,22 @@ impl Agent {
             kernel.set(s, table[s as usize]);
         }
         snap.kernel = Some(kernel.json());
+        // LISTEN is not in the flow map: the snapshot took it from the table.
+        let mut entries = StateCounts::default();
+        entries.set(
+            TcpState::Listen,
+            snap.state_counts().map_or(0, |c| c.get(TcpState::Listen)),
+        );
+        for (_, e) in self.probe.flow_entries()? {
+            let w = tcpstate_common::Word(e.word);
+            for side in [tcpstate_common::Side::A, tcpstate_common::Side::B] {
+                let s = w.counted(side);
+                if s != TcpState::None {
+                    entries.set(s, entries.get(s) + 1);
+                }
+            }
+        }
+        snap.entries = Some(entries.json());
         Ok(snap)
     }
 

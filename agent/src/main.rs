@@ -132,7 +132,27 @@ fn main() -> ExitCode {
                     };
                     let (table, same) = verify_table(&counts, &kernel);
                     print!("{table}");
-                    return if same {
+                    // The probe's own invariant: counters equal what the
+                    // entries hold (map full, evictions and races included).
+                    let consistent = snap.entry_counts() == Some(counts);
+                    if consistent {
+                        println!("flow map: counters agree with its entries");
+                    } else {
+                        println!(
+                            "flow map: COUNTERS DIFFER FROM ITS ENTRIES: {:?}",
+                            snap.entries
+                        );
+                    }
+                    let events =
+                        |name: &str| snap.events.get(name).and_then(|v| v.as_u64()).unwrap_or(0);
+                    if events("map_full") > 0 {
+                        println!(
+                            "flow map: {} new flows refused because the map ({} entries) was full",
+                            events("map_full"),
+                            snap.flow_map_capacity
+                        );
+                    }
+                    return if same && consistent {
                         ExitCode::SUCCESS
                     } else {
                         ExitCode::FAILURE

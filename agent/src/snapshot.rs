@@ -88,6 +88,10 @@ pub struct Snapshot {
     /// The socket table's own counts, read for this answer (`count --verify`).
     #[serde(default)]
     pub kernel: Option<serde_json::Value>,
+    /// The states the flow map's entries hold, recounted entry by entry for
+    /// this answer (`count --verify`): the in-kernel counters must equal them.
+    #[serde(default)]
+    pub entries: Option<serde_json::Value>,
 }
 
 impl Snapshot {
@@ -114,6 +118,7 @@ impl Snapshot {
             corrections: Default::default(),
             time_wait_overflow: 0,
             kernel: None,
+            entries: None,
         }
     }
 
@@ -123,6 +128,10 @@ impl Snapshot {
 
     pub fn kernel_counts(&self) -> Option<StateCounts> {
         StateCounts::from_json(self.kernel.as_ref()?)
+    }
+
+    pub fn entry_counts(&self) -> Option<StateCounts> {
+        StateCounts::from_json(self.entries.as_ref()?)
     }
 }
 

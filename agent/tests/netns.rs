@@ -641,6 +641,85 @@ fn time_wait_overflow_follows_the_kernel() {
     );
 }
 
+/// A flow map too small for the traffic: new flows are refused and counted,
+/// the flows it holds are still tracked exactly, and the counters stay equal
+/// to what the entries hold (`count --verify` recounts them).
+#[test]
+#[ignore = "needs root and the probe: run through `cargo xtask test`"]
+fn a_full_flow_map_is_counted_and_never_drifts() {
+    require_root();
+    let net = VethPair::new();
+    let (mon, peer) = (&net.left, &net.right);
+    let agent = Agent::start(mon, &["--max-flows", "16"]);
+    let listener = mon.listen(&sockaddr(&net.left_v4, 7960));
+    let addr = listener.local_addr().unwrap();
+    let mut pairs: Vec<(TcpStream, TcpStream)> = (0..40)
+        .map(|_| (peer.connect(addr), accept(&listener)))
+        .collect();
+    let verify = || {
+        let out = tcpstate()
+            .args(["count", "--verify", "--socket"])
+            .arg(&agent.socket)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let check = |what: &str| {
+        let (code, text) = verify();
+        assert_eq!(
+            code,
+            Some(1),
+            "{what}: ss has connections the map could not hold:\n{text}"
+        );
+        assert!(
+            text.contains("counters agree with its entries"),
+            "{what}:\n{text}"
+        );
+        let refused = agent.snapshot().events["map_full"].as_u64().unwrap();
+        assert!(
+            text.contains(&format!("{refused} new flows refused")),
+            "{text}"
+        );
+        let (ours, truth) = (agent.counts(), mon.ss_counts());
+        for s in TcpState::REPORTED {
+            assert!(
+                ours.get(s) <= truth.get(s),
+                "{what}: {s:?}\n{}",
+                support::table(&ours, &truth)
+            );
+        }
+        (refused, ours.get(TcpState::Established))
+    };
+    sleep(PAUSE);
+    let (refused, established) = check("40 connections");
+    assert!(refused >= 24, "at least 40 - 16 flows refused: {refused}");
+    assert_eq!(
+        established, 16,
+        "the map's 16 flows are the first 16 connections"
+    );
+    // The first ten close; once the agent reaps their entries (a second),
+    // new connections take the room.
+    for (client, server) in pairs.drain(..10) {
+        drop(client);
+        sleep(Duration::from_millis(10));
+        drop(server);
+    }
+    sleep(Duration::from_millis(2500));
+    let more: Vec<(TcpStream, TcpStream)> = (0..10)
+        .map(|_| (peer.connect(addr), accept(&listener)))
+        .collect();
+    sleep(PAUSE);
+    let (_, established) = check("10 closed, 10 more opened");
+    assert_eq!(
+        established, 16,
+        "the freed entries hold the new connections"
+    );
+    drop((pairs, more));
+}
+
 #[test]
 #[ignore = "needs root and the probe: run through `cargo xtask test`"]
 fn count_verify_shows_the_difference_from_the_socket_table() {
