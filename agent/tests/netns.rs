@@ -720,6 +720,50 @@ fn a_full_flow_map_is_counted_and_never_drifts() {
     drop((pairs, more));
 }
 
+/// The probe's transition events against the kernel's own SNMP counters of
+/// the namespace, phase by phase: SYNs received (PassiveOpens), refused
+/// outgoing connections (AttemptFails), aborted connections (EstabResets).
+#[test]
+#[ignore = "needs root and the probe: run through `cargo xtask test`"]
+fn transition_events_equal_the_kernels_counters() {
+    require_root();
+    let net = VethPair::new();
+    let (mon, peer) = (&net.left, &net.right);
+    let agent = Agent::start(mon, &[]);
+    let event = |name: &str| agent.snapshot().events[name].as_u64().unwrap();
+    let delta = |ours: &str, group: &str, kernel: &str, phase: &dyn Fn()| {
+        let (o, k) = (event(ours), mon.snmp(group, kernel));
+        phase();
+        sleep(PAUSE);
+        (event(ours) - o, mon.snmp(group, kernel) - k)
+    };
+    let listener = mon.listen(&sockaddr(&net.left_v4, 7970));
+    let addr = listener.local_addr().unwrap();
+    let held = std::cell::RefCell::new(Vec::new());
+    let (ours, kernel) = delta("syns_received", "Tcp", "PassiveOpens", &|| {
+        for _ in 0..10 {
+            held.borrow_mut()
+                .push((peer.connect(addr), accept(&listener)));
+        }
+    });
+    assert_eq!((ours, kernel), (10, 10), "SYNs received vs PassiveOpens");
+    let closed_port: SocketAddr = sockaddr(&net.right_v4, 7971).parse().unwrap();
+    let (ours, kernel) = delta("handshakes_failed", "Tcp", "AttemptFails", &|| {
+        for _ in 0..4 {
+            let refused = mon.run(|| TcpStream::connect(closed_port));
+            assert!(refused.is_err(), "nothing listens on {closed_port}");
+        }
+    });
+    assert_eq!((ours, kernel), (4, 4), "failed handshakes vs AttemptFails");
+    let (ours, kernel) = delta("resets", "Tcp", "EstabResets", &|| {
+        for (_, server) in held.borrow_mut().drain(..3) {
+            support::abort(server);
+        }
+    });
+    assert_eq!((ours, kernel), (3, 3), "resets vs EstabResets");
+    agent.assert_matches_ss(mon, "after the events");
+}
+
 #[test]
 #[ignore = "needs root and the probe: run through `cargo xtask test`"]
 fn count_verify_shows_the_difference_from_the_socket_table() {

@@ -36,12 +36,20 @@ pub enum Event {
     ReapSkipped = 11,
     /// IPv6 packets whose extension-header chain is longer than the probe follows.
     Ipv6ExtTooDeep = 12,
+    /// RSTs that took effect (refused connection attempts included).
+    Resets = 13,
+    /// Connection attempts (SYN without ACK, retransmissions included) to an
+    /// endpoint of this host.
+    SynsReceived = 14,
+    /// Local endpoints that left SYN_SENT or SYN_RECV for closed: refused,
+    /// reset or timed out before the handshake completed.
+    HandshakesFailed = 15,
 }
 
 pub const EVENT_SLOTS: usize = 16;
 
 impl Event {
-    pub const ALL: [Event; 13] = [
+    pub const ALL: [Event; 16] = [
         Event::PacketsXdp,
         Event::PacketsTc,
         Event::TcpSegments,
@@ -55,6 +63,9 @@ impl Event {
         Event::CasConflicts,
         Event::ReapSkipped,
         Event::Ipv6ExtTooDeep,
+        Event::Resets,
+        Event::SynsReceived,
+        Event::HandshakesFailed,
     ];
 
     /// snake_case name used in JSON and metrics.
@@ -73,6 +84,9 @@ impl Event {
             Event::CasConflicts => "cas_conflicts",
             Event::ReapSkipped => "reap_skipped",
             Event::Ipv6ExtTooDeep => "ipv6_ext_too_deep",
+            Event::Resets => "resets",
+            Event::SynsReceived => "syns_received",
+            Event::HandshakesFailed => "handshakes_failed",
         }
     }
 }

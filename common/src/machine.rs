@@ -92,6 +92,43 @@ const fn seq_ge(a: u32, b: u32) -> bool {
     (a.wrapping_sub(b) as i32) >= 0
 }
 
+/// Beyond the per-state gauges: what a change of the word means for the
+/// event counters (resets, SYNs, failed handshakes).
+impl Segment {
+    /// A connection attempt (SYN without ACK) to an endpoint of this host.
+    #[inline(always)]
+    pub const fn is_syn_to_local(&self, word: Word, sender: Side) -> bool {
+        self.has(SYN) && !self.has(ACK) && word.is_local(sender.other())
+    }
+
+    /// An RST that took effect: it changed the word.
+    #[inline(always)]
+    pub const fn reset_accepted(&self, old: Word, new: Word) -> bool {
+        self.has(RST) && old.0 != new.0
+    }
+}
+
+/// Local endpoints that left SYN_SENT or SYN_RECV for closed between `old`
+/// and `new`: a refused, reset or timed-out handshake.
+#[inline(always)]
+pub const fn handshakes_failed(old: Word, new: Word) -> u32 {
+    let mut n = 0;
+    let sides = [Side::A, Side::B];
+    let mut i = 0;
+    while i < 2 {
+        let side = sides[i];
+        let was = old.counted(side) as u8;
+        let now = new.counted(side) as u8;
+        if (was == TcpState::SynSent as u8 || was == TcpState::SynRecv as u8)
+            && now == TcpState::None as u8
+        {
+            n += 1;
+        }
+        i += 1;
+    }
+    n
+}
+
 /// Applies one segment sent by `sender` to the entry: its state word and the
 /// sequence facts of the sender and of the receiver.
 #[inline(always)]

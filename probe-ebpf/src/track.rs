@@ -16,7 +16,7 @@ use aya_ebpf::{
 use tcpstate_common::{
     Counters, CpuSlot, EndSeq, Event, FlowEntry, FlowKey4, FlowKey6, Locality, Segment, Side,
     TcpState, Word,
-    machine::{is_steady, steady_facts, step},
+    machine::{handshakes_failed, is_steady, steady_facts, step},
 };
 
 use crate::parse::Packet;
@@ -80,6 +80,10 @@ pub fn move_counts(c: &mut Counters, old: Word, new: Word) {
                 c.states[n as usize & 0xf] += 1;
             }
         }
+    }
+    let failed = handshakes_failed(old, new);
+    if failed != 0 {
+        c.events[Event::HandshakesFailed as usize] += failed as u64;
     }
     let (was_dead, is_dead) = (old.is_dead() || old == Word::EMPTY, new.is_dead());
     if was_dead && !is_dead {
@@ -221,12 +225,18 @@ fn transition<K>(
                 match map.insert(key, &entry, BPF_NOEXIST as u64) {
                     Ok(()) => {
                         move_counts(c, Word::EMPTY, st.word);
+                        if seg.is_syn_to_local(st.word, sender) {
+                            count(c, Event::SynsReceived);
+                        }
                         return;
                     }
                     // Another CPU created it first: apply the segment to theirs.
                     Err(e) if e == -EEXIST => continue,
                     Err(_) => {
                         count(c, Event::MapFull);
+                        if seg.is_syn_to_local(st.word, sender) {
+                            count(c, Event::SynsReceived);
+                        }
                         return;
                     }
                 }
@@ -271,11 +281,20 @@ fn transition<K>(
                     if st.touch {
                         unsafe { (*p).changed_ns = bpf_ktime_get_ns() };
                     }
+                    if seg.is_syn_to_local(st.word, sender) {
+                        count(c, Event::SynsReceived);
+                    }
                     return;
                 }
                 if swap_word(p, old, st.word) {
                     unsafe { (*p).changed_ns = bpf_ktime_get_ns() };
                     move_counts(c, old, st.word);
+                    if seg.is_syn_to_local(st.word, sender) {
+                        count(c, Event::SynsReceived);
+                    }
+                    if seg.reset_accepted(old, st.word) {
+                        count(c, Event::Resets);
+                    }
                     // A new connection on a live entry's tuple (port reuse
                     // through TIME_WAIT): one flow ended, another began.
                     if st.reset_receiver && !old.is_dead() {

@@ -16,6 +16,10 @@ struct Sim {
     local: [bool; 2],
     rst_ignored: u32,
     touched: u32,
+    /// Event tallies as the probe keeps them.
+    syns_to_local: u32,
+    resets: u32,
+    handshakes_failed: u32,
 }
 
 const C: Side = Side::A;
@@ -39,6 +43,9 @@ impl Sim {
             local: [client_local, server_local],
             rst_ignored: 0,
             touched: 0,
+            syns_to_local: 0,
+            resets: 0,
+            handshakes_failed: 0,
         }
     }
 
@@ -83,6 +90,9 @@ impl Sim {
             self.locality(from),
             seg,
         );
+        self.syns_to_local += seg.is_syn_to_local(st.word, from) as u32;
+        self.resets += seg.reset_accepted(self.word, st.word) as u32;
+        self.handshakes_failed += handshakes_failed(self.word, st.word);
         self.word = st.word;
         self.ends[from.index()] = st.sender;
         if st.reset_receiver {
@@ -480,4 +490,51 @@ fn the_steady_fast_path_agrees_with_step_everywhere_it_applies() {
         }
     }
     assert!(applied > 0);
+}
+
+#[test]
+fn events_count_syns_to_local_endpoints_resets_and_failed_handshakes() {
+    // A completed handshake and close: one SYN to a local server, nothing failed.
+    for (c, s) in PLACEMENTS {
+        let mut sim = Sim::new(c, s);
+        sim.handshake();
+        sim.send(C, FIN | ACK, 0);
+        sim.send(S, FIN | ACK, 0);
+        sim.send(C, ACK, 0);
+        assert_eq!(sim.syns_to_local, s as u32, "{c} {s}");
+        assert_eq!((sim.resets, sim.handshakes_failed), (0, 0));
+    }
+    // A refused connection: the SYN answered by RST+ACK; each local end of
+    // the attempt failed its handshake.
+    for (c, s) in PLACEMENTS {
+        let mut sim = Sim::new(c, s);
+        let syn = sim.send(C, SYN, 0);
+        // Retransmitted: another attempt seen, no second state move.
+        sim.deliver(C, &syn);
+        let refuse = Segment {
+            flags: RST | ACK,
+            seq: 0,
+            ack: syn.end(),
+            len: 0,
+        };
+        sim.deliver(S, &refuse);
+        assert_eq!(sim.states(), (Close, Close));
+        assert_eq!(sim.syns_to_local, 2 * s as u32);
+        assert_eq!(sim.resets, 1);
+        assert_eq!(sim.handshakes_failed, c as u32 + s as u32, "{c} {s}");
+    }
+    // A blind RST is not a reset.
+    let mut sim = Sim::new(true, false);
+    sim.handshake();
+    let blind = Segment {
+        flags: RST,
+        seq: sim.seq[S.index()].wrapping_add(1 << 30),
+        ack: 0,
+        len: 0,
+    };
+    sim.deliver(S, &blind);
+    assert_eq!((sim.resets, sim.rst_ignored), (0, 1));
+    // An established connection reset is a reset, not a failed handshake.
+    sim.send(S, RST, 0);
+    assert_eq!((sim.resets, sim.handshakes_failed), (1, 0));
 }
