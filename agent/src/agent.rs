@@ -19,6 +19,7 @@ use tokio::{
 };
 
 use crate::{
+    breakdown::{Breakdown, PortFilter, local_ends},
     control,
     error::{Error, Result},
     expiry::{Timeouts, Timers},
@@ -41,6 +42,11 @@ pub struct Config {
     pub print: bool,
     /// How often to reconcile with the socket table (`None`: never).
     pub reconcile_every: Option<Duration>,
+    /// Ports and peers listed by name in snapshots and metrics; the rest is
+    /// summed as "other".
+    pub top_k: usize,
+    /// Where to serve OpenMetrics (`None`: no endpoint).
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 pub struct Agent {
@@ -58,12 +64,18 @@ pub struct Agent {
     tw_overflow_seen: u64,
     /// Socket-table checks owed after such growth.
     checks_due: u8,
+    /// Connections by port and by peer, as of the last walk.
+    breakdown: Breakdown,
+    /// Entries in the IPv4 and IPv6 flow maps at the last walk.
+    flows_in_map: [u64; 2],
+    top_k: usize,
+    started: std::time::Instant,
 }
 
 impl Agent {
     /// Loads the probe and attaches it in the configured namespace.
     pub fn start(cfg: &Config) -> Result<Agent> {
-        let ns = match &cfg.netns {
+        let mut ns = match &cfg.netns {
             Some(name) => NetNs::named(name)?,
             None => NetNs::current(),
         };
@@ -105,7 +117,7 @@ impl Agent {
             // After attaching: from here on packets are seen, so every
             // connection is either seeded now or tracked from its packets.
             let seeded = seed::seed(&probe, &mut diag, &timeouts)?;
-            log::info!(
+            tracing::info!(
                 "seeded {} existing connections from the socket table ({} already tracked, {} refused: map full)",
                 seeded.seeded,
                 seeded.already,
@@ -113,6 +125,9 @@ impl Agent {
             );
             Ok((probe, diag, timeouts))
         })?;
+        // The periodic work in the namespace runs on a thread that stays
+        // there: it needs no privilege once they are dropped.
+        ns.keep_a_thread_inside()?;
         Ok(Agent {
             netns: cfg.netns.clone(),
             ns,
@@ -125,7 +140,18 @@ impl Agent {
             tw_overflow: None,
             tw_overflow_seen: 0,
             checks_due: 0,
+            breakdown: Breakdown::default(),
+            flows_in_map: [0; 2],
+            top_k: cfg.top_k,
+            started: std::time::Instant::now(),
         })
+    }
+
+    /// Drops every capability, on this thread and on the namespace thread:
+    /// from here on the agent only uses descriptors it already holds.
+    pub fn drop_privileges(&self) -> Result<()> {
+        self.ns.run_kept(crate::privileges::drop_all)?;
+        crate::privileges::drop_all()
     }
 
     /// Watches the kernel's count of connections that closed without
@@ -137,7 +163,7 @@ impl Agent {
     pub fn watch_tw_overflow(&mut self) -> Result<u64> {
         let now = self
             .ns
-            .run(|| Ok(netns::snmp_counter("TcpExt", "TCPTimeWaitOverflow")))?;
+            .run_kept(|| Ok(netns::snmp_counter("TcpExt", "TCPTimeWaitOverflow")))?;
         let Some(now) = now else { return Ok(0) };
         let grew = self
             .tw_overflow
@@ -159,7 +185,7 @@ impl Agent {
 
     /// Follows the namespace's addresses (added or removed since the last call).
     pub fn refresh_addresses(&mut self) -> Result<()> {
-        let addrs = self.ns.run(netns::local_addresses)?;
+        let addrs = self.ns.run_kept(netns::local_addresses)?;
         self.probe.set_local_addresses(&addrs)
     }
 
@@ -181,6 +207,10 @@ impl Agent {
         snap.drift = by_state(&self.reconciler.drift);
         snap.corrections = by_state(&self.reconciler.corrections);
         snap.time_wait_overflow = self.tw_overflow_seen;
+        snap.ports = self.breakdown.top_ports(self.top_k);
+        snap.peers = self.breakdown.top_peers(self.top_k);
+        snap.flows_in_map = self.flows_in_map;
+        snap.uptime_ms = self.started.elapsed().as_millis() as u64;
         Ok(snap)
     }
 
@@ -217,11 +247,49 @@ impl Agent {
         Ok(snap)
     }
 
-    /// Applies the kernel's timers to the flow map.
+    /// Once a second: reads the flow maps once to apply the kernel's timers
+    /// and to break the connections down by port and by peer.
     pub fn sweep(&mut self) -> Result<()> {
-        let stats = self.timers.walk(&self.probe, &self.timeouts)?;
+        let entries = self.probe.flow_entries()?;
+        let mut b = Breakdown::default();
+        for (flow, e) in &entries {
+            for end in local_ends(flow, tcpstate_common::Word(e.word)) {
+                b.add(&end);
+            }
+        }
+        self.diag
+            .for_each(StateFlags::LISTEN, |s| b.add_listener(s.local_port))?;
+        self.breakdown = b;
+        let v4 = entries
+            .iter()
+            .filter(|(f, _)| matches!(f, crate::probe::FlowRef::V4(_)))
+            .count() as u64;
+        self.flows_in_map = [v4, entries.len() as u64 - v4];
+        let stats = self.timers.file(&entries, &self.probe, &self.timeouts)?;
         self.expired += stats.expired;
         Ok(())
+    }
+
+    /// The counts of the connections `filter` selects, read now from the
+    /// flow maps (and LISTEN from the socket table): O(connections).
+    pub fn count_filtered(&mut self, filter: &PortFilter) -> Result<StateCounts> {
+        let mut c = StateCounts::default();
+        for (flow, e) in self.probe.flow_entries()? {
+            for end in local_ends(&flow, tcpstate_common::Word(e.word)) {
+                if filter.matches(end.local_port, end.remote_port) {
+                    c.set(end.state, c.get(end.state) + 1);
+                }
+            }
+        }
+        let mut listening = 0;
+        self.diag.for_each(StateFlags::LISTEN, |s| {
+            // A listener has no remote port: only a local or any-side filter picks it.
+            if filter.matches(s.local_port, 0) && filter.port != Some(0) {
+                listening += 1;
+            }
+        })?;
+        c.set(TcpState::Listen, listening);
+        Ok(c)
     }
 
     /// Fires the timers filed by the last walk that are due now.
@@ -237,10 +305,15 @@ impl Agent {
 }
 
 /// Runs the agent until SIGINT or SIGTERM.
-pub async fn run(cfg: Config) -> anyhow::Result<()> {
+///
+/// `stop` ends it too (the live view's `q` when the view runs in-process).
+pub async fn run(
+    cfg: Config,
+    stop: Option<tokio::sync::oneshot::Receiver<()>>,
+) -> anyhow::Result<()> {
     let socket_path = control::claim(&cfg.socket)?;
     let agent = Agent::start(&cfg)?;
-    log::info!(
+    tracing::info!(
         "monitoring {} in {}; answering on {}",
         agent.probe.attached().join(", "),
         cfg.netns
@@ -253,7 +326,40 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let listener = UnixListener::bind(&socket_path)
         .map_err(|e| Error::io(format!("listening on {}", socket_path.display()), e))?;
     let _cleanup = RemoveOnDrop(socket_path.clone());
+    let metrics = match cfg.metrics {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| Error::io(format!("serving metrics on {addr}"), e))?,
+        ),
+        None => None,
+    };
+    agent.drop_privileges()?;
+    tracing::debug!(
+        "capabilities dropped (effective now: {:?})",
+        crate::privileges::effective()
+    );
     let agent = Arc::new(Mutex::new(agent));
+    // The metrics task lives as long as this function (aborted on return).
+    let _metrics = metrics.map(|listener| {
+        tracing::info!(
+            "metrics at http://{}/metrics",
+            listener.local_addr().map_or("?".into(), |a| a.to_string())
+        );
+        AbortOnDrop(tokio::spawn(crate::metrics::serve(
+            listener,
+            Arc::clone(&agent),
+        )))
+    });
+    let stop = async move {
+        match stop {
+            Some(rx) => {
+                let _ = rx.await;
+            }
+            None => std::future::pending::<()>().await,
+        }
+    };
+    tokio::pin!(stop);
 
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -269,25 +375,26 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
             _ = sighup.recv() => break,
+            _ = &mut stop => break,
             _ = timer_tick.tick() => {
                 if let Err(e) = agent.lock().expect("agent lock").fire_timers() {
-                    log::warn!("timers: {e}");
+                    tracing::warn!("timers: {e}");
                 }
             }
             _ = tick.tick() => {
                 let mut a = agent.lock().expect("agent lock");
                 if let Err(e) = a.refresh_addresses() {
-                    log::warn!("reading the namespace's addresses failed: {e}");
+                    tracing::warn!("reading the namespace's addresses failed: {e}");
                 }
                 if let Err(e) = a.sweep() {
-                    log::warn!("timer sweep failed: {e}");
+                    tracing::warn!("timer sweep failed: {e}");
                 }
                 match a.watch_tw_overflow() {
                     Ok(0) => {}
-                    Ok(n) => log::info!(
+                    Ok(n) => tracing::info!(
                         "{n} connections closed without TIME_WAIT (net.ipv4.tcp_max_tw_buckets reached): checking the socket table"
                     ),
-                    Err(e) => log::warn!("reading TCPTimeWaitOverflow failed: {e}"),
+                    Err(e) => tracing::warn!("reading TCPTimeWaitOverflow failed: {e}"),
                 }
                 let periodic = cfg
                     .reconcile_every
@@ -296,14 +403,14 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                     last_reconcile = std::time::Instant::now();
                     match a.reconcile() {
                         Ok(0) => {}
-                        Ok(n) => log::info!("reconciled {n} flows with the socket table"),
-                        Err(e) => log::warn!("reconciliation failed: {e}"),
+                        Ok(n) => tracing::info!("reconciled {n} flows with the socket table"),
+                        Err(e) => tracing::warn!("reconciliation failed: {e}"),
                     }
                 }
                 if print {
                     match a.snapshot() {
                         Ok(s) => print_line(&s),
-                        Err(e) => log::warn!("reading counts failed: {e}"),
+                        Err(e) => tracing::warn!("reading counts failed: {e}"),
                     }
                 }
             }
@@ -313,16 +420,16 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                         let agent = Arc::clone(&agent);
                         tokio::spawn(async move {
                             if let Err(e) = answer(stream, agent).await {
-                                log::debug!("control client: {e}");
+                                tracing::debug!("control client: {e}");
                             }
                         });
                     }
-                    Err(e) => log::warn!("control socket: {e}"),
+                    Err(e) => tracing::warn!("control socket: {e}"),
                 }
             }
         }
     }
-    log::info!("detaching");
+    tracing::info!("detaching");
     drop(agent);
     Ok(())
 }
@@ -335,12 +442,18 @@ async fn answer(stream: tokio::net::UnixStream, agent: Arc<Mutex<Agent>>) -> any
         BufReader::new(read).read_line(&mut line),
     )
     .await??;
-    let snap = match line.as_str() {
-        control::REQUEST => agent.lock().expect("agent lock").snapshot()?,
-        control::VERIFY => agent.lock().expect("agent lock").verify()?,
-        _ => anyhow::bail!("unknown request {line:?}"),
+    let mut out = match line.as_str() {
+        control::REQUEST => serde_json::to_vec(&agent.lock().expect("agent lock").snapshot()?)?,
+        control::VERIFY => serde_json::to_vec(&agent.lock().expect("agent lock").verify()?)?,
+        _ => match line.strip_prefix(control::COUNT) {
+            Some(filter) => {
+                let filter: PortFilter = serde_json::from_str(filter)?;
+                let counts = agent.lock().expect("agent lock").count_filtered(&filter)?;
+                serde_json::to_vec(&counts)?
+            }
+            None => anyhow::bail!("unknown request {line:?}"),
+        },
     };
-    let mut out = serde_json::to_vec(&snap)?;
     out.push(b'\n');
     write.write_all(&out).await?;
     Ok(())
@@ -356,6 +469,14 @@ fn print_line(s: &Snapshot) {
         .map(|(st, n)| format!("{}={n}", st.name()))
         .collect();
     println!("{}", fields.join(" "));
+}
+
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 struct RemoveOnDrop(PathBuf);

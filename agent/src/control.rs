@@ -10,8 +10,9 @@ use std::{
 };
 
 use crate::{
+    breakdown::PortFilter,
     error::{Error, Result},
-    snapshot::Snapshot,
+    snapshot::{Snapshot, StateCounts},
 };
 
 pub const DEFAULT_SOCKET: &str = "/run/tcpstate/tcpstate.sock";
@@ -19,6 +20,8 @@ pub const DEFAULT_SOCKET: &str = "/run/tcpstate/tcpstate.sock";
 pub const REQUEST: &str = "snapshot\n";
 /// The same, plus the socket table's own counts read for this answer.
 pub const VERIFY: &str = "verify\n";
+/// `count FILTER-JSON`: the counts of the connections a [`PortFilter`] selects.
+pub const COUNT: &str = "count ";
 
 /// Asks the agent at `path` for a snapshot.
 pub fn query(path: &Path) -> Result<Snapshot> {
@@ -30,7 +33,16 @@ pub fn verify(path: &Path) -> Result<Snapshot> {
     ask(path, VERIFY)
 }
 
-fn ask(path: &Path, request: &str) -> Result<Snapshot> {
+/// Asks the agent at `path` for the counts of the connections `filter` selects.
+pub fn count(path: &Path, filter: &PortFilter) -> Result<StateCounts> {
+    let request = format!(
+        "{COUNT}{}\n",
+        serde_json::to_string(filter).expect("a filter serializes")
+    );
+    ask(path, &request)
+}
+
+fn ask<T: serde::de::DeserializeOwned>(path: &Path, request: &str) -> Result<T> {
     let mut stream = UnixStream::connect(path).map_err(|_| Error::NoAgent(path.to_owned()))?;
     stream.set_read_timeout(Some(Duration::from_secs(10))).ok();
     stream

@@ -8,7 +8,7 @@
 
 use std::{collections::BTreeMap, time::Duration};
 
-use tcpstate_common::{Side, TcpState, Word, command::outcome, machine::expire};
+use tcpstate_common::{FlowEntry, Side, TcpState, Word, command::outcome, machine::expire};
 
 use crate::{
     error::Result,
@@ -156,9 +156,21 @@ pub struct Timers {
 impl Timers {
     /// Walks the flow maps: acts on what is due, files the rest.
     pub fn walk(&mut self, probe: &Probe, t: &Timeouts) -> Result<SweepStats> {
-        self.due.clear();
         // Collect first: deleting while walking the map would restart the walk.
-        for (flow, entry) in probe.flow_entries()? {
+        let entries = probe.flow_entries()?;
+        self.file(&entries, probe, t)
+    }
+
+    /// Files the timers of `entries` (read from the flow maps just before)
+    /// and acts on what is due.
+    pub fn file(
+        &mut self,
+        entries: &[(FlowRef, FlowEntry)],
+        probe: &Probe,
+        t: &Timeouts,
+    ) -> Result<SweepStats> {
+        self.due.clear();
+        for &(flow, entry) in entries {
             if let Some(at) = deadline(Word(entry.word), entry.changed_ns, t) {
                 self.due
                     .entry(at)

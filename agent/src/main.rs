@@ -1,15 +1,18 @@
 //! `tcpstate`: TCP connection states of a Linux host, counted in the kernel.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use aya::programs::XdpMode;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use tcpstate::{
     agent::{self, Config},
+    breakdown::{PortFilter, PortSide},
     control,
     error::Error,
+    metrics,
     probe::ProbeOptions,
-    snapshot::verify_table,
+    snapshot::{Snapshot, verify_table},
+    view, watch,
 };
 
 #[derive(Parser)]
@@ -25,30 +28,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Attach the probe and run in the foreground (prints the counts once a second on a terminal).
-    Run {
-        /// Interface to monitor (repeatable). Default: every interface that is up, loopback included.
-        #[arg(long = "iface", value_name = "IF")]
-        interfaces: Vec<String>,
-        /// Monitor the network namespace `ip netns add NAME` made; the agent itself stays where it is.
-        #[arg(long, value_name = "NAME")]
-        netns: Option<String>,
-        /// Control socket that `tcpstate count` asks.
-        #[arg(long, default_value = control::DEFAULT_SOCKET)]
-        socket: PathBuf,
-        /// Connections tracked at once (flow map capacity); beyond it new flows are counted as map_full.
-        #[arg(long, default_value_t = 262_144)]
-        max_flows: u32,
-        /// XDP attach mode on non-loopback interfaces.
-        #[arg(long, value_enum, default_value_t = Mode::Skb)]
-        xdp_mode: Mode,
-        /// Do not print the counts every second.
-        #[arg(long)]
-        quiet: bool,
-        /// Seconds between reconciliations with the socket table (0: never).
-        /// Mismatches seen at two checks in a row are corrected.
-        #[arg(long, default_value_t = 10, value_name = "SECS")]
-        reconcile_interval: u64,
-    },
+    Run(RunArgs),
     /// Print the eleven state counts of the running agent, one `STATE N` line each.
     Count {
         /// One JSON object mapping the state names to counts.
@@ -56,11 +36,77 @@ enum Cmd {
         json: bool,
         /// Print the socket table's counts beside tcpstate's and the
         /// difference; exit with status 1 when they differ.
-        #[arg(long, conflicts_with = "json")]
+        #[arg(long, conflicts_with_all = ["json", "port"])]
         verify: bool,
+        /// Only connections with this port (either end; see --local, --remote), like `ss '( sport = :N or dport = :N )'`.
+        #[arg(long, value_name = "N")]
+        port: Option<u16>,
+        /// --port is the local port (ss `sport`).
+        #[arg(long, requires = "port", conflicts_with = "remote")]
+        local: bool,
+        /// --port is the remote port (ss `dport`).
+        #[arg(long, requires = "port")]
+        remote: bool,
         #[arg(long, default_value = control::DEFAULT_SOCKET)]
         socket: PathBuf,
     },
+    /// Print one snapshot of the running agent per interval: counts, rates, top ports and peers.
+    Watch {
+        /// One JSON object per line (for pipelines); otherwise a `STATE=N ...` line with rates.
+        #[arg(long)]
+        json: bool,
+        /// Seconds between snapshots.
+        #[arg(long, default_value_t = 1.0, value_name = "S")]
+        interval: f64,
+        /// Stop after this many snapshots (default: until interrupted).
+        #[arg(long, value_name = "N")]
+        count: Option<u64>,
+        #[arg(long, default_value = control::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+    /// Full-screen live view of the running agent (q quits).
+    Top {
+        #[arg(long, default_value = control::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        /// Seconds between refreshes.
+        #[arg(long, default_value_t = 1.0, value_name = "S")]
+        interval: f64,
+    },
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Interface to monitor (repeatable). Default: every interface that is up, loopback included.
+    #[arg(long = "iface", value_name = "IF")]
+    interfaces: Vec<String>,
+    /// Monitor the network namespace `ip netns add NAME` made; the agent itself stays where it is.
+    #[arg(long, value_name = "NAME")]
+    netns: Option<String>,
+    /// Control socket that `tcpstate count`, `watch` and `top` ask.
+    #[arg(long, default_value = control::DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Connections tracked at once per address family (flow map capacity); beyond it new flows are counted as map_full.
+    #[arg(long, default_value_t = 262_144)]
+    max_flows: u32,
+    /// XDP attach mode on non-loopback interfaces.
+    #[arg(long, value_enum, default_value_t = Mode::Skb)]
+    xdp_mode: Mode,
+    /// Do not print the counts every second.
+    #[arg(long)]
+    quiet: bool,
+    /// Seconds between reconciliations with the socket table (0: never).
+    /// Mismatches seen at two checks in a row are corrected.
+    #[arg(long, default_value_t = 10, value_name = "SECS")]
+    reconcile_interval: u64,
+    /// Serve OpenMetrics at http://ADDR/metrics: PORT or :PORT (on 127.0.0.1), or ADDRESS:PORT.
+    #[arg(long, value_name = "ADDR", value_parser = metrics::parse_listen)]
+    metrics: Option<std::net::SocketAddr>,
+    /// Ports and peers named in snapshots and metrics (the rest is summed as "other").
+    #[arg(long, default_value_t = 10, value_name = "K")]
+    top_k: usize,
+    /// Open the full-screen live view in this terminal; quitting it stops the agent.
+    #[arg(long, conflicts_with = "quiet")]
+    top: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -72,107 +118,202 @@ enum Mode {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
     match cli.command {
-        Cmd::Run {
-            interfaces,
-            netns,
-            socket,
-            max_flows,
-            xdp_mode,
-            quiet,
-            reconcile_interval,
-        } => {
-            let cfg = Config {
-                netns,
-                interfaces,
-                socket,
-                probe: ProbeOptions {
-                    max_flows,
-                    xdp_mode: match xdp_mode {
-                        Mode::Skb => XdpMode::Skb,
-                        Mode::Native => XdpMode::Driver,
-                    },
-                },
-                print: !quiet,
-                reconcile_every: (reconcile_interval > 0)
-                    .then(|| std::time::Duration::from_secs(reconcile_interval)),
-            };
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("tokio runtime");
-            match rt.block_on(agent::run(cfg)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("tcpstate: {e:#}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
+        Cmd::Run(args) => run(args),
         Cmd::Count {
             json,
             verify,
+            port,
+            local,
+            remote,
             socket,
-        } => match if verify {
-            control::verify(&socket)
-        } else {
-            control::query(&socket)
-        } {
-            Ok(snap) => {
-                let Some(counts) = snap.state_counts() else {
-                    eprintln!("tcpstate: the agent's answer has no state counts");
-                    return ExitCode::FAILURE;
+        } => {
+            logging(None);
+            let result = if verify {
+                control::verify(&socket).map(|snap| print_verify(&snap))
+            } else if port.is_some() {
+                let filter = PortFilter {
+                    port,
+                    side: match (local, remote) {
+                        (true, _) => PortSide::Local,
+                        (_, true) => PortSide::Remote,
+                        _ => PortSide::Any,
+                    },
                 };
-                if verify {
-                    let Some(kernel) = snap.kernel_counts() else {
-                        eprintln!("tcpstate: the agent's answer has no socket table counts");
-                        return ExitCode::FAILURE;
-                    };
-                    let (table, same) = verify_table(&counts, &kernel);
-                    print!("{table}");
-                    // The probe's own invariant: counters equal what the
-                    // entries hold (map full, evictions and races included).
-                    let consistent = snap.entry_counts() == Some(counts);
-                    if consistent {
-                        println!("flow map: counters agree with its entries");
+                control::count(&socket, &filter).map(|counts| {
+                    if json {
+                        println!("{}", counts.json());
                     } else {
-                        println!(
-                            "flow map: COUNTERS DIFFER FROM ITS ENTRIES: {:?}",
-                            snap.entries
-                        );
+                        print!("{}", counts.lines());
                     }
-                    let events =
-                        |name: &str| snap.events.get(name).and_then(|v| v.as_u64()).unwrap_or(0);
-                    if events("map_full") > 0 {
-                        println!(
-                            "flow map: {} new flows refused because the map ({} entries) was full",
-                            events("map_full"),
-                            snap.flow_map_capacity
-                        );
-                    }
-                    return if same && consistent {
+                    ExitCode::SUCCESS
+                })
+            } else {
+                control::query(&socket).map(|snap| match snap.state_counts() {
+                    Some(counts) => {
+                        if json {
+                            println!("{}", counts.json());
+                        } else {
+                            print!("{}", counts.lines());
+                        }
                         ExitCode::SUCCESS
-                    } else {
+                    }
+                    None => {
+                        eprintln!("tcpstate: the agent's answer has no state counts");
                         ExitCode::FAILURE
-                    };
-                }
-                if json {
-                    println!("{}", counts.json());
-                } else {
-                    print!("{}", counts.lines());
-                }
-                ExitCode::SUCCESS
+                    }
+                })
+            };
+            result.unwrap_or_else(|e| client_error(&e))
+        }
+        Cmd::Watch {
+            json,
+            interval,
+            count,
+            socket,
+        } => {
+            logging(None);
+            match watch::run(&socket, seconds(interval), json, count) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => client_error(&e),
             }
-            Err(e @ Error::NoAgent(_)) => {
-                eprintln!("tcpstate: {e}");
-                ExitCode::from(2)
+        }
+        Cmd::Top { socket, interval } => {
+            logging(None);
+            match view::run(&socket, seconds(interval), None) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => client_error(&e),
             }
-            Err(e) => {
-                eprintln!("tcpstate: {e}");
-                ExitCode::FAILURE
-            }
+        }
+    }
+}
+
+fn seconds(s: f64) -> Duration {
+    Duration::from_secs_f64(s.clamp(0.05, 3600.0))
+}
+
+/// Logs through `tracing` to stderr (or to `file`), at `RUST_LOG`'s level
+/// (default info; the probe's own log records appear at debug).
+fn logging(file: Option<&std::path::Path>) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match file.and_then(|f| std::fs::File::create(f).ok()) {
+        Some(f) => builder
+            .with_ansi(false)
+            .with_writer(std::sync::Mutex::new(f))
+            .init(),
+        None => builder.with_writer(std::io::stderr).init(),
+    }
+}
+
+fn client_error(e: &Error) -> ExitCode {
+    eprintln!("tcpstate: {e}");
+    match e {
+        Error::NoAgent(_) => ExitCode::from(2),
+        _ => ExitCode::FAILURE,
+    }
+}
+
+fn print_verify(snap: &Snapshot) -> ExitCode {
+    let (Some(counts), Some(kernel)) = (snap.state_counts(), snap.kernel_counts()) else {
+        eprintln!("tcpstate: the agent's answer lacks the counts to compare");
+        return ExitCode::FAILURE;
+    };
+    let (table, same) = verify_table(&counts, &kernel);
+    print!("{table}");
+    // The probe's own invariant: counters equal what the entries hold (map
+    // full, evictions and races included).
+    let consistent = snap.entry_counts() == Some(counts);
+    if consistent {
+        println!("flow map: counters agree with its entries");
+    } else {
+        println!(
+            "flow map: COUNTERS DIFFER FROM ITS ENTRIES: {:?}",
+            snap.entries
+        );
+    }
+    let refused = snap
+        .events
+        .get("map_full")
+        .and_then(|v| v.as_u64())
+        .unwrap_or(0);
+    if refused > 0 {
+        println!(
+            "flow map: {refused} new flows refused because the map ({} entries) was full",
+            snap.flow_map_capacity
+        );
+    }
+    if same && consistent {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn run(args: RunArgs) -> ExitCode {
+    let log_file = args.top.then(|| args.socket.with_extension("log"));
+    if let Some(f) = &log_file
+        && let Some(dir) = f.parent()
+    {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    logging(log_file.as_deref());
+    let cfg = Config {
+        netns: args.netns,
+        interfaces: args.interfaces,
+        socket: args.socket.clone(),
+        probe: ProbeOptions {
+            max_flows: args.max_flows,
+            xdp_mode: match args.xdp_mode {
+                Mode::Skb => XdpMode::Skb,
+                Mode::Native => XdpMode::Driver,
+            },
         },
+        print: !args.quiet && !args.top,
+        reconcile_every: (args.reconcile_interval > 0)
+            .then(|| Duration::from_secs(args.reconcile_interval)),
+        top_k: args.top_k,
+        metrics: args.metrics,
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let result = if args.top {
+        // The view runs on its own thread as a client of the control socket;
+        // quitting it stops the agent, and the agent stopping ends the view.
+        let (stop_agent, stopped) = tokio::sync::oneshot::channel();
+        let (agent_done, done) = std::sync::mpsc::channel::<()>();
+        let socket = args.socket.clone();
+        let log = log_file.clone();
+        let viewer = std::thread::spawn(move || {
+            // The view needs no privilege: it is a client of the socket.
+            let r = tcpstate::privileges::drop_all().and_then(|()| {
+                view::run_in_process(&socket, Duration::from_secs(1), log.as_deref(), done)
+            });
+            let _ = stop_agent.send(());
+            r
+        });
+        let r = rt.block_on(agent::run(cfg, Some(stopped)));
+        drop(agent_done);
+        match viewer.join() {
+            Ok(Err(e)) if r.is_ok() => Err(e.into()),
+            _ => r,
+        }
+    } else {
+        rt.block_on(agent::run(cfg, None))
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if let Some(f) = &log_file {
+                eprintln!("tcpstate: {e:#} (log: {})", f.display());
+            } else {
+                eprintln!("tcpstate: {e:#}");
+            }
+            ExitCode::FAILURE
+        }
     }
 }

@@ -12,6 +12,25 @@ use crate::error::{Error, Result};
 pub struct NetNs {
     name: Option<String>,
     file: Option<File>,
+    worker: Option<Worker>,
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// A thread that entered the namespace once and stays there, so that the
+/// agent's periodic namespace-bound work needs no privilege after start.
+struct Worker {
+    jobs: Option<std::sync::mpsc::Sender<Job>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.jobs.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 impl NetNs {
@@ -20,6 +39,7 @@ impl NetNs {
         NetNs {
             name: None,
             file: None,
+            worker: None,
         }
     }
 
@@ -33,6 +53,7 @@ impl NetNs {
         Ok(NetNs {
             name: Some(name.into()),
             file: Some(file),
+            worker: None,
         })
     }
 
@@ -59,6 +80,61 @@ impl NetNs {
             .join()
             .expect("namespace worker thread panicked")
         })
+    }
+}
+
+impl NetNs {
+    /// Starts the thread that stays in this namespace for [`NetNs::run_kept`]
+    /// (nothing to start for the agent's own namespace).
+    pub fn keep_a_thread_inside(&mut self) -> Result<()> {
+        let Some(file) = &self.file else {
+            return Ok(());
+        };
+        let file = file
+            .try_clone()
+            .map_err(|e| Error::io("duplicating the namespace handle", e))?;
+        let label = self.to_string();
+        let (jobs, inbox) = std::sync::mpsc::channel::<Job>();
+        let (ready, entered) = std::sync::mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("tcpstate-netns".into())
+            .spawn(move || {
+                let joined = setns(&file, CloneFlags::CLONE_NEWNET);
+                let _ = ready.send(joined);
+                if joined.is_ok() {
+                    for job in inbox {
+                        job();
+                    }
+                }
+            })
+            .map_err(|e| Error::io("starting the namespace thread", e))?;
+        entered
+            .recv()
+            .expect("the namespace thread answers")
+            .map_err(|e| Error::io(format!("entering {label}"), e.into()))?;
+        self.worker = Some(Worker {
+            jobs: Some(jobs),
+            thread: Some(thread),
+        });
+        Ok(())
+    }
+
+    /// Runs `f` inside this namespace on the kept thread (or on a fresh one
+    /// if none was kept).
+    pub fn run_kept<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let Some(jobs) = self.worker.as_ref().and_then(|w| w.jobs.as_ref()) else {
+            return self.run(f);
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        jobs.send(Box::new(move || {
+            let _ = tx.send(f());
+        }))
+        .map_err(|_| Error::io("the namespace thread", std::io::Error::other("it stopped")))?;
+        rx.recv()
+            .map_err(|_| Error::io("the namespace thread", std::io::Error::other("it stopped")))?
     }
 }
 

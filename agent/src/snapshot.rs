@@ -4,6 +4,8 @@
 use serde::{Deserialize, Serialize};
 use tcpstate_common::{Counters, Event, TcpState};
 
+use crate::breakdown::Keyed;
+
 /// Counts of the eleven reported states, in [`TcpState::REPORTED`] order.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StateCounts(pub [u64; 11]);
@@ -61,6 +63,20 @@ impl StateCounts {
     }
 }
 
+impl Serialize for StateCounts {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.json().serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for StateCounts {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = serde_json::Value::deserialize(d)?;
+        StateCounts::from_json(&v)
+            .ok_or_else(|| serde::de::Error::custom("expected the eleven state counts"))
+    }
+}
+
 /// The agent's answer to a client.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Snapshot {
@@ -92,6 +108,22 @@ pub struct Snapshot {
     /// this answer (`count --verify`): the in-kernel counters must equal them.
     #[serde(default)]
     pub entries: Option<serde_json::Value>,
+    /// Connections by local port, the top K and "other" (LISTEN included).
+    #[serde(default)]
+    pub ports: Vec<Keyed>,
+    /// Connections by remote address, the top K and "other".
+    #[serde(default)]
+    pub peers: Vec<Keyed>,
+    /// Entries in the IPv4 and the IPv6 flow map at the last walk (each map
+    /// holds up to `flow_map_capacity`).
+    #[serde(default)]
+    pub flows_in_map: [u64; 2],
+    /// Milliseconds since the agent started (the clock of rates).
+    #[serde(default)]
+    pub uptime_ms: u64,
+    /// The agent's version.
+    #[serde(default)]
+    pub version: String,
 }
 
 impl Snapshot {
@@ -119,6 +151,11 @@ impl Snapshot {
             time_wait_overflow: 0,
             kernel: None,
             entries: None,
+            ports: Vec::new(),
+            peers: Vec::new(),
+            flows_in_map: [0; 2],
+            uptime_ms: 0,
+            version: env!("CARGO_PKG_VERSION").to_owned(),
         }
     }
 

@@ -25,7 +25,8 @@ enum Task {
     Setup,
     /// Build the probe and the agent (target/release/tcpstate).
     Build,
-    /// Build, then run the agent on this host's interfaces (extra arguments go to `tcpstate run`).
+    /// Build, then run the agent on this host's interfaces with the live view
+    /// (on a terminal; extra arguments go to `tcpstate run`).
     Run {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -67,7 +68,12 @@ fn run(task: Task) -> Result<()> {
             let probe = build_probe(&root)?;
             cargo(&root, &probe, &["build", "--release", "-p", "tcpstate"])?;
             let mut cmd = Command::new(root.join("target/release/tcpstate"));
-            cmd.arg("run").args(&args);
+            cmd.arg("run");
+            let chose = args.iter().any(|a| a == "--quiet" || a == "--top");
+            if !chose && std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+                cmd.arg("--top");
+            }
+            cmd.args(&args);
             status(&mut cmd)
         }
         Task::Test { filter } => {

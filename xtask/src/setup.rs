@@ -162,9 +162,18 @@ fn ensure_bpf_linker(sysroot: &Path) -> Result<PathBuf> {
     Ok(bin)
 }
 
-/// Debian packages the tests drive (`ss`, `ip`, `nft` to lose packets on purpose).
+/// Debian packages the tests drive: `ss` and `ip`, `nft` to lose packets on
+/// purpose, `tmux` to drive the live view as a person would, `promtool` and a
+/// Prometheus server to check and scrape the metrics.
 fn ensure_packages() -> Result<()> {
-    let wanted = [("ss", "iproute2"), ("ip", "iproute2"), ("nft", "nftables")];
+    let wanted = [
+        ("ss", "iproute2"),
+        ("ip", "iproute2"),
+        ("nft", "nftables"),
+        ("tmux", "tmux"),
+        ("promtool", "prometheus"),
+        ("prometheus", "prometheus"),
+    ];
     let mut missing: Vec<&str> = wanted
         .iter()
         .filter(|(cmd, _)| !on_path(cmd))
@@ -184,8 +193,9 @@ fn ensure_packages() -> Result<()> {
     eprintln!("xtask: installing {}", missing.join(" "));
     let _ = Command::new("apt-get").arg("update").status();
     let st = Command::new("apt-get")
-        .args(["install", "-y"])
+        .args(["install", "-y", "--no-install-recommends"])
         .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive")
         .status()?;
     if !st.success() {
         bail!("apt-get could not install {}", missing.join(" "));

@@ -116,8 +116,14 @@ impl Netns {
     }
 
     pub fn ss_counts(&self) -> StateCounts {
+        self.ss_counts_where(&[])
+    }
+
+    /// `ss -tan` with a filter expression, e.g. `["sport", "=", ":443"]`.
+    pub fn ss_counts_where(&self, filter: &[&str]) -> StateCounts {
         let out = Command::new("ip")
             .args(["netns", "exec", &self.name, "ss", "-tanH"])
+            .args(filter)
             .output()
             .expect("ss");
         assert!(
@@ -255,6 +261,11 @@ impl Agent {
             std::thread::sleep(Duration::from_millis(50));
         }
         agent
+    }
+
+    /// The agent's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
     }
 
     /// `tcpstate count --json` as a user runs it.

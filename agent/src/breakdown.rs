@@ -1,0 +1,274 @@
+//! Connections per local port and per remote address, by state. Built from
+//! the flow map on the agent's once-a-second walk (and from the socket table
+//! for LISTEN), cut to the top K keys by total with the rest summed as
+//! "other", so what the view and the metrics show stays bounded however many
+//! ports and peers a host has.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
+
+use serde::{Deserialize, Serialize};
+use tcpstate_common::{Side, TcpState, Word};
+
+use crate::{probe::FlowRef, snapshot::StateCounts};
+
+/// The key under which everything past the top K is summed.
+pub const OTHER: &str = "other";
+
+/// One row: a port or an address, and its connections by state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Keyed {
+    pub key: String,
+    /// Connections (LISTEN, in `states`, is not one).
+    pub total: u64,
+    pub states: StateCounts,
+}
+
+/// Which port of a connection a filter looks at (as `ss sport`/`dport`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PortSide {
+    /// The local endpoint's port.
+    Local,
+    /// The remote endpoint's port.
+    Remote,
+    /// Either.
+    #[default]
+    Any,
+}
+
+/// A filter on connections by port.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortFilter {
+    pub port: Option<u16>,
+    pub side: PortSide,
+}
+
+impl PortFilter {
+    pub fn matches(&self, local_port: u16, remote_port: u16) -> bool {
+        match (self.port, self.side) {
+            (None, _) => true,
+            (Some(p), PortSide::Local) => local_port == p,
+            (Some(p), PortSide::Remote) => remote_port == p,
+            (Some(p), PortSide::Any) => local_port == p || remote_port == p,
+        }
+    }
+}
+
+/// A local endpoint of a tracked connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LocalEnd {
+    pub local_port: u16,
+    pub remote: IpAddr,
+    pub remote_port: u16,
+    pub state: TcpState,
+}
+
+/// The local endpoints an entry counts (none, one, or two on loopback).
+pub fn local_ends(flow: &FlowRef, word: Word) -> impl Iterator<Item = LocalEnd> {
+    [Side::A, Side::B].into_iter().filter_map(move |side| {
+        let state = word.counted(side);
+        if state == TcpState::None {
+            return None;
+        }
+        let (_, local_port) = flow.endpoint(side);
+        let (remote, remote_port) = flow.endpoint(side.other());
+        Some(LocalEnd {
+            local_port,
+            remote,
+            remote_port,
+            state,
+        })
+    })
+}
+
+impl FlowRef {
+    /// The address and port of one side.
+    pub fn endpoint(&self, side: Side) -> (IpAddr, u16) {
+        match (self, side) {
+            (FlowRef::V4(k), Side::A) => {
+                (IpAddr::V4(Ipv4Addr::from(k.addr_a.to_ne_bytes())), k.port_a)
+            }
+            (FlowRef::V4(k), Side::B) => {
+                (IpAddr::V4(Ipv4Addr::from(k.addr_b.to_ne_bytes())), k.port_b)
+            }
+            (FlowRef::V6(k), Side::A) => (IpAddr::V6(v6(&k.addr_a)), k.port_a),
+            (FlowRef::V6(k), Side::B) => (IpAddr::V6(v6(&k.addr_b)), k.port_b),
+        }
+    }
+}
+
+fn v6(words: &[u32; 4]) -> Ipv6Addr {
+    let mut b = [0u8; 16];
+    for (i, w) in words.iter().enumerate() {
+        b[4 * i..4 * i + 4].copy_from_slice(&w.to_ne_bytes());
+    }
+    Ipv6Addr::from(b)
+}
+
+/// Connections by local port and by remote address.
+#[derive(Clone, Debug, Default)]
+pub struct Breakdown {
+    ports: HashMap<u16, StateCounts>,
+    peers: HashMap<IpAddr, StateCounts>,
+}
+
+impl Breakdown {
+    pub fn add(&mut self, end: &LocalEnd) {
+        bump(self.ports.entry(end.local_port).or_default(), end.state);
+        bump(self.peers.entry(end.remote).or_default(), end.state);
+    }
+
+    /// A listening socket: counted under its port (it has no peer).
+    pub fn add_listener(&mut self, port: u16) {
+        bump(self.ports.entry(port).or_default(), TcpState::Listen);
+    }
+
+    /// The `k` local ports with the most connections, then "other".
+    pub fn top_ports(&self, k: usize) -> Vec<Keyed> {
+        top(self.ports.iter().map(|(p, c)| (p.to_string(), *c)), k)
+    }
+
+    /// The `k` remote addresses with the most connections, then "other".
+    pub fn top_peers(&self, k: usize) -> Vec<Keyed> {
+        top(self.peers.iter().map(|(a, c)| (a.to_string(), *c)), k)
+    }
+}
+
+fn bump(c: &mut StateCounts, s: TcpState) {
+    c.set(s, c.get(s) + 1);
+}
+
+/// Connections: every state but LISTEN (a listener is not a connection).
+fn total(c: &StateCounts) -> u64 {
+    c.0.iter().sum::<u64>() - c.get(TcpState::Listen)
+}
+
+/// The `k` largest rows by total (ties by key, so the order is stable), and
+/// one "other" row summing the rest when there is a rest.
+fn top(rows: impl Iterator<Item = (String, StateCounts)>, k: usize) -> Vec<Keyed> {
+    let mut rows: Vec<Keyed> = rows
+        .map(|(key, states)| Keyed {
+            total: total(&states),
+            key,
+            states,
+        })
+        .collect();
+    // By connections, then listeners, then key.
+    rows.sort_by(|a, b| {
+        b.total
+            .cmp(&a.total)
+            .then_with(|| {
+                b.states
+                    .get(TcpState::Listen)
+                    .cmp(&a.states.get(TcpState::Listen))
+            })
+            .then_with(|| natural(&a.key, &b.key))
+    });
+    if rows.len() <= k {
+        return rows;
+    }
+    let mut other = Keyed {
+        key: OTHER.to_owned(),
+        total: 0,
+        states: StateCounts::default(),
+    };
+    for r in rows.drain(k..) {
+        other.total += r.total;
+        for (o, n) in other.states.0.iter_mut().zip(r.states.0) {
+            *o += n;
+        }
+    }
+    rows.push(other);
+    rows
+}
+
+/// Numbers in numeric order (port 80 before 443), anything else as text.
+fn natural(a: &str, b: &str) -> std::cmp::Ordering {
+    match (a.parse::<u64>(), b.parse::<u64>()) {
+        (Ok(x), Ok(y)) => x.cmp(&y),
+        _ => a.cmp(b),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tcpstate_common::FlowKey4;
+
+    use super::*;
+
+    fn end(local_port: u16, remote: &str, state: TcpState) -> LocalEnd {
+        LocalEnd {
+            local_port,
+            remote: remote.parse().unwrap(),
+            remote_port: 40000,
+            state,
+        }
+    }
+
+    #[test]
+    fn top_k_keeps_the_largest_and_sums_the_rest_as_other() {
+        let mut b = Breakdown::default();
+        for _ in 0..5 {
+            b.add(&end(443, "10.0.0.1", TcpState::Established));
+        }
+        for _ in 0..3 {
+            b.add(&end(80, "10.0.0.2", TcpState::TimeWait));
+        }
+        b.add(&end(22, "10.0.0.3", TcpState::Established));
+        b.add(&end(8080, "10.0.0.3", TcpState::CloseWait));
+        b.add_listener(443);
+        let ports = b.top_ports(2);
+        let keys: Vec<&str> = ports.iter().map(|r| r.key.as_str()).collect();
+        assert_eq!(keys, ["443", "80", "other"]);
+        assert_eq!(ports[0].total, 5);
+        assert_eq!(ports[0].states.get(TcpState::Listen), 1);
+        assert_eq!(ports[2].total, 2);
+        assert_eq!(ports[2].states.get(TcpState::Established), 1);
+        assert_eq!(ports[2].states.get(TcpState::CloseWait), 1);
+        // Ties (22 and 8080 both 1 with k = 4) in numeric order, no "other".
+        let all: Vec<String> = b.top_ports(4).into_iter().map(|r| r.key).collect();
+        assert_eq!(all, ["443", "80", "22", "8080"]);
+        let peers = b.top_peers(1);
+        assert_eq!(peers[0].key, "10.0.0.1");
+        assert_eq!((peers[1].key.as_str(), peers[1].total), ("other", 5));
+    }
+
+    #[test]
+    fn local_ends_name_the_local_port_and_the_remote_address() {
+        // 10.0.0.2:8080 (local, ESTABLISHED) talking to 10.0.0.9:50000.
+        let local = u32::from_ne_bytes([10, 0, 0, 2]);
+        let remote = u32::from_ne_bytes([10, 0, 0, 9]);
+        let (key, side) = FlowKey4::new(remote, 50000, local, 8080);
+        let server = side.other();
+        let word = Word::EMPTY
+            .with_state(server, TcpState::Established)
+            .with_state(side, TcpState::Established)
+            .with_local(server);
+        let ends: Vec<LocalEnd> = local_ends(&FlowRef::V4(key), word).collect();
+        assert_eq!(
+            ends,
+            [LocalEnd {
+                local_port: 8080,
+                remote: "10.0.0.9".parse().unwrap(),
+                remote_port: 50000,
+                state: TcpState::Established,
+            }]
+        );
+    }
+
+    #[test]
+    fn port_filters_look_at_the_side_asked_for() {
+        let f = |port, side| PortFilter {
+            port: Some(port),
+            side,
+        };
+        assert!(f(443, PortSide::Local).matches(443, 50000));
+        assert!(!f(443, PortSide::Remote).matches(443, 50000));
+        assert!(f(50000, PortSide::Remote).matches(443, 50000));
+        assert!(f(50000, PortSide::Any).matches(443, 50000));
+        assert!(!f(22, PortSide::Any).matches(443, 50000));
+        assert!(PortFilter::default().matches(1, 2));
+    }
+}

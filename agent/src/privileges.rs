@@ -1,0 +1,45 @@
+//! Dropping privileges once the probe is loaded and attached.
+//!
+//! Loading and attaching need CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON (and
+//! CAP_SYS_ADMIN to enter another namespace). Everything after works on file
+//! descriptors the agent already holds (maps, the command program, the
+//! sock_diag socket) or on files any root-owned process may read, so the
+//! agent then drops every capability: a bug in the control socket, the
+//! metrics server or the view cannot be turned into loading programs.
+//! Capabilities belong to threads: each long-lived thread drops its own
+//! (threads started later inherit the empty set).
+
+use caps::CapSet;
+
+use crate::error::{Error, Result};
+
+/// Drops every capability of the calling thread, the bounding set included
+/// (nothing it runs later can regain them).
+pub fn drop_all() -> Result<()> {
+    let fail = |what: &str, e: caps::errors::CapsError| {
+        Error::io(
+            format!("dropping capabilities ({what})"),
+            std::io::Error::other(e.to_string()),
+        )
+    };
+    caps::clear(None, CapSet::Ambient).map_err(|e| fail("ambient", e))?;
+    // Shrinking the bounding set needs CAP_SETPCAP, so it goes first.
+    if caps::has_cap(None, CapSet::Effective, caps::Capability::CAP_SETPCAP).unwrap_or(false) {
+        for cap in caps::read(None, CapSet::Bounding).map_err(|e| fail("bounding", e))? {
+            caps::drop(None, CapSet::Bounding, cap).map_err(|e| fail("bounding", e))?;
+        }
+    }
+    caps::clear(None, CapSet::Inheritable).map_err(|e| fail("inheritable", e))?;
+    caps::clear(None, CapSet::Effective).map_err(|e| fail("effective", e))?;
+    caps::clear(None, CapSet::Permitted).map_err(|e| fail("permitted", e))?;
+    Ok(())
+}
+
+/// The calling thread's effective capabilities.
+pub fn effective() -> Vec<String> {
+    let mut names: Vec<String> = caps::read(None, CapSet::Effective)
+        .map(|s| s.into_iter().map(|c| c.to_string()).collect())
+        .unwrap_or_default();
+    names.sort();
+    names
+}

@@ -1,0 +1,120 @@
+//! `tcpstate top`: a full-screen live view of the running agent. A client of
+//! the control socket like `count` and `watch`: it asks for a snapshot every
+//! interval, keeps the history in a [`Live`], and draws it with
+//! [`render::draw`]. `q`, Esc or Ctrl-C quit and restore the terminal.
+
+pub mod render;
+
+use std::{
+    io::IsTerminal,
+    path::Path,
+    sync::mpsc::{Receiver, TryRecvError},
+    time::{Duration, Instant},
+};
+
+use ratatui::crossterm::event::{self, Event, KeyCode, KeyEventKind, KeyModifiers};
+use render::Status;
+
+use crate::{
+    control,
+    error::{Error, Result},
+    live::Live,
+};
+
+/// Sparkline history: ten minutes at one refresh a second.
+const HISTORY: usize = 600;
+
+/// The view of the agent answering at `socket`, until the user quits.
+pub fn run(socket: &Path, interval: Duration, log: Option<&Path>) -> Result<()> {
+    if !std::io::stdout().is_terminal() {
+        return Err(Error::io(
+            "starting the live view",
+            std::io::Error::other("stdout is not a terminal (tcpstate watch prints lines)"),
+        ));
+    }
+    // Fail before taking the screen when no agent answers.
+    let first = control::query(socket)?;
+    let mut live = Live::new(HISTORY);
+    live.update(first);
+    show(socket, interval, log, &mut live, None)
+}
+
+/// The view of an agent starting in this process (`run --top`): waits for its
+/// socket, and ends when `agent_done` is dropped (the agent stopped).
+pub fn run_in_process(
+    socket: &Path,
+    interval: Duration,
+    log: Option<&Path>,
+    agent_done: Receiver<()>,
+) -> Result<()> {
+    let mut live = Live::new(HISTORY);
+    show(socket, interval, log, &mut live, Some(agent_done))
+}
+
+fn show(
+    socket: &Path,
+    interval: Duration,
+    log: Option<&Path>,
+    live: &mut Live,
+    agent_done: Option<Receiver<()>>,
+) -> Result<()> {
+    let mut terminal = ratatui::init();
+    let mut status = Status {
+        source: socket.display().to_string(),
+        problem: None,
+        log: log.map(|l| l.display().to_string()),
+    };
+    let mut next = Instant::now()
+        + if live.last.is_some() {
+            interval
+        } else {
+            Duration::ZERO
+        };
+    let result = loop {
+        if agent_done
+            .as_ref()
+            .is_some_and(|rx| matches!(rx.try_recv(), Err(TryRecvError::Disconnected)))
+        {
+            break Ok(());
+        }
+        if Instant::now() >= next {
+            next += interval;
+            if next < Instant::now() {
+                next = Instant::now() + interval;
+            }
+            match control::query(socket) {
+                Ok(s) => {
+                    live.update(s);
+                    status.problem = None;
+                }
+                Err(Error::NoAgent(_)) if live.last.is_none() => {
+                    status.problem = Some("starting the agent...".into());
+                }
+                Err(e) => status.problem = Some(format!("{e}")),
+            }
+        }
+        if let Err(e) = terminal.draw(|f| render::draw(f, live, &status)) {
+            break Err(Error::io("drawing the view", e));
+        }
+        let wait = next
+            .saturating_duration_since(Instant::now())
+            .min(Duration::from_millis(200));
+        match event::poll(wait) {
+            Ok(true) => match event::read() {
+                Ok(Event::Key(k)) if k.kind == KeyEventKind::Press => {
+                    let ctrl_c =
+                        k.code == KeyCode::Char('c') && k.modifiers.contains(KeyModifiers::CONTROL);
+                    if ctrl_c || matches!(k.code, KeyCode::Char('q') | KeyCode::Esc) {
+                        break Ok(());
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => break Err(Error::io("reading the keyboard", e)),
+            },
+            Ok(false) => {}
+            Err(e) => break Err(Error::io("reading the keyboard", e)),
+        }
+    };
+    ratatui::restore();
+    result
+}

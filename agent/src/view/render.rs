@@ -1,0 +1,418 @@
+//! Drawing the live view: pure, from a [`Live`] to a ratatui frame, so it is
+//! tested with ratatui's `TestBackend`.
+//!
+//! Laid out for 80x24 at least: a title line, the eleven states with their
+//! counts and a sparkline each, the rates, the top local ports and remote
+//! peers side by side, and a probe health line.
+
+use ratatui::{
+    Frame,
+    layout::{Constraint, Layout, Rect},
+    style::{Color, Modifier, Style},
+    text::{Line, Span},
+    widgets::{Block, Borders, Cell, Paragraph, Row, Sparkline, Table},
+};
+use tcpstate_common::TcpState;
+
+use crate::{breakdown::Keyed, live::Live, snapshot::Snapshot};
+
+/// What the view says besides the agent's numbers.
+#[derive(Clone, Debug, Default)]
+pub struct Status {
+    /// Where the numbers come from (the control socket).
+    pub source: String,
+    /// Set while the agent cannot be reached.
+    pub problem: Option<String>,
+    /// The agent's log file, when the agent runs in this process.
+    pub log: Option<String>,
+}
+
+/// The states a port or peer row shows, with their column titles.
+const ROW_STATES: [(TcpState, &str); 4] = [
+    (TcpState::Established, "ESTAB"),
+    (TcpState::TimeWait, "TW"),
+    (TcpState::CloseWait, "CW"),
+    (TcpState::SynRecv, "SYN_R"),
+];
+
+pub fn draw(frame: &mut Frame, live: &Live, status: &Status) {
+    let [title, states, rates, tops, health] = Layout::vertical([
+        Constraint::Length(1),
+        Constraint::Length(12),
+        Constraint::Length(1),
+        Constraint::Min(4),
+        Constraint::Length(1),
+    ])
+    .areas(frame.area());
+    frame.render_widget(Paragraph::new(title_line(live, status)), title);
+    draw_states(frame, states, live);
+    frame.render_widget(Paragraph::new(rates_line(live)), rates);
+    let [ports, peers] =
+        Layout::horizontal([Constraint::Percentage(50), Constraint::Percentage(50)]).areas(tops);
+    let snap = live.last.as_ref();
+    draw_top(
+        frame,
+        ports,
+        (" Top local ports (* listening) ", "PORT", 6),
+        snap.map_or(&[][..], |s| &s.ports),
+    );
+    draw_top(
+        frame,
+        peers,
+        (" Top remote peers ", "PEER", 15),
+        snap.map_or(&[][..], |s| &s.peers),
+    );
+    frame.render_widget(Paragraph::new(health_line(live)), health);
+}
+
+fn bold() -> Style {
+    Style::default().add_modifier(Modifier::BOLD)
+}
+
+fn title_line(live: &Live, status: &Status) -> Line<'static> {
+    let mut spans = vec![Span::styled("tcpstate", bold())];
+    if let Some(s) = &live.last {
+        spans.push(Span::raw(format!(
+            " | {} | {} | up {}",
+            s.netns.as_deref().unwrap_or("host namespace"),
+            if s.interfaces.is_empty() {
+                "no interfaces".to_owned()
+            } else {
+                s.interfaces.join(",")
+            },
+            duration(s.uptime_ms / 1000)
+        )));
+    }
+    match &status.problem {
+        Some(p) => spans.push(Span::styled(
+            format!(" | {p}"),
+            Style::default().fg(Color::Red),
+        )),
+        None => spans.push(Span::raw(" | q quits")),
+    }
+    Line::from(spans)
+}
+
+fn draw_states(frame: &mut Frame, area: Rect, live: &Live) {
+    let counts = live.last.as_ref().and_then(Snapshot::state_counts);
+    let rows = Layout::vertical([Constraint::Length(1); 12]).split(area);
+    let columns = |row: Rect| {
+        Layout::horizontal([
+            Constraint::Length(21),
+            Constraint::Length(2),
+            Constraint::Min(0),
+        ])
+        .areas::<3>(row)
+    };
+    let [text, _, spark] = columns(rows[0]);
+    frame.render_widget(
+        Paragraph::new(Line::styled(
+            format!("{:<12}{:>9}", "STATE", "COUNT"),
+            bold(),
+        )),
+        text,
+    );
+    frame.render_widget(
+        Paragraph::new(Line::styled("history (each row to its own peak)", bold())),
+        spark,
+    );
+    for (i, state) in TcpState::REPORTED.iter().enumerate() {
+        let [text, _, spark] = columns(rows[i + 1]);
+        let n = counts.map(|c| c.get(*state));
+        let count = n.map_or("-".to_owned(), |n| n.to_string());
+        let style = if n.unwrap_or(0) > 0 {
+            Style::default()
+        } else {
+            Style::default().fg(Color::DarkGray)
+        };
+        frame.render_widget(
+            Paragraph::new(Line::styled(
+                format!("{:<12}{count:>9}", state.name()),
+                style,
+            )),
+            text,
+        );
+        // The newest points that fit, right-aligned in time.
+        let history = live.history(*state);
+        let width = spark.width as usize;
+        let shown = &history[history.len().saturating_sub(width)..];
+        frame.render_widget(
+            Sparkline::default()
+                .data(shown)
+                .max(shown.iter().copied().max().unwrap_or(0).max(1))
+                .style(Style::default().fg(Color::Cyan)),
+            spark,
+        );
+    }
+}
+
+fn rates_line(live: &Live) -> Line<'static> {
+    let Some(r) = live.rates else {
+        return Line::from("per second: (after the next refresh)");
+    };
+    Line::from(vec![
+        Span::styled("per second: ", bold()),
+        Span::raw(format!(
+            "opens {}  closes {}  resets {}  SYNs {}  failed handshakes {}",
+            rate(r.opens),
+            rate(r.closes),
+            rate(r.resets),
+            rate(r.syns),
+            rate(r.failed_handshakes)
+        )),
+    ])
+}
+
+/// A table of top rows: the key, the total, and as many of [`ROW_STATES`]
+/// as fit beside a key of `min_key` characters.
+fn draw_top(
+    frame: &mut Frame,
+    area: Rect,
+    (title, key, min_key): (&str, &str, u16),
+    rows: &[Keyed],
+) {
+    const TOTAL: u16 = 6;
+    const STATE: u16 = 5;
+    let inner = area.width.saturating_sub(2);
+    // Columns are one space apart.
+    let room = inner.saturating_sub(min_key + 1 + TOTAL);
+    let states = &ROW_STATES[..((room / (STATE + 1)) as usize).min(ROW_STATES.len())];
+    let key_width = inner.saturating_sub((TOTAL + 1) + (STATE + 1) * states.len() as u16);
+    let header = Row::new(
+        [key, "TOTAL"]
+            .into_iter()
+            .chain(states.iter().map(|(_, t)| *t))
+            .map(|h| Cell::from(h.to_owned())),
+    )
+    .style(bold());
+    let body = rows.iter().map(|r| {
+        Row::new(
+            [elide(&key_of(r), key_width as usize), r.total.to_string()]
+                .into_iter()
+                .chain(states.iter().map(|(s, _)| r.states.get(*s).to_string()))
+                .map(Cell::from),
+        )
+    });
+    let widths = [Constraint::Fill(1), Constraint::Length(TOTAL)]
+        .into_iter()
+        .chain(states.iter().map(|_| Constraint::Length(STATE)));
+    let table = Table::new(body, widths).header(header).block(
+        Block::default()
+            .borders(Borders::ALL)
+            .title(title.to_owned()),
+    );
+    frame.render_widget(table, area);
+}
+
+/// The row's key, with `*` when something listens there.
+fn key_of(r: &Keyed) -> String {
+    if r.states.get(TcpState::Listen) > 0 {
+        format!("{}*", r.key)
+    } else {
+        r.key.clone()
+    }
+}
+
+fn health_line(live: &Live) -> Line<'static> {
+    let Some(s) = &live.last else {
+        return Line::from("probe: waiting for the agent");
+    };
+    let ev = |n: &str| s.events.get(n).and_then(|v| v.as_u64()).unwrap_or(0);
+    let drift: i64 = s
+        .drift
+        .values()
+        .filter_map(|v| v.as_i64())
+        .map(i64::abs)
+        .sum();
+    let cap = u64::from(s.flow_map_capacity).max(1);
+    let fill = s.flows_in_map.iter().copied().max().unwrap_or(0) as f64 * 100.0 / cap as f64;
+    let packets = live.rates.map_or("-".to_owned(), |r| rate(r.packets));
+    let bad = ev("parse_errors") + ev("ipv6_ext_too_deep");
+    let warn = |v: u64| {
+        if v > 0 {
+            Style::default().fg(Color::Yellow)
+        } else {
+            Style::default()
+        }
+    };
+    Line::from(vec![
+        Span::styled("probe: ", bold()),
+        Span::raw(format!("{packets} pkt/s  ")),
+        Span::styled(format!("parse errors {bad}  "), warn(bad)),
+        Span::raw(format!(
+            "map {}+{} ({fill:.1}%)  ",
+            s.flows_in_map[0], s.flows_in_map[1]
+        )),
+        Span::styled(
+            format!("map full {}  ", ev("map_full")),
+            warn(ev("map_full")),
+        ),
+        Span::styled(format!("drift {drift}"), warn(drift as u64)),
+    ])
+}
+
+/// A rate with one decimal below 100, with k/M suffixes above.
+pub fn rate(v: f64) -> String {
+    if v >= 1e6 {
+        format!("{:.1}M", v / 1e6)
+    } else if v >= 1e4 {
+        format!("{:.1}k", v / 1e3)
+    } else if v >= 100.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.1}")
+    }
+}
+
+fn duration(secs: u64) -> String {
+    match secs {
+        s if s < 60 => format!("{s}s"),
+        s if s < 3600 => format!("{}m{:02}s", s / 60, s % 60),
+        s => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+    }
+}
+
+/// `s` cut to `width` characters, the cut marked with `…`.
+fn elide(s: &str, width: usize) -> String {
+    if s.chars().count() <= width || width == 0 {
+        return s.to_owned();
+    }
+    let keep: String = s.chars().take(width.saturating_sub(1)).collect();
+    format!("{keep}…")
+}
+
+#[cfg(test)]
+mod tests {
+    use ratatui::{Terminal, backend::TestBackend};
+    use tcpstate_common::{Counters, Event};
+
+    use super::*;
+    use crate::snapshot::StateCounts;
+
+    fn snapshot(uptime_ms: u64, established: u64, opened: u64) -> Snapshot {
+        let mut c = Counters::default();
+        c.events[Event::FlowsOpened as usize] = opened;
+        c.events[Event::PacketsXdp as usize] = opened * 3;
+        let mut states = StateCounts::default();
+        states.set(TcpState::Listen, 2);
+        states.set(TcpState::Established, established);
+        states.set(TcpState::TimeWait, 118);
+        let mut s = Snapshot::new(
+            Some("web".into()),
+            vec!["veth0".into(), "lo".into()],
+            states,
+            &c,
+            262_144,
+            0,
+        );
+        s.uptime_ms = uptime_ms;
+        s.flows_in_map = [160, 2];
+        let row = |key: &str, est: u64, tw: u64| {
+            let mut st = StateCounts::default();
+            st.set(TcpState::Established, est);
+            st.set(TcpState::TimeWait, tw);
+            Keyed {
+                key: key.into(),
+                total: est + tw,
+                states: st,
+            }
+        };
+        s.ports = vec![row("443", 30, 100), row("80", 11, 18), row("other", 0, 0)];
+        s.ports[0].states.set(TcpState::Listen, 1);
+        s.peers = vec![
+            row("10.0.0.7", 25, 60),
+            row("2001:db8:aaaa:bbbb:cccc:dddd:eeee:ffff", 16, 58),
+        ];
+        s
+    }
+
+    fn screen(live: &Live, status: &Status, w: u16, h: u16) -> Vec<String> {
+        let mut t = Terminal::new(TestBackend::new(w, h)).unwrap();
+        t.draw(|f| draw(f, live, status)).unwrap();
+        let buf = t.backend().buffer().clone();
+        (0..h)
+            .map(|y| (0..w).map(|x| buf[(x, y)].symbol().to_owned()).collect())
+            .collect()
+    }
+
+    fn live() -> Live {
+        let mut live = Live::new(600);
+        for (i, est) in [10, 20, 41].into_iter().enumerate() {
+            live.update(snapshot(1000 * (i as u64 + 1), est, 100 * (i as u64 + 1)));
+        }
+        live
+    }
+
+    /// The whole 80x24 screen, as a person reads it.
+    #[test]
+    fn at_80x24_everything_fits() {
+        let lines = screen(&live(), &Status::default(), 80, 24);
+        let expected = [
+            "tcpstate | web | veth0,lo | up 3s | q quits",
+            "STATE           COUNT  history (each row to its own peak)",
+            "LISTEN              2  ███",
+            "SYN_SENT            0",
+            "SYN_RECV            0",
+            "ESTABLISHED        41  ▁▃█",
+            "FIN_WAIT1           0",
+            "FIN_WAIT2           0",
+            "CLOSE_WAIT          0",
+            "CLOSING             0",
+            "LAST_ACK            0",
+            "TIME_WAIT         118  ███",
+            "CLOSE               0",
+            "per second: opens 100  closes 0.0  resets 0.0  SYNs 0.0  failed handshakes 0.0",
+        ];
+        for (i, want) in expected.iter().enumerate() {
+            assert_eq!(
+                lines[i].trim_end(),
+                *want,
+                "line {i}:\n{}",
+                lines.join("\n")
+            );
+        }
+        let boxes = [
+            "┌ Top local ports (* listening) ───────┐┌ Top remote peers ────────────────────┐",
+            "│PORT    TOTAL  ESTAB TW    CW    SYN_R││PEER                TOTAL  ESTAB TW   │",
+            "│443*    130    30    100   0     0    ││10.0.0.7            85     25    60   │",
+            "│80      29     11    18    0     0    ││2001:db8:aaaa:bbbb… 74     16    58   │",
+            "│other   0      0     0     0     0    ││                                      │",
+        ];
+        for (i, want) in boxes.iter().enumerate() {
+            assert_eq!(
+                lines[14 + i],
+                *want,
+                "line {}:\n{}",
+                14 + i,
+                lines.join("\n")
+            );
+        }
+        assert!(lines[22].starts_with("└───"));
+        assert_eq!(
+            lines[23].trim_end(),
+            "probe: 300 pkt/s  parse errors 0  map 160+2 (0.1%)  map full 0  drift 0"
+        );
+    }
+
+    #[test]
+    fn before_the_agent_answers_the_view_says_so() {
+        let status = Status {
+            problem: Some("starting the agent...".into()),
+            ..Status::default()
+        };
+        let lines = screen(&Live::new(10), &status, 80, 24);
+        assert_eq!(lines[0].trim_end(), "tcpstate | starting the agent...");
+        assert_eq!(lines[5].trim_end(), "ESTABLISHED         -");
+        assert_eq!(lines[13].trim_end(), "per second: (after the next refresh)");
+        assert_eq!(lines[23].trim_end(), "probe: waiting for the agent");
+    }
+
+    #[test]
+    fn rates_read_well_at_every_magnitude() {
+        assert_eq!(rate(0.0), "0.0");
+        assert_eq!(rate(12.34), "12.3");
+        assert_eq!(rate(512.0), "512");
+        assert_eq!(rate(45_600.0), "45.6k");
+        assert_eq!(rate(2_500_000.0), "2.5M");
+    }
+}
