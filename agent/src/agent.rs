@@ -312,7 +312,7 @@ pub async fn run(
     stop: Option<tokio::sync::oneshot::Receiver<()>>,
 ) -> anyhow::Result<()> {
     let socket_path = control::claim(&cfg.socket)?;
-    let agent = Agent::start(&cfg)?;
+    let mut agent = Agent::start(&cfg)?;
     tracing::info!(
         "monitoring {} in {}; answering on {}",
         agent.probe.attached().join(", "),
@@ -334,6 +334,23 @@ pub async fn run(
         ),
         None => None,
     };
+    let _probe_log = agent.probe.take_logger().and_then(|logger| {
+        // The probe's records (map full, each command at debug) join the
+        // agent's log as the ring buffer fills.
+        // SAFETY: the logger owns its ring buffer's descriptor, which stays
+        // open and the same until the logger (moved into the AsyncFd) drops.
+        let mut ring = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+        }
+        .map_err(|e| tracing::warn!("reading the probe's log: {e}"))
+        .ok()?;
+        Some(AbortOnDrop(tokio::spawn(async move {
+            while let Ok(mut ready) = ring.readable_mut().await {
+                ready.get_inner_mut().flush();
+                ready.clear_ready();
+            }
+        })))
+    });
     agent.drop_privileges()?;
     tracing::debug!(
         "capabilities dropped (effective now: {:?})",

@@ -17,7 +17,7 @@ pub enum Error {
     #[error("no interface is up in {0}; bring one up or name it with --iface")]
     NoInterfaces(String),
     #[error(
-        "permission denied while {action}: run as root, or with CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON and CAP_SYS_ADMIN"
+        "permission denied while {action}: run as root, or with CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON (and CAP_SYS_ADMIN for --netns)"
     )]
     NotPermitted { action: String },
     #[error(

@@ -53,6 +53,33 @@ impl Default for ProbeOptions {
 pub struct Probe {
     ebpf: Ebpf,
     attached: Vec<String>,
+    logger: Option<ProbeLogger>,
+}
+
+/// The probe's aya-log records, forwarded to the agent's log.
+pub type ProbeLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
+
+/// The most detailed level the agent's log shows for the probe's records,
+/// in aya-log's numbering (error 1 ... trace 5): the probe skips the rest
+/// without writing them.
+fn probe_log_level() -> u8 {
+    use tracing::Level;
+    [
+        (Level::TRACE, 5),
+        (Level::DEBUG, 4),
+        (Level::INFO, 3),
+        (Level::WARN, 2),
+        (Level::ERROR, 1),
+    ]
+    .into_iter()
+    .find(|(level, _)| match *level {
+        Level::TRACE => tracing::enabled!(target: "tcpstate_probe", Level::TRACE),
+        Level::DEBUG => tracing::enabled!(target: "tcpstate_probe", Level::DEBUG),
+        Level::INFO => tracing::enabled!(target: "tcpstate_probe", Level::INFO),
+        Level::WARN => tracing::enabled!(target: "tcpstate_probe", Level::WARN),
+        _ => tracing::enabled!(target: "tcpstate_probe", Level::ERROR),
+    })
+    .map_or(0, |(_, n)| n)
 }
 
 impl Probe {
@@ -61,9 +88,11 @@ impl Probe {
         if PROBE_OBJECT.is_empty() {
             return Err(Error::ProbeMissing);
         }
+        let level = probe_log_level();
         let mut ebpf = EbpfLoader::new()
             .map_max_entries("FLOWS4", opts.max_flows)
             .map_max_entries("FLOWS6", opts.max_flows)
+            .override_global(aya_log::LEVEL, &level, false)
             .load(PROBE_OBJECT)
             .map_err(|e| {
                 if is_permission_error(&e) {
@@ -80,10 +109,23 @@ impl Probe {
         }
         let tc: &mut SchedClassifier = program(&mut ebpf, TC_PROGRAM)?.try_into()?;
         tc.load().map_err(|e| load_error(TC_PROGRAM, e))?;
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::warn!("the probe's log records cannot be read: {e}");
+                None
+            }
+        };
         Ok(Probe {
             ebpf,
             attached: Vec::new(),
+            logger,
         })
+    }
+
+    /// The reader of the probe's log records (once).
+    pub fn take_logger(&mut self) -> Option<ProbeLogger> {
+        self.logger.take()
     }
 
     /// Attaches to `iface` in the calling thread's namespace: XDP for what
@@ -273,6 +315,13 @@ fn load_error(program: &str, e: ProgramError) -> Error {
                 };
             }
             let log = verifier_log.to_string();
+            // Without CAP_PERFMON the verifier refuses pointer arithmetic
+            // ("... prohibited for !root"): a missing privilege, not a bug.
+            if log.contains("for !root") {
+                return Error::NotPermitted {
+                    action: format!("loading {program} (its verifier checks need CAP_PERFMON)"),
+                };
+            }
             let tail: Vec<&str> = log.lines().rev().take(25).collect();
             Error::Verifier {
                 program: program.into(),

@@ -639,3 +639,25 @@ fn after_attaching_the_agent_holds_no_capability_and_still_counts() {
         );
     }
 }
+
+#[test]
+#[ignore = "needs promtool: run through `cargo xtask test`"]
+fn deploy_rules_and_their_tests_pass_promtool() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/prometheus");
+    for args in [
+        &["check", "rules", "alerts.yml"][..],
+        &["test", "rules", "alerts_test.yml"][..],
+    ] {
+        let out = Command::new("promtool")
+            .args(args)
+            .current_dir(&root)
+            .output()
+            .expect("promtool");
+        assert!(
+            out.status.success(),
+            "promtool {args:?}:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

@@ -4,6 +4,7 @@
 //! path. The "packet" is a [`Command`].
 
 use aya_ebpf::{bindings::BPF_NOEXIST, macros::xdp, programs::XdpContext};
+use aya_log_ebpf::debug;
 use tcpstate_common::{
     Command, Counters, EndSeq, Event, FlowEntry, Word,
     command::{op, outcome},
@@ -13,19 +14,26 @@ use crate::track::{EEXIST, FLOWS4, FLOWS6, count, cpu_slot, move_counts, swap_wo
 
 #[xdp]
 pub fn tcpstate_command(ctx: XdpContext) -> u32 {
-    match try_command(&ctx) {
-        Ok(code) | Err(code) => code,
-    }
-}
-
-fn try_command(ctx: &XdpContext) -> Result<u32, u32> {
     let (start, end) = (ctx.data(), ctx.data_end());
     if start + core::mem::size_of::<Command>() > end {
-        return Err(outcome::MISSING);
+        return outcome::MISSING;
     }
     // SAFETY: bounds checked just above; read in place (a copy of the whole
     // struct would become a call to `memmove`).
     let cmd = unsafe { &*(start as *const Command) };
+    let code = match try_command(cmd) {
+        Ok(code) | Err(code) => code,
+    };
+    // Each change the agent makes, at debug level (`RUST_LOG=debug`).
+    let (op, family, expect, new) = (cmd.op, cmd.family, cmd.expect, cmd.new);
+    debug!(
+        &ctx,
+        "command op={} family={} word {:x} -> {:x}: outcome {}", op, family, expect, new, code
+    );
+    code
+}
+
+fn try_command(cmd: &Command) -> Result<u32, u32> {
     let (c, _) = cpu_slot().ok_or(outcome::MISSING)?;
     if cmd.op == op::SEED {
         return seed(cmd, c);
