@@ -63,6 +63,7 @@ fn show(
         source: socket.display().to_string(),
         problem: None,
         log: log.map(|l| l.display().to_string()),
+        interval_s: interval.as_secs_f64(),
     };
     let mut next = Instant::now()
         + if live.last.is_some() {

@@ -25,6 +25,8 @@ pub struct Status {
     pub problem: Option<String>,
     /// The agent's log file, when the agent runs in this process.
     pub log: Option<String>,
+    /// Seconds between snapshots (the time one history sample covers).
+    pub interval_s: f64,
 }
 
 /// The states a port or peer row shows, with their column titles.
@@ -45,7 +47,7 @@ pub fn draw(frame: &mut Frame, live: &Live, status: &Status) {
     ])
     .areas(frame.area());
     frame.render_widget(Paragraph::new(title_line(live, status)), title);
-    draw_states(frame, states, live);
+    draw_states(frame, states, live, status);
     frame.render_widget(Paragraph::new(rates_line(live)), rates);
     let [ports, peers] =
         Layout::horizontal([Constraint::Percentage(50), Constraint::Percentage(50)]).areas(tops);
@@ -84,16 +86,37 @@ fn title_line(live: &Live, status: &Status) -> Line<'static> {
         )));
     }
     match &status.problem {
-        Some(p) => spans.push(Span::styled(
-            format!(" | {p}"),
-            Style::default().fg(Color::Red),
-        )),
+        Some(p) => {
+            let log = status
+                .log
+                .as_ref()
+                .map_or(String::new(), |l| format!(" (log: {l})"));
+            spans.push(Span::styled(
+                format!(" | {p}{log}"),
+                Style::default().fg(Color::Red),
+            ))
+        }
         None => spans.push(Span::raw(" | q quits")),
     }
     Line::from(spans)
 }
 
-fn draw_states(frame: &mut Frame, area: Rect, live: &Live) {
+/// The whole history in `width` columns: each column the peak of an equal
+/// run of samples, counted from the newest, so a spike never disappears.
+pub fn fit(history: &[u64], width: usize) -> Vec<u64> {
+    if width == 0 {
+        return Vec::new();
+    }
+    let per_column = history.len().div_ceil(width).max(1);
+    let mut columns: Vec<u64> = history
+        .rchunks(per_column)
+        .map(|run| run.iter().copied().max().unwrap_or(0))
+        .collect();
+    columns.reverse();
+    columns
+}
+
+fn draw_states(frame: &mut Frame, area: Rect, live: &Live, status: &Status) {
     let counts = live.last.as_ref().and_then(Snapshot::state_counts);
     let rows = Layout::vertical([Constraint::Length(1); 12]).split(area);
     let columns = |row: Rect| {
@@ -112,8 +135,13 @@ fn draw_states(frame: &mut Frame, area: Rect, live: &Live) {
         )),
         text,
     );
+    let samples = live.history(TcpState::Listen).len();
+    let span = duration((samples as f64 * status.interval_s.max(0.0)).round() as u64);
     frame.render_widget(
-        Paragraph::new(Line::styled("history (each row to its own peak)", bold())),
+        Paragraph::new(Line::styled(
+            format!("last {span} (each row to its own peak)"),
+            bold(),
+        )),
         spark,
     );
     for (i, state) in TcpState::REPORTED.iter().enumerate() {
@@ -132,13 +160,10 @@ fn draw_states(frame: &mut Frame, area: Rect, live: &Live) {
             )),
             text,
         );
-        // The newest points that fit, right-aligned in time.
-        let history = live.history(*state);
-        let width = spark.width as usize;
-        let shown = &history[history.len().saturating_sub(width)..];
+        let shown = fit(&live.history(*state), spark.width as usize);
         frame.render_widget(
             Sparkline::default()
-                .data(shown)
+                .data(&shown)
                 .max(shown.iter().copied().max().unwrap_or(0).max(1))
                 .style(Style::default().fg(Color::Cyan)),
             spark,
@@ -346,10 +371,14 @@ mod tests {
     /// The whole 80x24 screen, as a person reads it.
     #[test]
     fn at_80x24_everything_fits() {
-        let lines = screen(&live(), &Status::default(), 80, 24);
+        let status = Status {
+            interval_s: 1.0,
+            ..Status::default()
+        };
+        let lines = screen(&live(), &status, 80, 24);
         let expected = [
             "tcpstate | web | veth0,lo | up 3s | q quits",
-            "STATE           COUNT  history (each row to its own peak)",
+            "STATE           COUNT  last 3s (each row to its own peak)",
             "LISTEN              2  ███",
             "SYN_SENT            0",
             "SYN_RECV            0",
@@ -405,6 +434,15 @@ mod tests {
         assert_eq!(lines[5].trim_end(), "ESTABLISHED         -");
         assert_eq!(lines[13].trim_end(), "per second: (after the next refresh)");
         assert_eq!(lines[23].trim_end(), "probe: waiting for the agent");
+    }
+
+    #[test]
+    fn the_whole_history_fits_the_width_keeping_every_peak() {
+        assert_eq!(fit(&[1, 2, 3], 10), [1, 2, 3]);
+        // Six samples in four columns: runs of two from the newest.
+        assert_eq!(fit(&[9, 1, 2, 7, 3, 4], 4), [9, 7, 4]);
+        assert_eq!(fit(&[5; 600], 57).len(), 55);
+        assert!(fit(&[1, 2], 0).is_empty());
     }
 
     #[test]
