@@ -119,6 +119,10 @@ fn ipv4(start: usize, end: usize, off: usize, out: &mut Packet) -> Result<Parsed
 #[inline(always)]
 fn ipv6(start: usize, end: usize, off: usize, out: &mut Packet) -> Result<Parsed, ParseError> {
     let ip = bytes::<40>(start, end, off)?;
+    // The kernel drops a version other than 6 (ipv6_rcv): so does the probe.
+    if ip[0] >> 4 != 6 {
+        return Err(ParseError::Malformed);
+    }
     let payload = be16(ip, 4) as usize;
     let mut next = ip[6];
     let mut l4 = off + 40;
