@@ -401,10 +401,30 @@ fn existing_connections_are_seeded_on_loopback() {
 
 #[test]
 #[ignore = "needs root and the probe: run through `cargo xtask test`"]
-fn a_killed_agent_leaves_nothing_attached() {
+fn a_killed_agent_leaves_nothing_attached_and_a_restart_is_exact_at_once() {
     require_root();
     let net = VethPair::new();
-    let mut agent = Agent::start(&net.left, &[]);
+    let (mon, peer) = (&net.left, &net.right);
+    let mut agent = Agent::start(mon, &[]);
+    // Connections in several states, made while the first agent runs.
+    let listener = mon.listen(&sockaddr(&net.left_v4, 7420));
+    let addr = listener.local_addr().unwrap();
+    let mut pairs: Vec<(TcpStream, TcpStream)> = (0..12)
+        .map(|_| (peer.connect(addr), accept(&listener)))
+        .collect();
+    let mut close_wait = Vec::new();
+    for (i, (client, server)) in pairs.drain(..6).enumerate() {
+        if i % 2 == 0 {
+            drop(server); // TIME_WAIT here, once the peer closes
+            sleep(Duration::from_millis(20));
+            drop(client);
+        } else {
+            drop(client); // CLOSE_WAIT here
+            close_wait.push(server);
+        }
+    }
+    agent.assert_matches_ss(mon, "before the kill");
+    let old_socket = agent.socket.clone();
     agent.kill();
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     let attached = || {
@@ -424,6 +444,27 @@ fn a_killed_agent_leaves_nothing_attached() {
     }
     assert!(!attached(), "XDP left attached after SIGKILL");
     assert!(!loaded(), "programs left loaded after SIGKILL");
+    let _ = std::fs::remove_file(old_socket);
+    // Started again: seeded from the socket table, exact from its first
+    // answer (within a second, the time `ss` itself may take to agree).
+    let again = Agent::start(mon, &[]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(1);
+    loop {
+        let (ours, truth) = (again.counts(), mon.ss_counts());
+        if ours == truth {
+            assert!(truth.get(TcpState::Established) >= 6, "{truth:?}");
+            assert!(truth.get(TcpState::CloseWait) == 3, "{truth:?}");
+            assert!(truth.get(TcpState::TimeWait) == 3, "{truth:?}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "restarted, not equal to ss within 1 s:\n{}",
+            support::table(&ours, &truth)
+        );
+        sleep(Duration::from_millis(50));
+    }
+    drop((pairs, close_wait));
 }
 
 /// A router namespace between two hosts: what it forwards is nobody's socket
