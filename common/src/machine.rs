@@ -69,6 +69,19 @@ impl Segment {
     pub const fn may_open(&self) -> bool {
         self.has(SYN) && !self.has(RST) && !self.has(FIN)
     }
+
+    /// A connection attempt (SYN, no ACK): usually a flow not seen before.
+    #[inline(always)]
+    pub const fn opens_a_flow(&self) -> bool {
+        self.may_open() && !self.has(ACK)
+    }
+
+    /// Only a segment without SYN, FIN and RST can take the fast path
+    /// ([`is_steady`]).
+    #[inline(always)]
+    pub const fn may_be_steady(&self) -> bool {
+        self.flags & (SYN | FIN | RST) == 0
+    }
 }
 
 /// What [`step`] decided.

@@ -174,6 +174,10 @@ fn local6(addr: &[u32; 4]) -> bool {
 /// swap, no counters. Returns false when the slow path must run.
 #[inline(always)]
 fn steady<K>(map: &HashMap<K, FlowEntry>, key: &K, sender: Side, seg: &Segment) -> bool {
+    // A SYN, FIN or RST always takes the slow path: no lookup here for it.
+    if !seg.may_be_steady() {
+        return false;
+    }
     let Some(p) = map.get_ptr_mut(key) else {
         return false;
     };
@@ -215,8 +219,18 @@ fn transition<K>(
             receiver: bits & 2 != 0,
         }
     };
+    // A SYN without ACK nearly always opens a new flow: create it without
+    // looking first (the insert says EEXIST when the tuple has an entry, and
+    // the next attempt looks it up).
+    let mut assume_new = seg.opens_a_flow();
     for _ in 0..CAS_ATTEMPTS {
-        match map.get_ptr_mut(key) {
+        let found = if assume_new {
+            assume_new = false;
+            None
+        } else {
+            map.get_ptr_mut(key)
+        };
+        match found {
             None => {
                 if !seg.may_open() {
                     return Tracked::Yes;

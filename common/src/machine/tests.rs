@@ -468,6 +468,8 @@ fn the_steady_fast_path_agrees_with_step_everywhere_it_applies() {
                 if !is_steady(word, &seg) {
                     continue;
                 }
+                // The probe skips the fast path's lookup when this is false.
+                assert!(seg.may_be_steady(), "{flags:#x}");
                 applied += 1;
                 // The locality the entry already records: steady segments
                 // belong to entries whose local marks were set at creation.
