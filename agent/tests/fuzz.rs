@@ -169,7 +169,7 @@ fn known(r: &mut Rng) -> (Vec<u8>, Kind) {
                 let at = ip_at(&t);
                 let offset = 1 + r.below(8000) as u16;
                 f[at + 6..at + 8]
-                    .copy_from_slice(&(offset | r.below(2) as u16 * 0x2000).to_be_bytes());
+                    .copy_from_slice(&(offset | (r.below(2) as u16 * 0x2000)).to_be_bytes());
                 (f, Kind::Fragment)
             }
         }
