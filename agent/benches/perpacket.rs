@@ -233,4 +233,37 @@ fn main() {
     let mut f = std::fs::File::create(dir.join("perpacket.json")).unwrap();
     writeln!(f, "{}", serde_json::to_string_pretty(&out).unwrap()).unwrap();
     println!("wrote target/bench/perpacket.json");
+
+    // Kernel memory per tracked flow: the flow maps are preallocated, so
+    // what the kernel accounts for them divided by their capacity.
+    println!();
+    println!("kernel memory of the flow maps (fdinfo memlock), per flow of capacity");
+    println!(
+        "{:<10} {:>12} {:>12} {:>8} {:>8}",
+        "capacity", "FLOWS4", "FLOWS6", "B/v4", "B/v6"
+    );
+    let mut mem = Vec::new();
+    // Powers of two: the kernel sizes the bucket array to one.
+    for capacity in [131_072u32, 262_144, 1_048_576] {
+        let p = load(&ProbeOptions {
+            max_flows: capacity,
+            ..ProbeOptions::default()
+        });
+        let (v4, v6) = (
+            p.map_memory("FLOWS4").unwrap(),
+            p.map_memory("FLOWS6").unwrap(),
+        );
+        let (b4, b6) = (v4 as f64 / capacity as f64, v6 as f64 / capacity as f64);
+        println!("{capacity:<10} {v4:>12} {v6:>12} {b4:>8.1} {b6:>8.1}");
+        mem.push(json!({
+            "capacity": capacity,
+            "flows4_bytes": v4,
+            "flows6_bytes": v6,
+            "bytes_per_flow_v4": (b4 * 10.0).round() / 10.0,
+            "bytes_per_flow_v6": (b6 * 10.0).round() / 10.0,
+        }));
+    }
+    let mut f = std::fs::File::create(dir.join("memory.json")).unwrap();
+    writeln!(f, "{}", serde_json::to_string_pretty(&mem).unwrap()).unwrap();
+    println!("wrote target/bench/memory.json");
 }

@@ -9,7 +9,6 @@ use std::{
     time::Duration,
 };
 
-use aya::programs::XdpMode;
 use netlink_packet_sock_diag::inet::StateFlags;
 use tcpstate_common::TcpState;
 use tokio::{
@@ -64,6 +63,8 @@ pub struct Agent {
     tw_overflow_seen: u64,
     /// Socket-table checks owed after such growth.
     checks_due: u8,
+    /// The probe's map_full count at the last look.
+    map_full_seen: u64,
     /// Connections by port and by peer, as of the last walk.
     breakdown: Breakdown,
     /// Entries in the IPv4 and IPv6 flow maps at the last walk.
@@ -105,12 +106,7 @@ impl Agent {
             for iface in &ifaces {
                 let loopback = nix::net::if_::if_nametoindex(iface.as_str()).ok()
                     == Some(crate::probe::LOOPBACK_IFINDEX);
-                let mode = if loopback {
-                    XdpMode::Skb
-                } else {
-                    cfg.probe.xdp_mode
-                };
-                probe.attach(iface, mode, loopback)?;
+                probe.attach(iface, cfg.probe.ingress, loopback)?;
             }
             let mut diag = SockDiag::open()?;
             let timeouts = Timeouts::from_sysctls();
@@ -140,6 +136,7 @@ impl Agent {
             tw_overflow: None,
             tw_overflow_seen: 0,
             checks_due: 0,
+            map_full_seen: 0,
             breakdown: Breakdown::default(),
             flows_in_map: [0; 2],
             top_k: cfg.top_k,
@@ -173,6 +170,14 @@ impl Agent {
             self.tw_overflow_seen += grew;
             self.checks_due = 2;
         }
+        Ok(grew)
+    }
+
+    /// New connections the full flow map refused since the last call.
+    pub fn map_full_since_last(&mut self) -> Result<u64> {
+        let now = self.probe.counters()?.events[tcpstate_common::Event::MapFull as usize];
+        let grew = now.saturating_sub(self.map_full_seen);
+        self.map_full_seen = now;
         Ok(grew)
     }
 
@@ -405,6 +410,13 @@ pub async fn run(
                 }
                 if let Err(e) = a.sweep() {
                     tracing::warn!("timer sweep failed: {e}");
+                }
+                match a.map_full_since_last() {
+                    Ok(0) | Err(_) => {}
+                    Ok(n) => tracing::warn!(
+                        "flow map full: {n} new connections not tracked in the last second (capacity {} per address family; raise --max-flows)",
+                        a.probe().max_flows().unwrap_or(0)
+                    ),
                 }
                 match a.watch_tw_overflow() {
                     Ok(0) => {}

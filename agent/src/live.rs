@@ -49,7 +49,7 @@ impl Rates {
             resets: per_s(&["resets"]),
             syns: per_s(&["syns_received"]),
             failed_handshakes: per_s(&["handshakes_failed"]),
-            packets: per_s(&["packets_xdp", "packets_tc"]),
+            packets: per_s(&["packets_in", "packets_out"]),
         })
     }
 }
@@ -119,8 +119,8 @@ mod tests {
     fn snap(uptime_ms: u64, established: u64, opened: u64, xdp: u64, tc: u64) -> Snapshot {
         let mut c = Counters::default();
         c.events[tcpstate_common::Event::FlowsOpened as usize] = opened;
-        c.events[tcpstate_common::Event::PacketsXdp as usize] = xdp;
-        c.events[tcpstate_common::Event::PacketsTc as usize] = tc;
+        c.events[tcpstate_common::Event::PacketsIn as usize] = xdp;
+        c.events[tcpstate_common::Event::PacketsOut as usize] = tc;
         let mut states = StateCounts::default();
         states.set(TcpState::Established, established);
         let mut s = Snapshot::new(None, vec![], states, &c, 1024, 0);

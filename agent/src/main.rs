@@ -2,7 +2,6 @@
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
-use aya::programs::XdpMode;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use tcpstate::{
     agent::{self, Config},
@@ -10,7 +9,7 @@ use tcpstate::{
     control,
     error::Error,
     metrics,
-    probe::ProbeOptions,
+    probe::{Ingress, ProbeOptions},
     snapshot::{Snapshot, verify_table},
     view, watch,
 };
@@ -88,9 +87,11 @@ struct RunArgs {
     /// Connections tracked at once per address family (flow map capacity); beyond it new flows are counted as map_full.
     #[arg(long, default_value_t = 262_144)]
     max_flows: u32,
-    /// XDP attach mode on non-loopback interfaces.
-    #[arg(long, value_enum, default_value_t = Mode::Skb)]
-    xdp_mode: Mode,
+    /// The hook that sees arriving packets: tc (TC ingress, no copy: the
+    /// cheapest without native XDP), xdp (generic XDP: copies segmented
+    /// skbs), xdp-native (driver XDP, for NICs that support it).
+    #[arg(long, value_enum, default_value_t = Mode::Tc)]
+    ingress: Mode,
     /// Do not print the counts every second.
     #[arg(long)]
     quiet: bool,
@@ -111,10 +112,12 @@ struct RunArgs {
 
 #[derive(Clone, Copy, ValueEnum)]
 enum Mode {
-    /// Generic XDP: works everywhere and keeps segmentation offloads.
-    Skb,
+    /// TC ingress (tcx).
+    Tc,
+    /// Generic (skb) XDP.
+    Xdp,
     /// Driver (native) XDP.
-    Native,
+    XdpNative,
 }
 
 fn main() -> ExitCode {
@@ -266,9 +269,10 @@ fn run(args: RunArgs) -> ExitCode {
         socket: args.socket.clone(),
         probe: ProbeOptions {
             max_flows: args.max_flows,
-            xdp_mode: match args.xdp_mode {
-                Mode::Skb => XdpMode::Skb,
-                Mode::Native => XdpMode::Driver,
+            ingress: match args.ingress {
+                Mode::Tc => Ingress::Tc,
+                Mode::Xdp => Ingress::XdpGeneric,
+                Mode::XdpNative => Ingress::XdpNative,
             },
         },
         print: !args.quiet && !args.top,

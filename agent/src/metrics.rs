@@ -188,10 +188,10 @@ pub fn render(snap: &Snapshot, format: Format) -> String {
     counter_family(
         &mut r,
         "packets",
-        "Frames the probe saw, by hook (xdp: received; tc: sent by this host)",
+        "Frames the probe saw, by direction (in: received; out: sent by this host)",
         &[
-            (label(&[("hook", "xdp")]), event(snap, "packets_xdp")),
-            (label(&[("hook", "tc")]), event(snap, "packets_tc")),
+            (label(&[("direction", "in")]), event(snap, "packets_in")),
+            (label(&[("direction", "out")]), event(snap, "packets_out")),
         ],
     );
     counter(
@@ -412,7 +412,7 @@ mod tests {
     fn every_state_is_a_series_and_counters_carry_the_snapshots_values() {
         let mut c = Counters::default();
         c.events[Event::Resets as usize] = 7;
-        c.events[Event::PacketsTc as usize] = 11;
+        c.events[Event::PacketsOut as usize] = 11;
         let mut states = StateCounts::default();
         states.set(TcpState::TimeWait, 3);
         let mut snap = Snapshot::new(None, vec![], states, &c, 4096, 2);
@@ -434,7 +434,7 @@ mod tests {
         }
         for line in [
             "tcpstate_resets_total 7\n",
-            "tcpstate_packets_total{hook=\"tc\"} 11\n",
+            "tcpstate_packets_total{direction=\"out\"} 11\n",
             "tcpstate_timer_expirations_total 2\n",
             "tcpstate_port_connections{port=\"443\",state=\"established\"} 5\n",
             "tcpstate_flow_map_capacity{family=\"ipv6\"} 4096\n",

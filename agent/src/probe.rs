@@ -27,25 +27,40 @@ static PROBE_OBJECT: &[u8] =
 
 const XDP_PROGRAM: &str = "tcpstate_xdp";
 const TC_PROGRAM: &str = "tcpstate_tc";
+const TC_IN_PROGRAM: &str = "tcpstate_tc_in";
 const COMMAND_PROGRAM: &str = "tcpstate_command";
 
-/// ifindex of loopback in every namespace (no TC program there: XDP alone
+/// ifindex of loopback in every namespace (only the ingress hook there: it
 /// sees each loopback segment exactly once).
 pub const LOOPBACK_IFINDEX: u32 = 1;
 
+/// The hook that sees what arrives on an interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ingress {
+    /// TC ingress (tcx): the skb as the stack gets it, no copy. The default:
+    /// on interfaces without native XDP it costs least (BENCHMARKS.md).
+    Tc,
+    /// XDP in generic (skb) mode: works everywhere, but copies every
+    /// segmented or cloned skb into a linear buffer first.
+    XdpGeneric,
+    /// XDP in the driver (native): before any skb exists, for NICs whose
+    /// driver supports it.
+    XdpNative,
+}
+
 #[derive(Clone, Debug)]
 pub struct ProbeOptions {
-    /// Capacity of the flow map (connections tracked at once).
+    /// Capacity of each flow map (connections tracked at once per family).
     pub max_flows: u32,
-    /// XDP attach mode (generic by default: it keeps segmentation offloads).
-    pub xdp_mode: XdpMode,
+    /// The ingress hook on interfaces other than loopback.
+    pub ingress: Ingress,
 }
 
 impl Default for ProbeOptions {
     fn default() -> Self {
         ProbeOptions {
             max_flows: 262_144,
-            xdp_mode: XdpMode::Skb,
+            ingress: Ingress::Tc,
         }
     }
 }
@@ -107,8 +122,10 @@ impl Probe {
             let prog: &mut Xdp = program(&mut ebpf, name)?.try_into()?;
             prog.load().map_err(|e| load_error(name, e))?;
         }
-        let tc: &mut SchedClassifier = program(&mut ebpf, TC_PROGRAM)?.try_into()?;
-        tc.load().map_err(|e| load_error(TC_PROGRAM, e))?;
+        for name in [TC_PROGRAM, TC_IN_PROGRAM] {
+            let tc: &mut SchedClassifier = program(&mut ebpf, name)?.try_into()?;
+            tc.load().map_err(|e| load_error(name, e))?;
+        }
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(l) => Some(l),
             Err(e) => {
@@ -131,10 +148,31 @@ impl Probe {
     /// Attaches to `iface` in the calling thread's namespace: XDP for what
     /// arrives, TC egress for what leaves. On loopback XDP alone sees every
     /// segment exactly once, so no TC program is attached there.
-    pub fn attach(&mut self, iface: &str, mode: XdpMode, loopback: bool) -> Result<()> {
-        let xdp: &mut Xdp = program(&mut self.ebpf, XDP_PROGRAM)?.try_into()?;
-        xdp.attach(iface, mode)
-            .map_err(|e| attach_error(XDP_PROGRAM, iface, e))?;
+    pub fn attach(&mut self, iface: &str, ingress: Ingress, loopback: bool) -> Result<()> {
+        let xdp_mode = match ingress {
+            Ingress::Tc => None,
+            Ingress::XdpGeneric => Some(XdpMode::Skb),
+            // Loopback has no driver XDP.
+            Ingress::XdpNative if loopback => Some(XdpMode::Skb),
+            Ingress::XdpNative => Some(XdpMode::Driver),
+        };
+        match xdp_mode {
+            Some(mode) => {
+                let xdp: &mut Xdp = program(&mut self.ebpf, XDP_PROGRAM)?.try_into()?;
+                xdp.attach(iface, mode)
+                    .map_err(|e| attach_error(XDP_PROGRAM, iface, e))?;
+            }
+            None => {
+                let tc: &mut SchedClassifier =
+                    program(&mut self.ebpf, TC_IN_PROGRAM)?.try_into()?;
+                tc.attach_with_options(
+                    iface,
+                    TcAttachType::Ingress,
+                    TcAttachOptions::TcxOrder(LinkOrder::first()),
+                )
+                .map_err(|e| attach_error(TC_IN_PROGRAM, iface, e))?;
+            }
+        }
         if !loopback {
             let tc: &mut SchedClassifier = program(&mut self.ebpf, TC_PROGRAM)?.try_into()?;
             // First in the chain, so the monitor sees every packet before any
@@ -236,6 +274,33 @@ impl Probe {
             aya::maps::Map::HashMap(m) => Ok(m.info()?.max_entries()),
             _ => unreachable!("FLOWS4 is a hash map"),
         }
+    }
+
+    /// The kernel memory a map of the probe takes, as the kernel accounts it
+    /// (`memlock` in the map's fdinfo: preallocated elements included).
+    pub fn map_memory(&self, name: &str) -> Result<u64> {
+        use std::os::fd::{AsFd, AsRawFd};
+        let fd = match self.ebpf.map(name) {
+            Some(aya::maps::Map::HashMap(m)) => m.fd().as_fd().as_raw_fd(),
+            Some(aya::maps::Map::PerCpuArray(m)) => m.fd().as_fd().as_raw_fd(),
+            _ => {
+                return Err(Error::io(
+                    format!("reading map {name}"),
+                    std::io::Error::other("no such hash or per-CPU map"),
+                ));
+            }
+        };
+        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))
+            .map_err(|e| Error::io(format!("reading the fdinfo of {name}"), e))?;
+        info.lines()
+            .find_map(|l| l.strip_prefix("memlock:"))
+            .and_then(|v| v.trim().parse().ok())
+            .ok_or_else(|| {
+                Error::io(
+                    format!("reading the fdinfo of {name}"),
+                    std::io::Error::other("no memlock line"),
+                )
+            })
     }
 
     /// Runs a [`Command`] in the kernel; returns its outcome code
@@ -346,7 +411,7 @@ fn attach_error(program: &str, iface: &str, e: ProgramError) -> Error {
     let hint = if program == XDP_PROGRAM && (text.contains("busy") || text.contains("exists")) {
         " (another XDP program is attached there: `ip link show` names it; detach it or leave this interface out)"
     } else if program == XDP_PROGRAM {
-        " (try --xdp-mode skb, which every interface supports)"
+        " (try --ingress tc or --ingress xdp, which every interface supports)"
     } else {
         ""
     };

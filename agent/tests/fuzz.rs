@@ -253,7 +253,7 @@ fn a_million_frames_all_pass_and_every_one_is_accounted_for() {
     let c = p.counters().unwrap();
     let ev = |e: Event| c.events[e as usize];
     let got = |k: Kind| sent.get(&k).copied().unwrap_or(0);
-    assert_eq!(ev(Event::PacketsXdp) + ev(Event::PacketsTc), known_frames);
+    assert_eq!(ev(Event::PacketsIn) + ev(Event::PacketsOut), known_frames);
     assert_eq!(ev(Event::TcpSegments), got(Kind::Tcp), "{sent:?}");
     assert_eq!(ev(Event::ParseErrors), got(Kind::Malformed), "{sent:?}");
     assert_eq!(ev(Event::NotTcp), got(Kind::NotTcp), "{sent:?}");
@@ -266,8 +266,8 @@ fn a_million_frames_all_pass_and_every_one_is_accounted_for() {
         run(&mut p, &f, &mut r);
     }
     let c = p.counters().unwrap();
-    assert_eq!(c.events[Event::PacketsXdp as usize], xdp_runs);
-    assert_eq!(c.events[Event::PacketsTc as usize], tc_runs);
+    assert_eq!(c.events[Event::PacketsIn as usize], xdp_runs);
+    assert_eq!(c.events[Event::PacketsOut as usize], tc_runs);
     assert_eq!(xdp_runs + tc_runs, frames);
     // The flow map: every entry a valid word, and the per-state counters
     // exactly what the entries hold.

@@ -189,7 +189,7 @@ fn a_syn_in_every_encapsulation_opens_one_flow() {
     }
     let c = p.counters().unwrap();
     assert_eq!(state_count(&c, TcpState::SynSent), cases.len() as i64);
-    assert_eq!(event(&c, Event::PacketsTc), cases.len() as u64);
+    assert_eq!(event(&c, Event::PacketsOut), cases.len() as u64);
 }
 
 #[test]

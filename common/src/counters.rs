@@ -7,10 +7,10 @@ use crate::state::STATE_SLOTS;
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Event {
-    /// Frames seen by the XDP program.
-    PacketsXdp = 0,
-    /// Frames seen by the TC egress program.
-    PacketsTc = 1,
+    /// Frames received: seen by the ingress program (TC ingress, or XDP).
+    PacketsIn = 0,
+    /// Frames sent by the host: seen by the TC egress program.
+    PacketsOut = 1,
     /// TCP segments parsed (derived by [`Counters::derive`]: packets minus the
     /// frames counted as something else).
     TcpSegments = 2,
@@ -50,8 +50,8 @@ pub const EVENT_SLOTS: usize = 16;
 
 impl Event {
     pub const ALL: [Event; 16] = [
-        Event::PacketsXdp,
-        Event::PacketsTc,
+        Event::PacketsIn,
+        Event::PacketsOut,
         Event::TcpSegments,
         Event::NotTcp,
         Event::Fragments,
@@ -71,8 +71,8 @@ impl Event {
     /// snake_case name used in JSON and metrics.
     pub const fn name(self) -> &'static str {
         match self {
-            Event::PacketsXdp => "packets_xdp",
-            Event::PacketsTc => "packets_tc",
+            Event::PacketsIn => "packets_in",
+            Event::PacketsOut => "packets_out",
             Event::TcpSegments => "tcp_segments",
             Event::NotTcp => "not_tcp",
             Event::Fragments => "fragments",
@@ -116,7 +116,7 @@ impl Counters {
     /// Fills in the counts the probe leaves to userspace (summed over CPUs first).
     pub fn derive(&mut self) {
         let e = &self.events;
-        let seen = e[Event::PacketsXdp as usize].wrapping_add(e[Event::PacketsTc as usize]);
+        let seen = e[Event::PacketsIn as usize].wrapping_add(e[Event::PacketsOut as usize]);
         let other = [
             Event::NotTcp,
             Event::Fragments,

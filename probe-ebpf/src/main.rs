@@ -17,25 +17,16 @@ mod parse;
 mod track;
 
 use aya_ebpf::{
-    EbpfContext,
     bindings::{TC_ACT_UNSPEC, xdp_action::XDP_PASS},
-    helpers::bpf_ktime_get_ns,
-    macros::{classifier, map, xdp},
-    maps::PerCpuArray,
+    macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
-use aya_log_ebpf::warn;
 use tcpstate_common::{Counters, Event};
 
 use crate::{
     parse::{Packet, ParseError, Parsed, parse},
-    track::{Tracked, count, cpu_slot, track},
+    track::{count, cpu_slot, track},
 };
-
-/// When this CPU last logged a full flow map (the log is at most once a
-/// second per CPU; the `map_full` counter counts every refusal).
-#[map]
-static MAP_FULL_LOGGED: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 #[xdp]
 pub fn tcpstate_xdp(ctx: XdpContext) -> u32 {
@@ -46,8 +37,8 @@ pub fn tcpstate_xdp(ctx: XdpContext) -> u32 {
 
 fn try_xdp(ctx: &XdpContext) -> Result<u32, u32> {
     let (c, pkt) = cpu_slot().ok_or(XDP_PASS)?;
-    count(c, Event::PacketsXdp);
-    observe(ctx, ctx.data(), ctx.data_end(), c, pkt);
+    count(c, Event::PacketsIn);
+    observe(ctx.data(), ctx.data_end(), c, pkt);
     Ok(XDP_PASS)
 }
 
@@ -56,56 +47,42 @@ fn try_xdp(ctx: &XdpContext) -> Result<u32, u32> {
 /// still gets to decide, as if the monitor were not there.
 #[classifier]
 pub fn tcpstate_tc(ctx: TcContext) -> i32 {
-    match try_tc(&ctx) {
+    match try_tc(&ctx, Event::PacketsOut) {
         Ok(action) | Err(action) => action,
     }
 }
 
-fn try_tc(ctx: &TcContext) -> Result<i32, i32> {
+/// TC ingress: what arrives, as an skb. On interfaces without native XDP
+/// this is the cheaper hook: generic XDP must first copy every segmented or
+/// cloned skb into a linear buffer (BENCHMARKS.md measures it).
+#[classifier]
+pub fn tcpstate_tc_in(ctx: TcContext) -> i32 {
+    match try_tc(&ctx, Event::PacketsIn) {
+        Ok(action) | Err(action) => action,
+    }
+}
+
+#[inline(always)]
+fn try_tc(ctx: &TcContext, direction: Event) -> Result<i32, i32> {
     let (c, pkt) = cpu_slot().ok_or(TC_ACT_UNSPEC)?;
-    count(c, Event::PacketsTc);
-    observe(ctx, ctx.data(), ctx.data_end(), c, pkt);
+    count(c, direction);
+    observe(ctx.data(), ctx.data_end(), c, pkt);
     Ok(TC_ACT_UNSPEC)
 }
 
 #[inline(always)]
-fn observe<C: EbpfContext>(ctx: &C, start: usize, end: usize, c: &mut Counters, pkt: &mut Packet) {
+fn observe(start: usize, end: usize, c: &mut Counters, pkt: &mut Packet) {
     match parse(start, end, pkt) {
         // TCP segments are not counted here: every frame is counted once as
         // a packet and non-TCP ones once more by kind, so userspace derives
         // them (one write less per segment).
-        Ok(Parsed::Tcp) => {
-            if track(pkt, c) == Tracked::MapFull {
-                log_map_full(ctx, c);
-            }
-        }
+        // A full map is counted (`map_full`); the agent logs its growth.
+        Ok(Parsed::Tcp) => track(pkt, c),
         Ok(Parsed::NotTcp) => count(c, Event::NotTcp),
         Ok(Parsed::Fragment) => count(c, Event::Fragments),
         Err(ParseError::Malformed) => count(c, Event::ParseErrors),
         Err(ParseError::Ipv6ExtTooDeep) => count(c, Event::Ipv6ExtTooDeep),
     }
-}
-
-/// Warns through aya-log that the flow map refused a flow, at most once a
-/// second per CPU.
-#[inline(never)]
-fn log_map_full<C: EbpfContext>(ctx: &C, c: &Counters) {
-    let Some(last) = MAP_FULL_LOGGED.get_ptr_mut(0) else {
-        return;
-    };
-    // SAFETY: helper without preconditions; `last` is this CPU's slot.
-    let now = unsafe { bpf_ktime_get_ns() };
-    unsafe {
-        if now.wrapping_sub(*last) < 1_000_000_000 {
-            return;
-        }
-        *last = now;
-    }
-    let refused = c.events[Event::MapFull as usize & 0xf];
-    warn!(
-        ctx,
-        "flow map full: a new connection is not tracked ({} refused on this CPU so far)", refused
-    );
 }
 
 #[cfg(not(test))]

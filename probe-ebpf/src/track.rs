@@ -123,30 +123,22 @@ unsafe fn clear(e: *mut EndSeq) {
 }
 
 #[inline(always)]
-pub fn track(pkt: &Packet, c: &mut Counters) -> Tracked {
+pub fn track(pkt: &Packet, c: &mut Counters) {
     if pkt.family == 6 {
         let (key, sender) = FlowKey6::new(pkt.src, pkt.sport, pkt.dst, pkt.dport);
         if steady(&FLOWS6, &key, sender, &pkt.seg) {
-            return Tracked::Yes;
+            return;
         }
         let local = || local6(&pkt.src) as u32 | (local6(&pkt.dst) as u32) << 1;
-        transition(&FLOWS6, &key, &pkt.seg, sender as u32, local, c)
+        transition(&FLOWS6, &key, &pkt.seg, sender as u32, local, c);
     } else {
         let (key, sender) = FlowKey4::new(pkt.src[0], pkt.sport, pkt.dst[0], pkt.dport);
         if steady(&FLOWS4, &key, sender, &pkt.seg) {
-            return Tracked::Yes;
+            return;
         }
         let local = || local4(pkt.src[0]) as u32 | (local4(pkt.dst[0]) as u32) << 1;
-        transition(&FLOWS4, &key, &pkt.seg, sender as u32, local, c)
+        transition(&FLOWS4, &key, &pkt.seg, sender as u32, local, c);
     }
-}
-
-/// Whether a segment found room in the flow map.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Tracked {
-    Yes,
-    /// It would have opened a flow, but the map is full.
-    MapFull,
 }
 
 /// The namespace's own IPv4 addresses (the agent keeps them current).
@@ -208,7 +200,7 @@ fn transition<K>(
     sender_is_b: u32,
     local: impl Fn() -> u32,
     c: &mut Counters,
-) -> Tracked {
+) {
     let s = (sender_is_b & 1) as usize;
     let r = s ^ 1;
     let sender = if s == 0 { Side::A } else { Side::B };
@@ -233,7 +225,7 @@ fn transition<K>(
         match found {
             None => {
                 if !seg.may_open() {
-                    return Tracked::Yes;
+                    return;
                 }
                 let none = EndSeq::default();
                 let st = step(Word::EMPTY, &none, &none, sender, looked_up(), seg);
@@ -250,7 +242,7 @@ fn transition<K>(
                         if seg.is_syn_to_local(st.word, sender) {
                             count(c, Event::SynsReceived);
                         }
-                        return Tracked::Yes;
+                        return;
                     }
                     // Another CPU created it first: apply the segment to theirs.
                     Err(e) if e == -EEXIST => continue,
@@ -259,7 +251,7 @@ fn transition<K>(
                         if seg.is_syn_to_local(st.word, sender) {
                             count(c, Event::SynsReceived);
                         }
-                        return Tracked::MapFull;
+                        return;
                     }
                 }
             }
@@ -274,7 +266,7 @@ fn transition<K>(
                 };
                 if old.is_reaping() {
                     count(c, Event::ReapSkipped);
-                    return Tracked::Yes;
+                    return;
                 }
                 let local = if old.is_dead() {
                     looked_up()
@@ -306,7 +298,7 @@ fn transition<K>(
                     if seg.is_syn_to_local(st.word, sender) {
                         count(c, Event::SynsReceived);
                     }
-                    return Tracked::Yes;
+                    return;
                 }
                 if swap_word(p, old, st.word) {
                     unsafe { (*p).changed_ns = bpf_ktime_get_ns() };
@@ -323,11 +315,10 @@ fn transition<K>(
                         count(c, Event::FlowsClosed);
                         count(c, Event::FlowsOpened);
                     }
-                    return Tracked::Yes;
+                    return;
                 }
             }
         }
     }
     count(c, Event::CasConflicts);
-    Tracked::Yes
 }

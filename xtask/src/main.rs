@@ -36,7 +36,9 @@ enum Task {
         /// Only tests whose name contains this.
         filter: Option<String>,
     },
-    /// Per-packet cost of the probe against reference programs (target/bench/perpacket.json).
+    /// Per-packet cost against reference programs, kernel memory per flow,
+    /// bulk throughput against no probe and nf_conntrack, the time to read
+    /// the counts against ss, netstat and a netlink dump (target/bench/*.json).
     Bench,
     /// rustfmt check and clippy -D warnings, on the host crates and on the probe.
     Lint,
@@ -143,7 +145,17 @@ fn run(task: Task) -> Result<()> {
             cargo(
                 &root,
                 &probe,
-                &["bench", "-p", "tcpstate", "--bench", "perpacket"],
+                &[
+                    "bench",
+                    "-p",
+                    "tcpstate",
+                    "--bench",
+                    "perpacket",
+                    "--bench",
+                    "throughput",
+                    "--bench",
+                    "readers",
+                ],
             )
         }
     }

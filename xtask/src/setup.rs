@@ -164,7 +164,8 @@ fn ensure_bpf_linker(sysroot: &Path) -> Result<PathBuf> {
 
 /// Debian packages the tests drive: `ss` and `ip`, `nft` to lose packets on
 /// purpose, `tmux` to drive the live view as a person would, `promtool` and a
-/// Prometheus server to check and scrape the metrics.
+/// Prometheus server to check and scrape the metrics, `iperf3` for the
+/// throughput benchmark.
 fn ensure_packages() -> Result<()> {
     let wanted = [
         ("ss", "iproute2"),
@@ -173,6 +174,7 @@ fn ensure_packages() -> Result<()> {
         ("tmux", "tmux"),
         ("promtool", "prometheus"),
         ("prometheus", "prometheus"),
+        ("iperf3", "iperf3"),
     ];
     let mut missing: Vec<&str> = wanted
         .iter()

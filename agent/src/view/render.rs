@@ -317,7 +317,7 @@ mod tests {
     fn snapshot(uptime_ms: u64, established: u64, opened: u64) -> Snapshot {
         let mut c = Counters::default();
         c.events[Event::FlowsOpened as usize] = opened;
-        c.events[Event::PacketsXdp as usize] = opened * 3;
+        c.events[Event::PacketsIn as usize] = opened * 3;
         let mut states = StateCounts::default();
         states.set(TcpState::Listen, 2);
         states.set(TcpState::Established, established);

@@ -295,7 +295,12 @@ impl Agent {
     /// Waits until the agent's counts equal `ss -tan` of `ns` (at most 5 s),
     /// and checks that they did with a message showing both.
     pub fn assert_matches_ss(&self, ns: &Netns, what: &str) -> StateCounts {
-        let deadline = Instant::now() + Duration::from_secs(5);
+        self.assert_matches_ss_within(ns, what, Duration::from_secs(5))
+    }
+
+    /// The same, waiting at most `limit`.
+    pub fn assert_matches_ss_within(&self, ns: &Netns, what: &str, limit: Duration) -> StateCounts {
+        let deadline = Instant::now() + limit;
         loop {
             let (ours, truth) = (self.counts(), ns.ss_counts());
             if ours == truth {
@@ -303,7 +308,7 @@ impl Agent {
             }
             if Instant::now() > deadline {
                 panic!(
-                    "{what}: tcpstate and ss differ after 5 s\n{}",
+                    "{what}: tcpstate and ss differ after {limit:?}\n{}",
                     table(&ours, &truth)
                 );
             }
@@ -311,7 +316,6 @@ impl Agent {
         }
     }
 
-    /// Kills the agent with SIGKILL (no chance to clean up).
     pub fn kill(&mut self) {
         let mut child = self.child.take().expect("running");
         child.kill().expect("SIGKILL");
@@ -390,4 +394,22 @@ pub fn sockaddr(ip: &str, port: u16) -> String {
     } else {
         format!("{ip}:{port}")
     }
+}
+
+/// Ids of the loaded programs named tcpstate_* (any agent's).
+pub fn tcpstate_programs() -> Vec<u32> {
+    aya::programs::loaded_programs()
+        .filter_map(|p| p.ok())
+        .filter(|p| p.name_as_str().is_some_and(|n| n.starts_with("tcpstate_")))
+        .map(|p| p.id())
+        .collect()
+}
+
+/// Links (XDP, tcx) that attach a tcpstate_* program anywhere.
+pub fn tcpstate_links() -> usize {
+    let ours = tcpstate_programs();
+    aya::programs::loaded_links()
+        .filter_map(|l| l.ok())
+        .filter(|l| ours.contains(&l.program_id()))
+        .count()
 }
