@@ -144,6 +144,13 @@ impl Agent {
         })
     }
 
+    /// A reader of the counts that never waits for this agent's lock.
+    pub fn reader(&mut self) -> Result<crate::reader::Reader> {
+        let diag = self.ns.run_kept(SockDiag::open)?;
+        let first = self.snapshot()?;
+        crate::reader::Reader::new(self.probe.counters_map(), diag, first, self.started)
+    }
+
     /// Drops every capability, on this thread and on the namespace thread:
     /// from here on the agent only uses descriptors it already holds.
     pub fn drop_privileges(&self) -> Result<()> {
@@ -356,6 +363,7 @@ pub async fn run(
             }
         })))
     });
+    let reader = Arc::new(agent.reader()?);
     agent.drop_privileges()?;
     tracing::debug!(
         "capabilities dropped (effective now: {:?})",
@@ -370,9 +378,29 @@ pub async fn run(
         );
         AbortOnDrop(tokio::spawn(crate::metrics::serve(
             listener,
-            Arc::clone(&agent),
+            Arc::clone(&reader),
         )))
     });
+    // The control socket is served by its own task: answers never wait for
+    // the maintenance below (which runs on blocking threads).
+    let _control = {
+        let (agent, reader) = (Arc::clone(&agent), Arc::clone(&reader));
+        AbortOnDrop(tokio::spawn(async move {
+            loop {
+                match listener.accept().await {
+                    Ok((stream, _)) => {
+                        let (agent, reader) = (Arc::clone(&agent), Arc::clone(&reader));
+                        tokio::spawn(async move {
+                            if let Err(e) = answer(stream, agent, reader).await {
+                                tracing::debug!("control client: {e}");
+                            }
+                        });
+                    }
+                    Err(e) => tracing::warn!("control socket: {e}"),
+                }
+            }
+        }))
+    };
     let stop = async move {
         match stop {
             Some(rx) => {
@@ -399,11 +427,20 @@ pub async fn run(
             _ = sighup.recv() => break,
             _ = &mut stop => break,
             _ = timer_tick.tick() => {
-                if let Err(e) = agent.lock().expect("agent lock").fire_timers() {
+                let agent = Arc::clone(&agent);
+                let fired = tokio::task::spawn_blocking(move || {
+                    agent.lock().expect("agent lock").fire_timers()
+                });
+                if let Ok(Err(e)) = fired.await {
                     tracing::warn!("timers: {e}");
                 }
             }
             _ = tick.tick() => {
+                let (agent, publish_to) = (Arc::clone(&agent), Arc::clone(&reader));
+                let reconcile_due = cfg
+                    .reconcile_every
+                    .is_some_and(|every| last_reconcile.elapsed() >= every);
+                let reconciled = tokio::task::spawn_blocking(move || {
                 let mut a = agent.lock().expect("agent lock");
                 if let Err(e) = a.refresh_addresses() {
                     tracing::warn!("reading the namespace's addresses failed: {e}");
@@ -425,35 +462,28 @@ pub async fn run(
                     ),
                     Err(e) => tracing::warn!("reading TCPTimeWaitOverflow failed: {e}"),
                 }
-                let periodic = cfg
-                    .reconcile_every
-                    .is_some_and(|every| last_reconcile.elapsed() >= every);
-                if a.take_check_due() || periodic {
-                    last_reconcile = std::time::Instant::now();
+                let checked = a.take_check_due() || reconcile_due;
+                if checked {
                     match a.reconcile() {
                         Ok(0) => {}
                         Ok(n) => tracing::info!("reconciled {n} flows with the socket table"),
                         Err(e) => tracing::warn!("reconciliation failed: {e}"),
                     }
                 }
+                match a.snapshot() {
+                    Ok(s) => publish_to.publish(s),
+                    Err(e) => tracing::warn!("reading counts failed: {e}"),
+                }
+                checked
+                });
+                if reconciled.await.unwrap_or(false) {
+                    last_reconcile = std::time::Instant::now();
+                }
                 if print {
-                    match a.snapshot() {
+                    match reader.snapshot() {
                         Ok(s) => print_line(&s),
                         Err(e) => tracing::warn!("reading counts failed: {e}"),
                     }
-                }
-            }
-            conn = listener.accept() => {
-                match conn {
-                    Ok((stream, _)) => {
-                        let agent = Arc::clone(&agent);
-                        tokio::spawn(async move {
-                            if let Err(e) = answer(stream, agent).await {
-                                tracing::debug!("control client: {e}");
-                            }
-                        });
-                    }
-                    Err(e) => tracing::warn!("control socket: {e}"),
                 }
             }
         }
@@ -463,7 +493,11 @@ pub async fn run(
     Ok(())
 }
 
-async fn answer(stream: tokio::net::UnixStream, agent: Arc<Mutex<Agent>>) -> anyhow::Result<()> {
+async fn answer(
+    stream: tokio::net::UnixStream,
+    agent: Arc<Mutex<Agent>>,
+    reader: Arc<crate::reader::Reader>,
+) -> anyhow::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     tokio::time::timeout(
@@ -472,12 +506,21 @@ async fn answer(stream: tokio::net::UnixStream, agent: Arc<Mutex<Agent>>) -> any
     )
     .await??;
     let mut out = match line.as_str() {
-        control::REQUEST => serde_json::to_vec(&agent.lock().expect("agent lock").snapshot()?)?,
-        control::VERIFY => serde_json::to_vec(&agent.lock().expect("agent lock").verify()?)?,
+        control::REQUEST => serde_json::to_vec(&reader.snapshot()?)?,
+        // These read the flow map or the socket table: off the runtime thread.
+        control::VERIFY => {
+            let snap =
+                tokio::task::spawn_blocking(move || agent.lock().expect("agent lock").verify())
+                    .await??;
+            serde_json::to_vec(&snap)?
+        }
         _ => match line.strip_prefix(control::COUNT) {
             Some(filter) => {
                 let filter: PortFilter = serde_json::from_str(filter)?;
-                let counts = agent.lock().expect("agent lock").count_filtered(&filter)?;
+                let counts = tokio::task::spawn_blocking(move || {
+                    agent.lock().expect("agent lock").count_filtered(&filter)
+                })
+                .await??;
                 serde_json::to_vec(&counts)?
             }
             None => anyhow::bail!("unknown request {line:?}"),

@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod netns;
 pub mod privileges;
 pub mod probe;
+pub mod reader;
 pub mod reconcile;
 pub mod seed;
 pub mod snapshot;

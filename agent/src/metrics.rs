@@ -9,7 +9,7 @@
 
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
-    sync::{Arc, Mutex},
+    sync::Arc,
 };
 
 use http_body_util::Full;
@@ -28,7 +28,7 @@ use prometheus_client::{
 };
 use tcpstate_common::TcpState;
 
-use crate::{agent::Agent, breakdown::OTHER, snapshot::Snapshot};
+use crate::{breakdown::OTHER, reader::Reader, snapshot::Snapshot};
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
@@ -320,17 +320,14 @@ pub fn render(snap: &Snapshot, format: Format) -> String {
 }
 
 /// Serves `/metrics` on `addr` until the task is dropped.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    agent: Arc<Mutex<Agent>>,
-) -> std::io::Result<()> {
+pub async fn serve(listener: tokio::net::TcpListener, reader: Arc<Reader>) -> std::io::Result<()> {
     loop {
         let (stream, _) = listener.accept().await?;
-        let agent = Arc::clone(&agent);
+        let reader = Arc::clone(&reader);
         tokio::spawn(async move {
             let service = service_fn(move |req: Request<Incoming>| {
-                let agent = Arc::clone(&agent);
-                async move { Ok::<_, std::convert::Infallible>(respond(&req, &agent)) }
+                let reader = Arc::clone(&reader);
+                async move { Ok::<_, std::convert::Infallible>(respond(&req, &reader)) }
             });
             if let Err(e) = http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
@@ -342,7 +339,7 @@ pub async fn serve(
     }
 }
 
-fn respond(req: &Request<Incoming>, agent: &Mutex<Agent>) -> Response<Full<Bytes>> {
+fn respond(req: &Request<Incoming>, reader: &Reader) -> Response<Full<Bytes>> {
     let reply = |status: StatusCode, kind: &str, body: String| {
         Response::builder()
             .status(status)
@@ -357,7 +354,7 @@ fn respond(req: &Request<Incoming>, agent: &Mutex<Agent>) -> Response<Full<Bytes
                     .get(hyper::header::ACCEPT)
                     .and_then(|v| v.to_str().ok()),
             );
-            let snap = agent.lock().expect("agent lock").snapshot();
+            let snap = reader.snapshot();
             match snap {
                 Ok(s) => reply(StatusCode::OK, format.content_type(), render(&s, format)),
                 Err(e) => reply(

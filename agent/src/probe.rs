@@ -140,6 +140,14 @@ impl Probe {
         })
     }
 
+    /// The per-CPU counters map (for a [`crate::reader::Reader`]).
+    pub fn counters_map(&self) -> &MapData {
+        match self.ebpf.map("PER_CPU") {
+            Some(aya::maps::Map::PerCpuArray(m)) => m,
+            _ => unreachable!("the probe defines PER_CPU as a per-CPU array"),
+        }
+    }
+
     /// The reader of the probe's log records (once).
     pub fn take_logger(&mut self) -> Option<ProbeLogger> {
         self.logger.take()
