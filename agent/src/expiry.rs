@@ -153,6 +153,9 @@ pub struct Timers {
     due: BTreeMap<u64, Vec<(FlowRef, Word, u64)>>,
 }
 
+/// How far ahead a walk files timers: two walk periods.
+const FILING_HORIZON_NS: u64 = 2_000_000_000;
+
 impl Timers {
     /// Walks the flow maps: acts on what is due, files the rest.
     pub fn walk(&mut self, probe: &Probe, t: &Timeouts) -> Result<SweepStats> {
@@ -170,8 +173,14 @@ impl Timers {
         t: &Timeouts,
     ) -> Result<SweepStats> {
         self.due.clear();
+        // Only what falls due before the next walk (a second away) is filed:
+        // later deadlines are filed by a later walk, so a million half-open
+        // connections do not mean a million timers held in memory.
+        let horizon = monotonic_ns().saturating_add(FILING_HORIZON_NS);
         for &(flow, entry) in entries {
-            if let Some(at) = deadline(Word(entry.word), entry.changed_ns, t) {
+            if let Some(at) = deadline(Word(entry.word), entry.changed_ns, t)
+                && at <= horizon
+            {
                 self.due
                     .entry(at)
                     .or_default()

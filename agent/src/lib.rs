@@ -2,6 +2,7 @@
 //! exact (kernel timers, listening sockets), and answers `tcpstate count`.
 
 pub mod agent;
+pub mod batch;
 pub mod breakdown;
 pub mod control;
 pub mod error;

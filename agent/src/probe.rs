@@ -259,18 +259,21 @@ impl Probe {
         )?)
     }
 
-    /// Every flow entry of both families (a walk of the maps: O(flows)).
+    /// Every flow entry of both families (a walk of the maps: O(flows), read
+    /// in batches).
     pub fn flow_entries(&self) -> Result<Vec<(FlowRef, FlowEntry)>> {
-        let mut out: Vec<(FlowRef, FlowEntry)> = self
-            .flows4()?
-            .iter()
-            .filter_map(|r| r.ok())
-            .map(|(k, e)| (FlowRef::V4(k), e))
-            .collect();
+        let map = |name: &str| match self.ebpf.map(name) {
+            Some(aya::maps::Map::HashMap(m)) => m,
+            _ => unreachable!("the probe defines {name} as a hash map"),
+        };
+        let mut out: Vec<(FlowRef, FlowEntry)> =
+            crate::batch::read_all::<FlowKey4, FlowEntry>(map("FLOWS4"))?
+                .into_iter()
+                .map(|(k, e)| (FlowRef::V4(k), e))
+                .collect();
         out.extend(
-            self.flows6()?
-                .iter()
-                .filter_map(|r| r.ok())
+            crate::batch::read_all::<FlowKey6, FlowEntry>(map("FLOWS6"))?
+                .into_iter()
                 .map(|(k, e)| (FlowRef::V6(k), e)),
         );
         Ok(out)
