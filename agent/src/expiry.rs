@@ -153,8 +153,9 @@ pub struct Timers {
     due: BTreeMap<u64, Vec<(FlowRef, Word, u64)>>,
 }
 
-/// How far ahead a walk files timers: two walk periods.
-const FILING_HORIZON_NS: u64 = 2_000_000_000;
+/// How far ahead a walk files timers: ten walk periods, so a walk delayed by
+/// a busy machine never leaves a due timer unfiled.
+const FILING_HORIZON_NS: u64 = 10_000_000_000;
 
 impl Timers {
     /// Walks the flow maps: acts on what is due, files the rest.
@@ -173,9 +174,9 @@ impl Timers {
         t: &Timeouts,
     ) -> Result<SweepStats> {
         self.due.clear();
-        // Only what falls due before the next walk (a second away) is filed:
-        // later deadlines are filed by a later walk, so a million half-open
-        // connections do not mean a million timers held in memory.
+        // Only what falls due in the next seconds is filed: later deadlines
+        // are filed by a later walk, so a million half-open connections do
+        // not mean a million timers held in memory.
         let horizon = monotonic_ns().saturating_add(FILING_HORIZON_NS);
         for &(flow, entry) in entries {
             if let Some(at) = deadline(Word(entry.word), entry.changed_ns, t)
