@@ -50,7 +50,7 @@ pub struct Config {
 
 pub struct Agent {
     netns: Option<String>,
-    ns: NetNs,
+    ns: Arc<NetNs>,
     probe: Probe,
     diag: SockDiag,
     timeouts: Timeouts,
@@ -126,7 +126,7 @@ impl Agent {
         ns.keep_a_thread_inside()?;
         Ok(Agent {
             netns: cfg.netns.clone(),
-            ns,
+            ns: Arc::new(ns),
             probe,
             diag,
             timeouts,
@@ -165,10 +165,13 @@ impl Agent {
     /// second apart (a mismatch must hold for two), whether or not periodic
     /// reconciliation is on. Returns the growth.
     pub fn watch_tw_overflow(&mut self) -> Result<u64> {
-        let now = self
-            .ns
-            .run_kept(|| Ok(netns::snmp_counter("TcpExt", "TCPTimeWaitOverflow")))?;
-        let Some(now) = now else { return Ok(0) };
+        let now = read_tw_overflow(&self.ns)?;
+        Ok(self.note_tw_overflow(now))
+    }
+
+    /// Takes a TCPTimeWaitOverflow reading (see [`Agent::watch_tw_overflow`]).
+    pub fn note_tw_overflow(&mut self, now: Option<u64>) -> u64 {
+        let Some(now) = now else { return 0 };
         let grew = self
             .tw_overflow
             .map_or(0, |before| now.saturating_sub(before));
@@ -177,7 +180,19 @@ impl Agent {
             self.tw_overflow_seen += grew;
             self.checks_due = 2;
         }
-        Ok(grew)
+        grew
+    }
+
+    /// The namespace handle, for reads that must not hold the agent's lock
+    /// (a netlink dump can wait on the kernel's rtnl lock for seconds while
+    /// another namespace is torn down; timers must not wait with it).
+    pub fn netns(&self) -> Arc<NetNs> {
+        Arc::clone(&self.ns)
+    }
+
+    /// Makes `addrs` the addresses the probe takes for local.
+    pub fn set_local_addresses(&mut self, addrs: &[std::net::IpAddr]) -> Result<()> {
+        self.probe.set_local_addresses(addrs)
     }
 
     /// New connections the full flow map refused since the last call.
@@ -441,8 +456,12 @@ pub async fn run(
                     .reconcile_every
                     .is_some_and(|every| last_reconcile.elapsed() >= every);
                 let reconciled = tokio::task::spawn_blocking(move || {
+                // Namespace reads first, without the lock.
+                let ns = agent.lock().expect("agent lock").netns();
+                let addrs = ns.run_kept(netns::local_addresses);
+                let overflow = read_tw_overflow(&ns);
                 let mut a = agent.lock().expect("agent lock");
-                if let Err(e) = a.refresh_addresses() {
+                if let Err(e) = addrs.and_then(|addrs| a.set_local_addresses(&addrs)) {
                     tracing::warn!("reading the namespace's addresses failed: {e}");
                 }
                 if let Err(e) = a.sweep() {
@@ -455,7 +474,7 @@ pub async fn run(
                         a.probe().max_flows().unwrap_or(0)
                     ),
                 }
-                match a.watch_tw_overflow() {
+                match overflow.map(|now| a.note_tw_overflow(now)) {
                     Ok(0) => {}
                     Ok(n) => tracing::info!(
                         "{n} connections closed without TIME_WAIT (net.ipv4.tcp_max_tw_buckets reached): checking the socket table"
@@ -541,6 +560,11 @@ fn print_line(s: &Snapshot) {
         .map(|(st, n)| format!("{}={n}", st.name()))
         .collect();
     println!("{}", fields.join(" "));
+}
+
+/// The kernel's TcpExt TCPTimeWaitOverflow in `ns` (None if unreadable).
+fn read_tw_overflow(ns: &NetNs) -> Result<Option<u64>> {
+    ns.run_kept(|| Ok(netns::snmp_counter("TcpExt", "TCPTimeWaitOverflow")))
 }
 
 struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);

@@ -141,12 +141,17 @@ fn time_wait_drain() {
     // it; in step means within the bracket (the count only falls here).
     let start = Instant::now();
     let (mut worst, mut samples) = (0i64, 0);
+    // The worst sample: seconds into the drain, ss before, tcpstate, ss after.
+    let mut worst_at = (0.0f64, 0i64, 0i64, 0i64);
     loop {
         let before = net.left.ss_counts().get(TcpState::TimeWait) as i64;
         let ours = agent.counts().get(TcpState::TimeWait) as i64;
         let after = net.left.ss_counts().get(TcpState::TimeWait) as i64;
         let outside = (after - ours).max(ours - before).max(0);
-        worst = worst.max(outside);
+        if outside > worst {
+            worst = outside;
+            worst_at = (start.elapsed().as_secs_f64(), before, ours, after);
+        }
         samples += 1;
         if before == 0 && ours == 0 || start.elapsed() > Duration::from_secs(75) {
             break;
@@ -160,7 +165,7 @@ fn time_wait_drain() {
         settled,
         &ours,
         &truth,
-        json!({"connections": made, "time_wait_peak": peak, "samples": samples, "worst_outside_ss_bracket": worst, "drained_after_s": drained.as_secs_f64()}),
+        json!({"connections": made, "time_wait_peak": peak, "samples": samples, "worst_outside_ss_bracket": worst, "worst_sample_s_before_ours_after": worst_at, "drained_after_s": drained.as_secs_f64()}),
     );
     assert_eq!(ours, truth);
     // A timer armed within a jiffy of a bucket edge may land either side of
