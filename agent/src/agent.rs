@@ -61,6 +61,8 @@ pub struct Agent {
     tw_overflow: Option<u64>,
     /// Growth of TCPTimeWaitOverflow since the agent started.
     tw_overflow_seen: u64,
+    /// The kernel's SyncookiesSent at the last look.
+    syncookies: Option<u64>,
     /// Socket-table checks owed after such growth.
     checks_due: u8,
     /// The probe's map_full count at the last look.
@@ -135,6 +137,7 @@ impl Agent {
             timers: Timers::default(),
             tw_overflow: None,
             tw_overflow_seen: 0,
+            syncookies: None,
             checks_due: 0,
             map_full_seen: 0,
             breakdown: Breakdown::default(),
@@ -178,7 +181,25 @@ impl Agent {
         self.tw_overflow = Some(now);
         if grew > 0 {
             self.tw_overflow_seen += grew;
-            self.checks_due = 2;
+            // This tick's check and two more once it stops growing.
+            self.checks_due = 3;
+        }
+        grew
+    }
+
+    /// Takes a SyncookiesSent + ListenDrops reading. Under a SYN flood the
+    /// kernel answers SYNs with cookies or drops them and keeps no state,
+    /// while the probe takes each for a half-open connection: when the count
+    /// grows, socket-table checks follow at once. Returns the growth.
+    pub fn note_syncookies(&mut self, now: Option<u64>) -> u64 {
+        let Some(now) = now else { return 0 };
+        let grew = self
+            .syncookies
+            .map_or(0, |before| now.saturating_sub(before));
+        self.syncookies = Some(now);
+        if grew > 0 {
+            // This tick's check and two more once it stops growing.
+            self.checks_due = 3;
         }
         grew
     }
@@ -460,6 +481,14 @@ pub async fn run(
                 let ns = agent.lock().expect("agent lock").netns();
                 let addrs = ns.run_kept(netns::local_addresses);
                 let overflow = read_tw_overflow(&ns);
+                // SYNs the kernel answered with a cookie or dropped: state it
+                // does not keep, and the probe does.
+                let cookies = ns.run_kept(|| {
+                    Ok(["SyncookiesSent", "ListenDrops"]
+                        .iter()
+                        .map(|c| netns::snmp_counter("TcpExt", c))
+                        .sum::<Option<u64>>())
+                });
                 let mut a = agent.lock().expect("agent lock");
                 if let Err(e) = addrs.and_then(|addrs| a.set_local_addresses(&addrs)) {
                     tracing::warn!("reading the namespace's addresses failed: {e}");
@@ -473,6 +502,13 @@ pub async fn run(
                         "flow map full: {n} new connections not tracked in the last second (capacity {} per address family; raise --max-flows)",
                         a.probe().max_flows().unwrap_or(0)
                     ),
+                }
+                if let Ok(n) = cookies.map(|now| a.note_syncookies(now))
+                    && n > 0
+                {
+                    tracing::info!(
+                        "{n} SYNs answered with cookies or dropped (a listener's queue is full): checking the socket table"
+                    );
                 }
                 match overflow.map(|now| a.note_tw_overflow(now)) {
                     Ok(0) => {}
