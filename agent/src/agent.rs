@@ -26,7 +26,7 @@ use crate::{
     probe::{Probe, ProbeOptions},
     reconcile::Reconciler,
     seed,
-    snapshot::{Snapshot, StateCounts, by_state},
+    snapshot::{Snapshot, StateCounts, by_state, live_counts},
     sockdiag::SockDiag,
 };
 
@@ -58,11 +58,10 @@ pub struct Agent {
     reconciler: Reconciler,
     timers: Timers,
     /// The kernel's TCPTimeWaitOverflow at the last look.
-    tw_overflow: Option<u64>,
+    /// Each [`KernelSignal`]'s counter at the last look.
+    signals: [Option<u64>; 2],
     /// Growth of TCPTimeWaitOverflow since the agent started.
     tw_overflow_seen: u64,
-    /// The kernel's SyncookiesSent at the last look.
-    syncookies: Option<u64>,
     /// Socket-table checks owed after such growth.
     checks_due: u8,
     /// The probe's map_full count at the last look.
@@ -135,9 +134,8 @@ impl Agent {
             expired: 0,
             reconciler: Reconciler::default(),
             timers: Timers::default(),
-            tw_overflow: None,
+            signals: [None; 2],
             tw_overflow_seen: 0,
-            syncookies: None,
             checks_due: 0,
             map_full_seen: 0,
             breakdown: Breakdown::default(),
@@ -161,46 +159,22 @@ impl Agent {
         crate::privileges::drop_all()
     }
 
-    /// Watches the kernel's count of connections that closed without
-    /// TIME_WAIT because `net.ipv4.tcp_max_tw_buckets` was reached. Their
-    /// packets look like any other close, so the probe counts them in
-    /// TIME_WAIT; when the count grows, two socket-table checks follow a
-    /// second apart (a mismatch must hold for two), whether or not periodic
-    /// reconciliation is on. Returns the growth.
-    pub fn watch_tw_overflow(&mut self) -> Result<u64> {
-        let now = read_tw_overflow(&self.ns)?;
-        Ok(self.note_tw_overflow(now))
-    }
-
-    /// Takes a TCPTimeWaitOverflow reading (see [`Agent::watch_tw_overflow`]).
-    pub fn note_tw_overflow(&mut self, now: Option<u64>) -> u64 {
-        let Some(now) = now else { return 0 };
-        let grew = self
-            .tw_overflow
-            .map_or(0, |before| now.saturating_sub(before));
-        self.tw_overflow = Some(now);
-        if grew > 0 {
-            self.tw_overflow_seen += grew;
-            // This tick's check and two more once it stops growing.
+    /// Takes a reading of the [`KernelSignal`]s. When one grows, the
+    /// socket table is checked at once and twice more after it stops (the
+    /// two-strike rule needs two checks of a settled table), whether or not
+    /// periodic reconciliation is on. Returns each signal's growth.
+    pub fn note_signals(&mut self, now: [Option<u64>; 2]) -> [u64; 2] {
+        let mut grew = [0; 2];
+        for (i, (last, now)) in self.signals.iter_mut().zip(now).enumerate() {
+            if let Some(now) = now {
+                grew[i] = last.map_or(0, |before| now.saturating_sub(before));
+                *last = Some(now);
+            }
+        }
+        if grew.iter().any(|g| *g > 0) {
             self.checks_due = 3;
         }
-        grew
-    }
-
-    /// Takes a SyncookiesSent + ListenDrops reading. Under a SYN flood the
-    /// kernel answers SYNs with cookies or drops them and keeps no state,
-    /// while the probe takes each for a half-open connection: when the count
-    /// grows, socket-table checks follow at once. Returns the growth.
-    pub fn note_syncookies(&mut self, now: Option<u64>) -> u64 {
-        let Some(now) = now else { return 0 };
-        let grew = self
-            .syncookies
-            .map_or(0, |before| now.saturating_sub(before));
-        self.syncookies = Some(now);
-        if grew > 0 {
-            // This tick's check and two more once it stops growing.
-            self.checks_due = 3;
-        }
+        self.tw_overflow_seen += grew[KernelSignal::TimeWaitOverflow as usize];
         grew
     }
 
@@ -231,19 +205,11 @@ impl Agent {
         due
     }
 
-    /// Follows the namespace's addresses (added or removed since the last call).
-    pub fn refresh_addresses(&mut self) -> Result<()> {
-        let addrs = self.ns.run_kept(netns::local_addresses)?;
-        self.probe.set_local_addresses(&addrs)
-    }
-
     /// The counts now: states from the probe's counters, LISTEN from the
     /// socket table (listening sockets send no packets).
     pub fn snapshot(&mut self) -> Result<Snapshot> {
         let counters = self.probe.counters()?;
-        let mut states = StateCounts::from_slots(&counters.states);
-        let table = self.diag.count(StateFlags::LISTEN)?;
-        states.set(TcpState::Listen, table[TcpState::Listen as usize]);
+        let states = live_counts(&counters, self.diag.listening()?);
         let mut snap = Snapshot::new(
             self.netns.clone(),
             self.probe.attached().to_vec(),
@@ -352,7 +318,7 @@ impl Agent {
     }
 }
 
-/// Runs the agent until SIGINT or SIGTERM.
+/// Runs the agent until SIGINT, SIGTERM or SIGHUP.
 ///
 /// `stop` ends it too (the live view's `q` when the view runs in-process).
 pub async fn run(
@@ -480,15 +446,7 @@ pub async fn run(
                 // Namespace reads first, without the lock.
                 let ns = agent.lock().expect("agent lock").netns();
                 let addrs = ns.run_kept(netns::local_addresses);
-                let overflow = read_tw_overflow(&ns);
-                // SYNs the kernel answered with a cookie or dropped: state it
-                // does not keep, and the probe does.
-                let cookies = ns.run_kept(|| {
-                    Ok(["SyncookiesSent", "ListenDrops"]
-                        .iter()
-                        .map(|c| netns::snmp_counter("TcpExt", c))
-                        .sum::<Option<u64>>())
-                });
+                let signals = ns.run_kept(|| Ok(KernelSignal::read_all()));
                 let mut a = agent.lock().expect("agent lock");
                 if let Err(e) = addrs.and_then(|addrs| a.set_local_addresses(&addrs)) {
                     tracing::warn!("reading the namespace's addresses failed: {e}");
@@ -503,19 +461,15 @@ pub async fn run(
                         a.probe().max_flows().unwrap_or(0)
                     ),
                 }
-                if let Ok(n) = cookies.map(|now| a.note_syncookies(now))
-                    && n > 0
-                {
-                    tracing::info!(
-                        "{n} SYNs answered with cookies or dropped (a listener's queue is full): checking the socket table"
-                    );
-                }
-                match overflow.map(|now| a.note_tw_overflow(now)) {
-                    Ok(0) => {}
-                    Ok(n) => tracing::info!(
-                        "{n} connections closed without TIME_WAIT (net.ipv4.tcp_max_tw_buckets reached): checking the socket table"
-                    ),
-                    Err(e) => tracing::warn!("reading TCPTimeWaitOverflow failed: {e}"),
+                match signals.map(|now| a.note_signals(now)) {
+                    Ok(grew) => {
+                        for (signal, n) in KernelSignal::ALL.iter().zip(grew) {
+                            if n > 0 {
+                                tracing::info!("{n} {}: checking the socket table", signal.meaning());
+                            }
+                        }
+                    }
+                    Err(e) => tracing::warn!("reading the kernel's TCP counters failed: {e}"),
                 }
                 let checked = a.take_check_due() || reconcile_due;
                 if checked {
@@ -598,9 +552,48 @@ fn print_line(s: &Snapshot) {
     println!("{}", fields.join(" "));
 }
 
-/// The kernel's TcpExt TCPTimeWaitOverflow in `ns` (None if unreadable).
-fn read_tw_overflow(ns: &NetNs) -> Result<Option<u64>> {
-    ns.run_kept(|| Ok(netns::snmp_counter("TcpExt", "TCPTimeWaitOverflow")))
+/// Kernel decisions that leave no packet of their own: the probe sees a
+/// close or a SYN like any other, the socket table differs.
+#[derive(Clone, Copy, Debug)]
+pub enum KernelSignal {
+    /// `net.ipv4.tcp_max_tw_buckets` reached: closed without TIME_WAIT.
+    TimeWaitOverflow = 0,
+    /// SYNs answered with a cookie or dropped (a full listen queue, a
+    /// flood): no half-open socket, where the probe took one.
+    SynNotKept = 1,
+}
+
+impl KernelSignal {
+    pub const ALL: [KernelSignal; 2] = [KernelSignal::TimeWaitOverflow, KernelSignal::SynNotKept];
+
+    /// Its TcpExt counters (summed).
+    fn counters(self) -> &'static [&'static str] {
+        match self {
+            KernelSignal::TimeWaitOverflow => &["TCPTimeWaitOverflow"],
+            KernelSignal::SynNotKept => &["SyncookiesSent", "ListenDrops"],
+        }
+    }
+
+    fn meaning(self) -> &'static str {
+        match self {
+            KernelSignal::TimeWaitOverflow => {
+                "connections closed without TIME_WAIT (net.ipv4.tcp_max_tw_buckets reached)"
+            }
+            KernelSignal::SynNotKept => {
+                "SYNs answered with cookies or dropped (a listener's queue is full)"
+            }
+        }
+    }
+
+    /// Every signal's value in the calling thread's namespace (None: unreadable).
+    pub fn read_all() -> [Option<u64>; 2] {
+        KernelSignal::ALL.map(|s| {
+            s.counters()
+                .iter()
+                .map(|c| netns::snmp_counter("TcpExt", c))
+                .sum()
+        })
+    }
 }
 
 struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);

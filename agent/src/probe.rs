@@ -203,13 +203,7 @@ impl Probe {
     /// The counters summed over CPUs.
     pub fn counters(&self) -> Result<Counters> {
         let map = self.ebpf.map("PER_CPU").expect("the probe defines PER_CPU");
-        let array: PerCpuArray<&MapData, CpuSlot> = PerCpuArray::try_from(map)?;
-        let mut total = Counters::default();
-        for cpu in array.get(&0, 0)?.iter() {
-            total.accumulate(&cpu.counters);
-        }
-        total.derive();
-        Ok(total)
+        sum_counters(&PerCpuArray::try_from(map)?)
     }
 
     /// Makes `addrs` the set of addresses the probe treats as local (the
@@ -432,6 +426,18 @@ fn attach_error(program: &str, iface: &str, e: ProgramError) -> Error {
         error: text,
         hint,
     }
+}
+
+/// The counters of every CPU's slot, summed, with the derived counts filled in.
+pub fn sum_counters<T: std::borrow::Borrow<MapData>>(
+    array: &PerCpuArray<T, CpuSlot>,
+) -> Result<Counters> {
+    let mut total = Counters::default();
+    for cpu in array.get(&0, 0)?.iter() {
+        total.accumulate(&cpu.counters);
+    }
+    total.derive();
+    Ok(total)
 }
 
 /// A flow map key of either family.

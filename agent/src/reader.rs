@@ -7,12 +7,12 @@
 use std::{os::fd::AsFd, sync::Mutex, time::Instant};
 
 use aya::maps::{Map, MapData, PerCpuArray};
-use netlink_packet_sock_diag::inet::StateFlags;
-use tcpstate_common::{Counters, CpuSlot, Event, TcpState};
+use tcpstate_common::CpuSlot;
 
 use crate::{
     error::{Error, Result},
-    snapshot::{Snapshot, StateCounts},
+    probe::sum_counters,
+    snapshot::{Snapshot, events_by_name, live_counts},
     sockdiag::SockDiag,
 };
 
@@ -54,24 +54,11 @@ impl Reader {
     /// The counts now (O(1) in the number of connections), with the rest as
     /// of the last tick.
     pub fn snapshot(&self) -> Result<Snapshot> {
-        let mut counters = Counters::default();
-        for cpu in self.per_cpu.get(&0, 0)?.iter() {
-            counters.accumulate(&cpu.counters);
-        }
-        counters.derive();
-        let mut states = StateCounts::from_slots(&counters.states);
-        let table = self
-            .diag
-            .lock()
-            .expect("reader lock")
-            .count(StateFlags::LISTEN)?;
-        states.set(TcpState::Listen, table[TcpState::Listen as usize]);
+        let counters = sum_counters(&self.per_cpu)?;
+        let listening = self.diag.lock().expect("reader lock").listening()?;
         let mut snap = self.latest.lock().expect("reader lock").clone();
-        snap.states = states.json();
-        snap.events = Event::ALL
-            .iter()
-            .map(|e| (e.name().to_owned(), counters.events[*e as usize].into()))
-            .collect();
+        snap.states = live_counts(&counters, listening).json();
+        snap.events = events_by_name(&counters);
         snap.uptime_ms = self.started.elapsed().as_millis() as u64;
         Ok(snap)
     }

@@ -77,6 +77,22 @@ impl<'de> Deserialize<'de> for StateCounts {
     }
 }
 
+/// The eleven counts: states from the probe's counters, LISTEN from the
+/// socket table.
+pub fn live_counts(counters: &Counters, listening: u64) -> StateCounts {
+    let mut states = StateCounts::from_slots(&counters.states);
+    states.set(TcpState::Listen, listening);
+    states
+}
+
+/// The probe's events by name (see `tcpstate_common::Event`).
+pub fn events_by_name(counters: &Counters) -> serde_json::Map<String, serde_json::Value> {
+    Event::ALL
+        .iter()
+        .map(|e| (e.name().to_owned(), counters.events[*e as usize].into()))
+        .collect()
+}
+
 /// The agent's answer to a client.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Snapshot {
@@ -135,10 +151,7 @@ impl Snapshot {
         capacity: u32,
         expired: u64,
     ) -> Snapshot {
-        let events = Event::ALL
-            .iter()
-            .map(|e| (e.name().to_owned(), counters.events[*e as usize].into()))
-            .collect();
+        let events = events_by_name(counters);
         Snapshot {
             netns,
             interfaces,

@@ -47,6 +47,11 @@ impl SockDiag {
     }
 
     /// Counts TCP sockets per state (indexed by the kernel's state number).
+    /// Listening sockets (packets never show them).
+    pub fn listening(&mut self) -> Result<u64> {
+        Ok(self.count(StateFlags::LISTEN)?[tcpstate_common::TcpState::Listen as usize])
+    }
+
     pub fn count(&mut self, states: StateFlags) -> Result<[u64; 16]> {
         let mut counts = [0u64; 16];
         self.for_each(states, |h| counts[h.state as usize & 0xf] += 1)?;

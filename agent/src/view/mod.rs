@@ -60,7 +60,6 @@ fn show(
 ) -> Result<()> {
     let mut terminal = ratatui::init();
     let mut status = Status {
-        source: socket.display().to_string(),
         problem: None,
         log: log.map(|l| l.display().to_string()),
         interval_s: interval.as_secs_f64(),

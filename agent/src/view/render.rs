@@ -19,8 +19,6 @@ use crate::{breakdown::Keyed, live::Live, snapshot::Snapshot};
 /// What the view says besides the agent's numbers.
 #[derive(Clone, Debug, Default)]
 pub struct Status {
-    /// Where the numbers come from (the control socket).
-    pub source: String,
     /// Set while the agent cannot be reached.
     pub problem: Option<String>,
     /// The agent's log file, when the agent runs in this process.
