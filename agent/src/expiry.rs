@@ -177,15 +177,17 @@ impl Timers {
         // Only what falls due in the next seconds is filed: later deadlines
         // are filed by a later walk, so a million half-open connections do
         // not mean a million timers held in memory.
-        let horizon = monotonic_ns().saturating_add(FILING_HORIZON_NS);
+        let now = monotonic_ns();
+        let horizon = now.saturating_add(FILING_HORIZON_NS);
         for &(flow, entry) in entries {
-            if let Some(at) = deadline(Word(entry.word), entry.changed_ns, t)
+            let changed_ns = entry.changed_ns(now);
+            if let Some(at) = deadline(Word(entry.word), changed_ns, t)
                 && at <= horizon
             {
                 self.due
                     .entry(at)
                     .or_default()
-                    .push((flow, Word(entry.word), entry.changed_ns));
+                    .push((flow, Word(entry.word), changed_ns));
             }
         }
         self.fire(probe, t)

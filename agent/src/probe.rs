@@ -449,7 +449,7 @@ pub enum FlowRef {
 
 impl FlowRef {
     /// The command that swaps this flow's word from `expect` to `new`.
-    pub fn command(&self, expect: u64, new: u64) -> Command {
+    pub fn command(&self, expect: u32, new: u32) -> Command {
         let mut cmd = Command {
             op: op::SWAP,
             expect,

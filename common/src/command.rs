@@ -19,12 +19,13 @@ pub struct Command {
     pub family: u32,
     pub key6: FlowKey6,
     pub op: u32,
-    pub expect: u64,
-    pub new: u64,
+    pub expect: u32,
+    pub new: u32,
+    /// CLOCK_MONOTONIC nanoseconds (the probe stamps the entry with it).
     pub changed_ns: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<Command>() == 80);
+const _: () = assert!(core::mem::size_of::<Command>() == 72);
 
 /// What a [`Command`] does.
 pub mod op {

@@ -115,80 +115,130 @@ impl FlowKey4 {
 
 /// Sequence facts about one endpoint, written only from segments that this
 /// endpoint sends (so the two halves of an entry have one writer each).
+/// Whether each field is known yet is kept in the state word
+/// ([`Word::seen`], [`Word::acked`]), and the sequence number of the
+/// endpoint's FIN is `snd_nxt - 1` once it has sent one (the FIN is the last
+/// thing an endpoint sends), so an endpoint needs 8 bytes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct EndSeq {
-    /// One past the highest sequence number this endpoint has sent.
+    /// One past the highest sequence number this endpoint has sent; after
+    /// its FIN, one past the FIN.
     pub snd_nxt: u32,
     /// The last acknowledgement number this endpoint sent.
     pub ack: u32,
-    /// Sequence number of this endpoint's FIN (valid once it sent one).
-    pub fin_seq: u32,
-    /// `EndSeq::SEEN | EndSeq::ACKED`; `u32` rather than `bool`s so the struct has no padding.
-    pub flags: u32,
 }
 
-impl EndSeq {
-    /// `snd_nxt` is known.
-    pub const SEEN: u32 = 1;
-    /// `ack` is known.
-    pub const ACKED: u32 = 2;
-}
+const _: () = assert!(core::mem::size_of::<EndSeq>() == 8);
 
-const _: () = assert!(core::mem::size_of::<EndSeq>() == 16);
-
-/// Flow map value.
+/// Flow map value: 24 bytes, so that an IPv6 flow costs the kernel 128 bytes
+/// (element header 48 + key 40 + value 24 + bucket 16) and an IPv4 flow 104.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct FlowEntry {
     /// The state word ([`Word`]); changed only by compare-and-swap, so every
     /// change is applied exactly once to the in-kernel counters.
-    pub word: u64,
-    /// CLOCK_MONOTONIC nanoseconds of the last state change (or timer re-arm).
-    pub changed_ns: u64,
+    pub word: u32,
+    /// When the state last changed (or a timer was re-armed): CLOCK_MONOTONIC
+    /// in units of 2^16 ns (65.5 µs), wrapping every 78 hours. See
+    /// [`FlowEntry::stamp`] and [`FlowEntry::changed_ns`].
+    pub changed: u32,
     /// Per-endpoint sequence facts, indexed by [`Side`].
     pub ends: [EndSeq; 2],
 }
 
-const _: () = assert!(core::mem::size_of::<FlowEntry>() == 48);
+const _: () = assert!(core::mem::size_of::<FlowEntry>() == 24);
+
+impl FlowEntry {
+    /// Bits of a CLOCK_MONOTONIC nanosecond value below [`FlowEntry::changed`]'s unit.
+    const STAMP_SHIFT: u32 = 16;
+
+    /// The `changed` field for CLOCK_MONOTONIC time `ns`.
+    #[inline(always)]
+    pub const fn stamp(ns: u64) -> u32 {
+        (ns >> Self::STAMP_SHIFT) as u32
+    }
+
+    /// When the entry last changed, in CLOCK_MONOTONIC nanoseconds, read at
+    /// `now_ns` (which must not be more than 78 hours later): the middle of
+    /// the stamped unit, so the error is at most ±33 µs.
+    pub const fn changed_ns(&self, now_ns: u64) -> u64 {
+        let age = Self::stamp(now_ns).wrapping_sub(self.changed) as u64;
+        let unit = (now_ns >> Self::STAMP_SHIFT).saturating_sub(age);
+        (unit << Self::STAMP_SHIFT) + (1 << (Self::STAMP_SHIFT - 1))
+    }
+}
 
 /// The packed state word of a flow entry:
 /// bits 0-3 state of A, 4-7 state of B, 8 A is local, 9 B is local,
 /// 10 dead (no local socket left; the entry counts nothing and may be reused),
-/// 11 reaping (being deleted by the agent; the data path leaves it alone).
+/// 11 reaping (being deleted by the agent; the data path leaves it alone),
+/// 12-13 A's/B's `snd_nxt` is known, 14-15 A's/B's `ack` is known.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct Word(pub u64);
+pub struct Word(pub u32);
 
 impl Word {
     pub const EMPTY: Word = Word(0);
-    const LOCAL_A: u64 = 1 << 8;
-    const DEAD: u64 = 1 << 10;
-    const REAPING: u64 = 1 << 11;
+    const LOCAL_A: u32 = 1 << 8;
+    const DEAD: u32 = 1 << 10;
+    const REAPING: u32 = 1 << 11;
+    const SEEN_A: u32 = 1 << 12;
+    const ACKED_A: u32 = 1 << 14;
+    /// Every fact of both endpoints known.
+    pub const ALL_FACTS: u32 = 0xf << 12;
+    /// An endpoint's `snd_nxt` is known ([`Word::facts`]).
+    pub const SEEN: u32 = 1;
+    /// An endpoint's `ack` is known ([`Word::facts`]).
+    pub const ACKED: u32 = 2;
 
     #[inline(always)]
     pub const fn state(self, side: Side) -> TcpState {
-        TcpState::from_bits(((self.0 >> (4 * side as u64)) & 0xf) as u8)
+        TcpState::from_bits(((self.0 >> (4 * side as u32)) & 0xf) as u8)
     }
     #[inline(always)]
     pub const fn with_state(self, side: Side, s: TcpState) -> Word {
-        let shift = 4 * side as u64;
-        Word((self.0 & !(0xf << shift)) | ((s as u64) << shift))
+        let shift = 4 * side as u32;
+        Word((self.0 & !(0xf << shift)) | ((s as u32) << shift))
     }
     #[inline(always)]
     pub const fn is_local(self, side: Side) -> bool {
-        self.0 & (Self::LOCAL_A << side as u64) != 0
+        self.0 & (Self::LOCAL_A << side as u32) != 0
     }
     #[inline(always)]
     pub const fn with_local(self, side: Side) -> Word {
-        Word(self.0 | (Self::LOCAL_A << side as u64))
+        Word(self.0 | (Self::LOCAL_A << side as u32))
     }
     /// Marks the sender and/or receiver local, without a branch (the BPF
     /// verifier walks every branch of the state machine once per way in).
     #[inline(always)]
     pub const fn with_locality(self, sender: Side, local: crate::machine::Locality) -> Word {
-        let s = (local.sender as u64) << (8 + sender as u64);
-        let r = (local.receiver as u64) << (8 + sender.other() as u64);
+        let s = (local.sender as u32) << (8 + sender as u32);
+        let r = (local.receiver as u32) << (8 + sender.other() as u32);
         Word(self.0 | s | r)
+    }
+    /// Which of `side`'s facts are known: [`Word::SEEN`] and/or [`Word::ACKED`].
+    #[inline(always)]
+    pub const fn facts(self, side: Side) -> u32 {
+        let s = side as u32;
+        ((self.0 >> (12 + s)) & Self::SEEN) | ((self.0 >> (13 + s)) & Self::ACKED)
+    }
+    /// Records which of `side`'s facts are known (replacing what was recorded).
+    #[inline(always)]
+    pub const fn with_facts(self, side: Side, known: u32) -> Word {
+        let s = side as u32;
+        let bits = (Self::SEEN_A | Self::ACKED_A) << s;
+        let set = ((known & Self::SEEN) << (12 + s)) | ((known & Self::ACKED) << (13 + s));
+        Word((self.0 & !bits) | set)
+    }
+    /// `side`'s `snd_nxt` is known.
+    #[inline(always)]
+    pub const fn seen(self, side: Side) -> bool {
+        self.facts(side) & Self::SEEN != 0
+    }
+    /// `side`'s `ack` is known.
+    #[inline(always)]
+    pub const fn acked(self, side: Side) -> bool {
+        self.facts(side) & Self::ACKED != 0
     }
     #[inline(always)]
     pub const fn is_dead(self) -> bool {
@@ -292,6 +342,41 @@ mod tests {
         assert_eq!(w.counted(Side::A), TcpState::None);
         assert_eq!(w.counted(Side::B), TcpState::TimeWait);
         assert_eq!(w.reaping().counted(Side::B), TcpState::None);
+    }
+
+    #[test]
+    fn facts_bits_are_per_side_and_replaced_not_accumulated() {
+        let w = Word::EMPTY
+            .with_state(Side::A, TcpState::Established)
+            .with_facts(Side::A, Word::SEEN)
+            .with_facts(Side::B, Word::ACKED);
+        assert!(w.seen(Side::A) && !w.acked(Side::A));
+        assert!(!w.seen(Side::B) && w.acked(Side::B));
+        assert_eq!(w.state(Side::A), TcpState::Established);
+        let w = w.with_facts(Side::A, Word::ACKED);
+        assert!(!w.seen(Side::A) && w.acked(Side::A));
+        let both = Word::SEEN | Word::ACKED;
+        let all = w.with_facts(Side::A, both).with_facts(Side::B, both);
+        assert_eq!(all.0 & Word::ALL_FACTS, Word::ALL_FACTS);
+    }
+
+    #[test]
+    fn stamps_read_back_within_half_a_unit_across_the_wrap() {
+        let unit = 1u64 << 16;
+        for changed in [0, 12_345_678_901, (1u64 << 48) - 5, 5 * (1 << 48) + 777] {
+            let e = FlowEntry {
+                changed: FlowEntry::stamp(changed),
+                ..FlowEntry::default()
+            };
+            // Read back up to 78 hours later, across the 32-bit wrap.
+            for later in [0, 1, 60_000_000_000, (1u64 << 48) - 2 * unit] {
+                let got = e.changed_ns(changed + later);
+                assert!(
+                    got.abs_diff(changed) <= unit / 2,
+                    "{changed} +{later}: {got}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -165,21 +165,16 @@ pub fn step(
         return out;
     }
     let mut w = word;
+    let mut fresh = false;
     if w.is_dead() {
         if !seg.may_open() {
             return out;
         }
         w = Word::EMPTY;
-        out.sender = EndSeq::default();
-        out.reset_receiver = true;
+        fresh = true;
     }
     w = w.with_locality(sender, local);
     let sender_local = w.is_local(sender);
-    let rf = if out.reset_receiver {
-        EndSeq::default()
-    } else {
-        *receiver_facts
-    };
     let mut ss = w.state(sender);
     let mut rs = w.state(receiver);
 
@@ -188,36 +183,40 @@ pub fn step(
     if seg.may_open() && (over(ss) || over(rs)) {
         ss = TcpState::None;
         rs = TcpState::None;
-        out.sender = EndSeq::default();
-        out.reset_receiver = true;
+        fresh = true;
     }
-    let rf = if out.reset_receiver {
-        EndSeq::default()
+    // A fresh connection remembers nothing of either endpoint.
+    let (prev, rf) = if fresh {
+        out.reset_receiver = true;
+        (Facts::UNKNOWN, Facts::UNKNOWN)
     } else {
-        rf
+        (
+            Facts::of(sender_facts, w, sender),
+            Facts::of(receiver_facts, w, receiver),
+        )
     };
-    let prev_sender = out.sender;
+    let mut sf = prev;
 
-    // The sender's own facts.
+    // The sender's own facts. After its FIN an endpoint sends nothing new,
+    // so `snd_nxt` stays one past the FIN (see the FIN rules below).
     let end = seg.end();
-    if seg.has(SYN) || prev_sender.flags & EndSeq::SEEN == 0 || seq_ge(end, prev_sender.snd_nxt) {
-        out.sender.snd_nxt = end;
-        out.sender.flags |= EndSeq::SEEN;
+    if seg.has(SYN) || !prev.seen() || (!ss.has_sent_fin() && seq_ge(end, prev.snd_nxt)) {
+        sf.snd_nxt = end;
+        sf.known |= Word::SEEN;
     }
     if seg.has(ACK) {
-        out.sender.ack = seg.ack;
-        out.sender.flags |= EndSeq::ACKED;
+        sf.ack = seg.ack;
+        sf.known |= Word::ACKED;
     }
 
     if seg.has(RST) {
-        if sender_local || rst_acceptable(seg, rs, &rf, &prev_sender) {
+        if sender_local || rst_acceptable(seg, rs, &rf, &prev) {
             ss = TcpState::Close;
             if rs != TcpState::Listen && rs != TcpState::None {
                 rs = TcpState::Close;
             }
         } else {
             out.rst_ignored = true;
-            out.sender = prev_sender;
             return out;
         }
     } else if seg.has(SYN) && !seg.has(ACK) {
@@ -233,7 +232,7 @@ pub fn step(
         if matches!(ss, TcpState::None | TcpState::SynSent | TcpState::SynRecv) {
             ss = TcpState::SynRecv;
         }
-        let acks_syn = rf.flags & EndSeq::SEEN == 0 || seg.ack == rf.snd_nxt;
+        let acks_syn = !rf.seen() || seg.ack == rf.snd_nxt;
         if matches!(rs, TcpState::None)
             || (matches!(rs, TcpState::SynSent | TcpState::SynRecv) && acks_syn)
         {
@@ -246,12 +245,13 @@ pub fn step(
             }
             // A receiver whose own segments were never seen (a connection
             // seeded from the socket table) gets the benefit of the doubt.
-            let acks = |target: u32| rf.flags & EndSeq::SEEN == 0 || seq_ge(seg.ack, target);
+            // Once the receiver sent its FIN, its `snd_nxt` is one past it.
+            let acks_all = !rf.seen() || seq_ge(seg.ack, rf.snd_nxt);
             rs = match rs {
-                TcpState::SynRecv if acks(rf.snd_nxt) => TcpState::Established,
-                TcpState::FinWait1 if acks(rf.fin_seq.wrapping_add(1)) => TcpState::FinWait2,
-                TcpState::Closing if acks(rf.fin_seq.wrapping_add(1)) => TcpState::TimeWait,
-                TcpState::LastAck if acks(rf.fin_seq.wrapping_add(1)) => TcpState::Close,
+                TcpState::SynRecv if acks_all => TcpState::Established,
+                TcpState::FinWait1 if acks_all => TcpState::FinWait2,
+                TcpState::Closing if acks_all => TcpState::TimeWait,
+                TcpState::LastAck if acks_all => TcpState::Close,
                 other => other,
             };
         }
@@ -259,21 +259,20 @@ pub fn step(
             match ss {
                 TcpState::Established | TcpState::SynRecv => {
                     ss = TcpState::FinWait1;
-                    out.sender.fin_seq = seg.seq.wrapping_add(seg.len);
+                    // Exactly one past this FIN, whatever was seen before.
+                    sf.snd_nxt = end;
                 }
                 TcpState::CloseWait => {
                     // A FIN that does not acknowledge the peer's FIN was sent
                     // before the peer's FIN arrived: the FINs crossed
                     // (simultaneous close), and the sender is CLOSING.
-                    let acks_peer_fin = !seg.has(ACK)
-                        || rf.flags & EndSeq::SEEN == 0
-                        || seq_ge(seg.ack, rf.fin_seq.wrapping_add(1));
+                    let acks_peer_fin = !seg.has(ACK) || !rf.seen() || seq_ge(seg.ack, rf.snd_nxt);
                     ss = if acks_peer_fin {
                         TcpState::LastAck
                     } else {
                         TcpState::Closing
                     };
-                    out.sender.fin_seq = seg.seq.wrapping_add(seg.len);
+                    sf.snd_nxt = end;
                 }
                 _ => {}
             }
@@ -290,21 +289,74 @@ pub fn step(
         }
     }
 
-    out.word = w.with_state(sender, ss).with_state(receiver, rs).settle();
+    out.sender = sf.stored();
+    out.word = w
+        .with_state(sender, ss)
+        .with_state(receiver, rs)
+        .with_facts(sender, sf.known)
+        .with_facts(receiver, rf.known)
+        .settle();
     out
 }
 
+/// One endpoint's sequence facts as the rules read them: the stored
+/// [`EndSeq`] with what the word says is known.
+#[derive(Clone, Copy)]
+struct Facts {
+    snd_nxt: u32,
+    ack: u32,
+    /// [`Word::SEEN`] | [`Word::ACKED`]
+    known: u32,
+}
+
+impl Facts {
+    const UNKNOWN: Facts = Facts {
+        snd_nxt: 0,
+        ack: 0,
+        known: 0,
+    };
+
+    #[inline(always)]
+    const fn of(e: &EndSeq, word: Word, side: Side) -> Facts {
+        Facts {
+            snd_nxt: e.snd_nxt,
+            ack: e.ack,
+            known: word.facts(side),
+        }
+    }
+
+    #[inline(always)]
+    const fn seen(&self) -> bool {
+        self.known & Word::SEEN != 0
+    }
+
+    #[inline(always)]
+    const fn acked(&self) -> bool {
+        self.known & Word::ACKED != 0
+    }
+
+    #[inline(always)]
+    const fn stored(self) -> EndSeq {
+        EndSeq {
+            snd_nxt: self.snd_nxt,
+            ack: self.ack,
+        }
+    }
+}
+
 /// The common case, decided without [`step`]: a segment without SYN, FIN or
-/// RST on a flow whose endpoints are both ESTABLISHED. Such a segment changes
-/// no state (the entry's local marks were set when it was created), only the
-/// sender's sequence facts ([`steady_facts`]); `step` would return the same
-/// word (a host test checks that for every such case).
+/// RST on a flow whose endpoints are both ESTABLISHED and whose facts are all
+/// known. Such a segment changes no state (the entry's local marks were set
+/// when it was created), only the sender's sequence facts ([`steady_facts`]);
+/// `step` would return the same word (a host test checks that for every such
+/// case).
 #[inline(always)]
 pub const fn is_steady(word: Word, seg: &Segment) -> bool {
-    const BOTH_ESTABLISHED: u64 =
-        (TcpState::Established as u64) | ((TcpState::Established as u64) << 4);
+    const BOTH_ESTABLISHED: u32 =
+        (TcpState::Established as u32) | ((TcpState::Established as u32) << 4);
     seg.flags & (SYN | FIN | RST) == 0
         && word.0 & 0xff == BOTH_ESTABLISHED
+        && word.0 & Word::ALL_FACTS == Word::ALL_FACTS
         && !word.is_dead()
         && !word.is_reaping()
 }
@@ -314,29 +366,27 @@ pub const fn is_steady(word: Word, seg: &Segment) -> bool {
 pub const fn steady_facts(prev: EndSeq, seg: &Segment) -> EndSeq {
     let mut out = prev;
     let end = seg.end();
-    if prev.flags & EndSeq::SEEN == 0 || seq_ge(end, prev.snd_nxt) {
+    if seq_ge(end, prev.snd_nxt) {
         out.snd_nxt = end;
-        out.flags |= EndSeq::SEEN;
     }
     if seg.flags & ACK != 0 {
         out.ack = seg.ack;
-        out.flags |= EndSeq::ACKED;
     }
     out
 }
 
 /// Is an RST from a remote sender plausible for the receiver's connection?
 #[inline(always)]
-fn rst_acceptable(seg: &Segment, rs: TcpState, rf: &EndSeq, sf: &EndSeq) -> bool {
+fn rst_acceptable(seg: &Segment, rs: TcpState, rf: &Facts, sf: &Facts) -> bool {
     if rs == TcpState::SynSent {
         // Refusing our SYN: it must acknowledge exactly our SYN.
-        return seg.flags & ACK != 0 && (rf.flags & EndSeq::SEEN == 0 || seg.ack == rf.snd_nxt);
+        return seg.flags & ACK != 0 && (!rf.seen() || seg.ack == rf.snd_nxt);
     }
-    if rf.flags & EndSeq::ACKED == 0 {
+    if !rf.acked() {
         return true;
     }
     let from = rf.ack;
-    let to = if sf.flags & EndSeq::SEEN != 0 && seq_ge(sf.snd_nxt, from) {
+    let to = if sf.seen() && seq_ge(sf.snd_nxt, from) {
         sf.snd_nxt
     } else {
         from

@@ -98,6 +98,19 @@ impl TcpState {
     pub const fn is_gone(self) -> bool {
         matches!(self, TcpState::None | TcpState::Close)
     }
+
+    /// True for states an endpoint enters by sending its FIN: it sends
+    /// nothing new after that. (A bit test, not a branch per state: the BPF
+    /// verifier walks each branch.)
+    #[inline(always)]
+    pub const fn has_sent_fin(self) -> bool {
+        const SENT: u32 = 1 << TcpState::FinWait1 as u32
+            | 1 << TcpState::FinWait2 as u32
+            | 1 << TcpState::Closing as u32
+            | 1 << TcpState::TimeWait as u32
+            | 1 << TcpState::LastAck as u32;
+        (SENT >> (self as u32 & 0xf)) & 1 != 0
+    }
 }
 
 #[cfg(test)]

@@ -66,7 +66,7 @@ fn try_command(cmd: &Command) -> Result<u32, u32> {
 fn seed(cmd: &Command, c: &mut Counters) -> Result<u32, u32> {
     let entry = FlowEntry {
         word: cmd.new,
-        changed_ns: cmd.changed_ns,
+        changed: FlowEntry::stamp(cmd.changed_ns),
         ends: [EndSeq::default(); 2],
     };
     let res = if cmd.family == 6 {

@@ -101,7 +101,7 @@ pub fn swap_word(p: *mut FlowEntry, old: Word, new: Word) -> bool {
     // SAFETY: `p` points into a map value, 8-byte aligned, valid for the
     // program's run (RCU); the word is only ever changed by this swap.
     let (_, swapped) = unsafe {
-        atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
+        atomic_cxchg::<u32, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
             &raw mut (*p).word,
             old.0,
             new.0,
@@ -117,9 +117,14 @@ unsafe fn clear(e: *mut EndSeq) {
     unsafe {
         (*e).snd_nxt = 0;
         (*e).ack = 0;
-        (*e).fin_seq = 0;
-        (*e).flags = 0;
     }
+}
+
+/// Now, as a flow entry's `changed` stamp.
+#[inline(always)]
+fn now_stamp() -> u32 {
+    // SAFETY: helper without preconditions.
+    FlowEntry::stamp(unsafe { bpf_ktime_get_ns() })
 }
 
 #[inline(always)]
@@ -231,8 +236,7 @@ fn transition<K>(
                 let st = step(Word::EMPTY, &none, &none, sender, looked_up(), seg);
                 let mut entry = FlowEntry {
                     word: st.word.0,
-                    // SAFETY: helper without preconditions.
-                    changed_ns: unsafe { bpf_ktime_get_ns() },
+                    changed: now_stamp(),
                     ends: [none; 2],
                 };
                 entry.ends[s] = st.sender;
@@ -293,7 +297,7 @@ fn transition<K>(
                 }
                 if st.word == old {
                     if st.touch {
-                        unsafe { (*p).changed_ns = bpf_ktime_get_ns() };
+                        unsafe { (*p).changed = now_stamp() };
                     }
                     if seg.is_syn_to_local(st.word, sender) {
                         count(c, Event::SynsReceived);
@@ -301,7 +305,7 @@ fn transition<K>(
                     return;
                 }
                 if swap_word(p, old, st.word) {
-                    unsafe { (*p).changed_ns = bpf_ktime_get_ns() };
+                    unsafe { (*p).changed = now_stamp() };
                     move_counts(c, old, st.word);
                     if seg.is_syn_to_local(st.word, sender) {
                         count(c, Event::SynsReceived);
