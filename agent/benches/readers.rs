@@ -1,6 +1,6 @@
-//! `cargo xtask bench`: the time to read the eleven counts with 1,000, 10,000
-//! and 100,000 connections in the monitored namespace, as each tool a user
-//! might pick reads them, in the same run:
+//! `cargo xtask bench`: the time to read the eleven counts with 1,000,
+//! 10,000, 100,000 and 1,000,000 connections in the monitored namespace, as
+//! each tool a user might pick reads them, in the same run:
 //!
 //! - `tcpstate count` (a process asking the agent: O(1) counters + LISTEN);
 //! - `ss -tan | awk '{++a[$1]} END {...}'`;
@@ -8,88 +8,116 @@
 //! - node_exporter's way: one netlink inet_diag dump, counted by state
 //!   (done in-process here, so without the cost of a process start).
 //!
-//! The connections are TIME_WAIT sockets (they cost no descriptor): a server
-//! in the monitored namespace closes each connection first. `ss` and
-//! `netstat` run through `nsenter --net`, which only joins the namespace.
-//! Five timings per tool and size; the median is reported. Writes
-//! target/bench/readers.json.
+//! The connections are real and ESTABLISHED: clients in a peer namespace
+//! connect to listeners in the monitored one, whose ends stay in the
+//! listeners' accept queues (they need no descriptor there). A process may
+//! hold 20,000 descriptors here and may not raise that, so the clients live
+//! in holder processes of [`PER_HOLDER`] connections each: this bench binary
+//! started again with [`HOLD`]. `ss` and `netstat` run through
+//! `nsenter --net`, which only joins the namespace. Before timing, the
+//! agent's counts must equal `ss`'s. Also reports the agent's resident
+//! memory at each size. Writes target/bench/readers.json.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
 
 use std::{
-    io::{Read, Write},
-    net::{SocketAddr, TcpListener},
+    io::{BufRead, BufReader, Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd,
     path::PathBuf,
-    process::Command,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
-    },
+    process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
 use netlink_packet_sock_diag::inet::StateFlags;
 use serde_json::json;
-use support::{Agent, Netns, VethPair, sockaddr};
+use support::{Agent, Netns, VethPair, memory_kb, sockaddr};
 use tcpstate::{netns::NetNs, sockdiag::SockDiag};
 use tcpstate_common::TcpState;
 
-const SIZES: [u64; 3] = [1_000, 10_000, 100_000];
-const TIMINGS: usize = 5;
+const SIZES: [u64; 4] = [1_000, 10_000, 100_000, 1_000_000];
+/// Connections one holder process keeps open (its descriptor limit is 20,000).
+const PER_HOLDER: u64 = 19_000;
+/// Listening ports: a client address has 64,512 ports per destination.
+const LISTENERS: u16 = 32;
+/// The first argument that makes this binary a holder:
+/// `HOLD NETNS COUNT ADDR...`.
+const HOLD: &str = "--hold-connections";
 
-/// Makes TIME_WAIT sockets in `mon` until it holds `want` of them. The
-/// servers (one per listener: a client port can only be reused on another
-/// server port while its tuple is in TIME_WAIT) close first.
-fn time_waits(mon: &Netns, peer: &Netns, listeners: &[TcpListener], want: u64) {
-    let targets: Arc<Vec<SocketAddr>> =
-        Arc::new(listeners.iter().map(|l| l.local_addr().unwrap()).collect());
-    let stop = Arc::new(AtomicBool::new(false));
-    let servers: Vec<_> = listeners
-        .iter()
-        .map(|l| {
-            let l = l.try_clone().unwrap();
-            l.set_nonblocking(true).unwrap();
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    match l.accept() {
-                        Ok((s, _)) => drop(s),
-                        Err(_) => std::thread::sleep(Duration::from_micros(100)),
-                    }
-                }
-            })
-        })
-        .collect();
-    while mon.ss_counts().get(TcpState::TimeWait) < want {
-        let needed = want - mon.ss_counts().get(TcpState::TimeWait);
-        let made = Arc::new(AtomicU64::new(0));
-        let workers: Vec<_> = (0..4)
-            .map(|w| {
-                let (made, targets) = (made.clone(), targets.clone());
-                let file = std::fs::File::open(format!("/run/netns/{}", peer.name)).unwrap();
-                std::thread::spawn(move || {
-                    nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-                    let mut buf = [0u8; 8];
-                    let mut i = w;
-                    while made.load(Ordering::Relaxed) < needed {
-                        i += 1;
-                        let to = targets[i % targets.len()];
-                        if let Ok(mut c) =
-                            std::net::TcpStream::connect_timeout(&to, Duration::from_secs(2))
-                        {
-                            let _ = c.read(&mut buf);
-                            made.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                })
-            })
-            .collect();
-        workers.into_iter().for_each(|w| w.join().unwrap());
-        std::thread::sleep(Duration::from_millis(200));
+/// Timings per tool and size (the median is reported); fewer at a million,
+/// where one `netstat` takes seconds.
+fn timings(n: u64) -> usize {
+    if n >= 1_000_000 { 3 } else { 5 }
+}
+
+/// A holder: joins the namespace, opens `COUNT` connections round-robin to
+/// the addresses, says "ready", and keeps them until its stdin closes (the
+/// bench ended, or died).
+fn hold(args: &[String]) {
+    let netns = std::fs::File::open(format!("/run/netns/{}", args[0])).expect("namespace");
+    nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+    let count: usize = args[1].parse().expect("count");
+    let targets: Vec<SocketAddr> = args[2..].iter().map(|a| a.parse().unwrap()).collect();
+    let mut held = Vec::with_capacity(count);
+    for i in 0..count {
+        let to = targets[i % targets.len()];
+        match TcpStream::connect_timeout(&to, Duration::from_secs(10)) {
+            Ok(c) => held.push(c),
+            Err(e) => {
+                eprintln!("holder: connection {i} to {to}: {e}");
+                std::process::exit(1);
+            }
+        }
     }
-    stop.store(true, Ordering::Relaxed);
-    servers.into_iter().for_each(|s| s.join().unwrap());
+    println!("ready");
+    std::io::stdout().flush().unwrap();
+    let _ = std::io::stdin().read_to_end(&mut Vec::new());
+}
+
+/// The holder processes; dropping them closes every connection.
+struct Holders {
+    procs: Vec<Child>,
+    held: u64,
+}
+
+impl Holders {
+    /// Starts holders until `want` connections are held, and waits for them.
+    fn grow_to(&mut self, want: u64, peer: &Netns, targets: &[SocketAddr]) {
+        let mut started = Vec::new();
+        while self.held < want {
+            let n = PER_HOLDER.min(want - self.held);
+            let child = Command::new(std::env::current_exe().unwrap())
+                .arg(HOLD)
+                .arg(&peer.name)
+                .arg(n.to_string())
+                .args(targets.iter().map(|t| t.to_string()))
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("holder");
+            self.held += n;
+            started.push(self.procs.len());
+            self.procs.push(child);
+        }
+        for i in started {
+            let out = self.procs[i].stdout.take().unwrap();
+            let mut line = String::new();
+            BufReader::new(out).read_line(&mut line).unwrap();
+            assert_eq!(line.trim(), "ready", "a holder failed (its error is above)");
+        }
+    }
+}
+
+impl Drop for Holders {
+    fn drop(&mut self) {
+        for p in &mut self.procs {
+            let _ = p.kill();
+        }
+        for p in &mut self.procs {
+            let _ = p.wait();
+        }
+    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -97,10 +125,10 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Milliseconds `f` takes, median of [`TIMINGS`].
-fn time(mut f: impl FnMut()) -> f64 {
+/// Milliseconds `f` takes, median of `runs`.
+fn time(runs: usize, mut f: impl FnMut()) -> f64 {
     median(
-        (0..TIMINGS)
+        (0..runs)
             .map(|_| {
                 let t = Instant::now();
                 f();
@@ -121,36 +149,55 @@ fn shell(ns: &str, pipeline: &str) -> String {
 }
 
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some(HOLD) {
+        return hold(&args[2..]);
+    }
     assert!(
         nix::unistd::geteuid().is_root(),
         "run `cargo xtask bench` as root"
     );
-    if std::env::args().any(|a| a == "--list") {
+    if args.iter().any(|a| a == "--list") {
         return;
     }
     let net = VethPair::new();
     let (mon, peer) = (&net.left, &net.right);
-    mon.sysctl("net.ipv4.tcp_max_tw_buckets=1048576");
+    // Room in the accept queues for every connection.
+    mon.sysctl("net.core.somaxconn=65535");
     peer.sysctl("net.ipv4.ip_local_port_range=1024 65535");
     let agent = Agent::start(mon, &["--max-flows", "1048576"]);
-    let listeners: Vec<TcpListener> = (0..8)
-        .map(|i| mon.listen(&sockaddr(&net.left_v4, 9100 + i)))
+    let listeners: Vec<TcpListener> = (0..LISTENERS)
+        .map(|i| {
+            let l = mon.listen(&sockaddr(&net.left_v4, 9100 + i));
+            // SAFETY: a listening socket this function owns; listen() again
+            // only raises its backlog.
+            assert_eq!(unsafe { libc::listen(l.as_raw_fd(), 65535) }, 0);
+            l
+        })
         .collect();
+    let targets: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
+    let mut holders = Holders {
+        procs: Vec::new(),
+        held: 0,
+    };
     let ns = NetNs::named(&mon.name).unwrap();
     let mut diag = ns.run(SockDiag::open).unwrap();
     let mut rows = Vec::new();
-    println!("reading the counts: milliseconds, median of {TIMINGS} (TIME_WAIT sockets)");
+    println!("reading the counts: milliseconds, median of 5 (3 at 1M); ESTABLISHED connections");
     println!(
-        "{:>8} {:>10} {:>14} {:>10} {:>12} {:>14}",
-        "conns", "tcpstate", "ss|awk", "netstat", "netlink", "ss / tcpstate"
+        "{:>8} {:>10} {:>12} {:>12} {:>10} {:>14} {:>11}",
+        "conns", "tcpstate", "ss|awk", "netstat", "netlink", "ss / tcpstate", "agent RSS"
     );
     for n in SIZES {
-        time_waits(mon, peer, &listeners, n);
-        let truth = mon.ss_counts();
-        let have = truth.get(TcpState::TimeWait);
-        agent.assert_matches_ss(mon, "before timing");
+        let t = Instant::now();
+        holders.grow_to(n, peer, &targets);
+        let opened = t.elapsed();
+        let truth = agent.assert_matches_ss_within(mon, "before timing", Duration::from_secs(120));
+        let have = truth.get(TcpState::Established);
+        assert!(have >= n, "{have} ESTABLISHED, wanted {n}");
+        let runs = timings(n);
         let socket = agent.socket.clone();
-        let t_tcpstate = time(|| {
+        let t_tcpstate = time(runs, || {
             let out = support::tcpstate()
                 .args(["count", "--socket"])
                 .arg(&socket)
@@ -158,32 +205,41 @@ fn main() {
                 .unwrap();
             assert!(out.status.success());
         });
-        let t_ss = time(|| {
+        let t_ss = time(runs, || {
             shell(
                 &mon.name,
                 "ss -tan | awk 'NR > 1 {++a[$1]} END {for (v in a) print v, a[v]}'",
             );
         });
-        let t_netstat = time(|| {
+        let t_netstat = time(runs, || {
             shell(
                 &mon.name,
                 "netstat -tan | awk '/^tcp/ {++a[$6]} END {for (v in a) print v, a[v]}'",
             );
         });
-        let t_netlink = time(|| {
+        let t_netlink = time(runs, || {
             let c = diag.count(StateFlags::all()).unwrap();
-            assert!(c[TcpState::TimeWait as usize] >= have * 9 / 10);
+            assert_eq!(c[TcpState::Established as usize], have);
         });
+        let (rss, peak) = (
+            memory_kb(agent.pid(), "VmRSS"),
+            memory_kb(agent.pid(), "VmHWM"),
+        );
         println!(
-            "{have:>8} {t_tcpstate:>10.2} {t_ss:>14.2} {t_netstat:>10.2} {t_netlink:>12.2} {:>14.1}",
-            t_ss / t_tcpstate
+            "{have:>8} {t_tcpstate:>10.2} {t_ss:>12.2} {t_netstat:>12.2} {t_netlink:>10.2} {:>14.1} {:>7} MiB",
+            t_ss / t_tcpstate,
+            rss / 1024
         );
         rows.push(json!({
             "connections": have,
+            "opened_s": opened.as_secs_f64(),
             "ms": {"tcpstate_count": t_tcpstate, "ss_awk": t_ss, "netstat_awk": t_netstat, "netlink_dump": t_netlink},
+            "agent_rss_kib": rss,
+            "agent_peak_rss_kib": peak,
         }));
     }
     drop(agent);
+    drop(holders);
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     std::fs::create_dir_all(&dir).unwrap();
     let mut f = std::fs::File::create(dir.join("readers.json")).unwrap();

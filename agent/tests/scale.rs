@@ -25,16 +25,6 @@ use support::{
 };
 use tcpstate_common::TcpState;
 
-/// kB of `field` (VmRSS, VmHWM) in /proc/PID/status.
-fn memory_kb(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{field}:")))
-        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
-        .unwrap()
-}
-
 /// The agent's loaded `tcpstate_xdp` (the only agent running).
 fn agents_xdp() -> Xdp {
     let info = aya::programs::loaded_programs()
@@ -129,8 +119,8 @@ fn a_million_flows_are_tracked_exactly() {
         let ms = count_ms(&agent);
         assert!(ms < 100.0, "count took {ms} ms with {target} flows");
         let (rss, peak) = (
-            memory_kb(agent.pid(), "VmRSS"),
-            memory_kb(agent.pid(), "VmHWM"),
+            support::memory_kb(agent.pid(), "VmRSS"),
+            support::memory_kb(agent.pid(), "VmHWM"),
         );
         eprintln!(
             "{target} flows: injected in {injected:?}; map {:?}; count {ms:.1} ms; agent RSS {} MiB (peak {} MiB)",
