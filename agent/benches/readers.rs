@@ -16,7 +16,8 @@
 //! started again with [`HOLD`]. `ss` and `netstat` run through
 //! `nsenter --net`, which only joins the namespace. Before timing, the
 //! agent's counts must equal `ss`'s. Also reports the agent's resident
-//! memory at each size. Writes target/bench/readers.json.
+//! memory and its CPU share while the connections sit idle (20 s; 60 s at
+//! a million). Writes target/bench/readers.json.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -120,6 +121,26 @@ impl Drop for Holders {
     }
 }
 
+/// CPU seconds (user + system) process `pid` has used.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces): state is the
+    // first, utime the 12th, stime the 13th.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    ticks as f64 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// How long the agent's share of one CPU is measured while the connections
+/// just sit there (its walks of the flow maps and its socket-table checks,
+/// which it spaces out as they grow costly): long enough at a million to
+/// cover at least one check.
+fn idle_window(n: u64) -> Duration {
+    Duration::from_secs(if n >= 1_000_000 { 60 } else { 20 })
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
@@ -165,7 +186,12 @@ fn main() {
     // Room in the accept queues for every connection.
     mon.sysctl("net.core.somaxconn=65535");
     peer.sysctl("net.ipv4.ip_local_port_range=1024 65535");
-    let agent = Agent::start(mon, &["--max-flows", "1048576"]);
+    // As a user runs it: with the periodic socket-table checks (the test
+    // helper turns them off unless asked).
+    let agent = Agent::start(
+        mon,
+        &["--max-flows", "1048576", "--reconcile-interval", "10"],
+    );
     let listeners: Vec<TcpListener> = (0..LISTENERS)
         .map(|i| {
             let l = mon.listen(&sockaddr(&net.left_v4, 9100 + i));
@@ -185,8 +211,15 @@ fn main() {
     let mut rows = Vec::new();
     println!("reading the counts: milliseconds, median of 5 (3 at 1M); ESTABLISHED connections");
     println!(
-        "{:>8} {:>10} {:>12} {:>12} {:>10} {:>14} {:>11}",
-        "conns", "tcpstate", "ss|awk", "netstat", "netlink", "ss / tcpstate", "agent RSS"
+        "{:>8} {:>10} {:>12} {:>12} {:>10} {:>14} {:>11} {:>10}",
+        "conns",
+        "tcpstate",
+        "ss|awk",
+        "netstat",
+        "netlink",
+        "ss / tcpstate",
+        "agent RSS",
+        "agent CPU"
     );
     for n in SIZES {
         let t = Instant::now();
@@ -221,14 +254,18 @@ fn main() {
             let c = diag.count(StateFlags::all()).unwrap();
             assert_eq!(c[TcpState::Established as usize], have);
         });
+        let cpu_before = cpu_seconds(agent.pid());
+        std::thread::sleep(idle_window(n));
+        let cpu = (cpu_seconds(agent.pid()) - cpu_before) / idle_window(n).as_secs_f64();
         let (rss, peak) = (
             memory_kb(agent.pid(), "VmRSS"),
             memory_kb(agent.pid(), "VmHWM"),
         );
         println!(
-            "{have:>8} {t_tcpstate:>10.2} {t_ss:>12.2} {t_netstat:>12.2} {t_netlink:>10.2} {:>14.1} {:>7} MiB",
+            "{have:>8} {t_tcpstate:>10.2} {t_ss:>12.2} {t_netstat:>12.2} {t_netlink:>10.2} {:>14.1} {:>7} MiB {:>9.1}%",
             t_ss / t_tcpstate,
-            rss / 1024
+            rss / 1024,
+            cpu * 100.0
         );
         rows.push(json!({
             "connections": have,
@@ -236,6 +273,7 @@ fn main() {
             "ms": {"tcpstate_count": t_tcpstate, "ss_awk": t_ss, "netstat_awk": t_netstat, "netlink_dump": t_netlink},
             "agent_rss_kib": rss,
             "agent_peak_rss_kib": peak,
+            "agent_cpu_share": cpu,
         }));
     }
     drop(agent);

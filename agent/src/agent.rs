@@ -21,14 +21,27 @@ use crate::{
     breakdown::{Breakdown, PortFilter, local_ends},
     control,
     error::{Error, Result},
-    expiry::{Timeouts, Timers},
+    expiry::{FILING_HORIZON, Timeouts, Timers},
     netns::{self, NetNs},
+    pacing::{Pacer, cpu_cost},
     probe::{Probe, ProbeOptions},
     reconcile::Reconciler,
     seed,
     snapshot::{Snapshot, StateCounts, by_state, live_counts},
     sockdiag::SockDiag,
 };
+
+/// The walk of the flow maps and the socket-table check each wait at least
+/// this many times the CPU time their last run cost (at a million
+/// connections a walk costs most of a second, a check seconds): at most a
+/// tenth of a CPU each.
+const PACING: u32 = 9;
+/// The longest gap between walks: the walk files the timers due within
+/// [`FILING_HORIZON`], so it must come round well inside it. A timer shorter
+/// than the gap (a tcp_fin_timeout of a few seconds) may then fire up to a gap
+/// late, and only when walks are slow (hundreds of thousands of flows).
+const MAX_WALK_GAP: Duration = Duration::from_secs(5);
+const _: () = assert!(2 * MAX_WALK_GAP.as_secs() <= FILING_HORIZON.as_secs());
 
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -421,7 +434,13 @@ pub async fn run(
     // Timers fire within this of the kernel's.
     let mut timer_tick = tokio::time::interval(Duration::from_millis(50));
     let print = cfg.print && std::io::stdout().is_terminal();
-    let mut last_reconcile = std::time::Instant::now();
+    let mut walks = Pacer::new(Duration::from_secs(1), PACING, Some(MAX_WALK_GAP));
+    let mut checks = cfg.reconcile_every.map(|every| {
+        let mut p = Pacer::new(every, PACING, None);
+        // The first check one period after the start (seeding just read the table).
+        p.ran(std::time::Instant::now(), Duration::ZERO);
+        p
+    });
     loop {
         tokio::select! {
             _ = sigint.recv() => break,
@@ -439,10 +458,10 @@ pub async fn run(
             }
             _ = tick.tick() => {
                 let (agent, publish_to) = (Arc::clone(&agent), Arc::clone(&reader));
-                let reconcile_due = cfg
-                    .reconcile_every
-                    .is_some_and(|every| last_reconcile.elapsed() >= every);
-                let reconciled = tokio::task::spawn_blocking(move || {
+                let now = std::time::Instant::now();
+                let walk_due = walks.due(now);
+                let reconcile_due = checks.as_ref().is_some_and(|p| p.due(now));
+                let ran = tokio::task::spawn_blocking(move || {
                 // Namespace reads first, without the lock.
                 let ns = agent.lock().expect("agent lock").netns();
                 let addrs = ns.run_kept(netns::local_addresses);
@@ -451,9 +470,14 @@ pub async fn run(
                 if let Err(e) = addrs.and_then(|addrs| a.set_local_addresses(&addrs)) {
                     tracing::warn!("reading the namespace's addresses failed: {e}");
                 }
-                if let Err(e) = a.sweep() {
-                    tracing::warn!("timer sweep failed: {e}");
-                }
+                let walked = walk_due.then(|| {
+                    let (swept, took) = cpu_cost(|| a.sweep());
+                    if let Err(e) = swept {
+                        tracing::warn!("timer sweep failed: {e}");
+                    }
+                    tracing::debug!("flow map walk cost {took:?} of CPU");
+                    took
+                });
                 match a.map_full_since_last() {
                     Ok(0) | Err(_) => {}
                     Ok(n) => tracing::warn!(
@@ -471,22 +495,29 @@ pub async fn run(
                     }
                     Err(e) => tracing::warn!("reading the kernel's TCP counters failed: {e}"),
                 }
-                let checked = a.take_check_due() || reconcile_due;
-                if checked {
-                    match a.reconcile() {
+                let checked = (a.take_check_due() || reconcile_due).then(|| {
+                    let (fixed, took) = cpu_cost(|| a.reconcile());
+                    match fixed {
                         Ok(0) => {}
                         Ok(n) => tracing::info!("reconciled {n} flows with the socket table"),
                         Err(e) => tracing::warn!("reconciliation failed: {e}"),
                     }
-                }
+                    tracing::debug!("socket-table check cost {took:?} of CPU");
+                    took
+                });
                 match a.snapshot() {
                     Ok(s) => publish_to.publish(s),
                     Err(e) => tracing::warn!("reading counts failed: {e}"),
                 }
-                checked
+                (walked, checked)
                 });
-                if reconciled.await.unwrap_or(false) {
-                    last_reconcile = std::time::Instant::now();
+                if let Ok((walked, checked)) = ran.await {
+                    if let Some(took) = walked {
+                        walks.ran(now, took);
+                    }
+                    if let (Some(took), Some(p)) = (checked, checks.as_mut()) {
+                        p.ran(now, took);
+                    }
                 }
                 if print {
                     match reader.snapshot() {

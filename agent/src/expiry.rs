@@ -153,9 +153,12 @@ pub struct Timers {
     due: BTreeMap<u64, Vec<(FlowRef, Word, u64)>>,
 }
 
-/// How far ahead a walk files timers: ten walk periods, so a walk delayed by
-/// a busy machine never leaves a due timer unfiled.
-const FILING_HORIZON_NS: u64 = 10_000_000_000;
+/// How far ahead a walk files timers: ten walk periods when walks are quick,
+/// twice the longest gap between walks when they are slow (see the agent's
+/// pacing), so a walk delayed by a busy machine never leaves a due timer
+/// unfiled.
+pub const FILING_HORIZON: Duration = Duration::from_secs(10);
+const FILING_HORIZON_NS: u64 = FILING_HORIZON.as_nanos() as u64;
 
 impl Timers {
     /// Walks the flow maps: acts on what is due, files the rest.

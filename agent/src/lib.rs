@@ -11,6 +11,7 @@ pub mod kernel_clock;
 pub mod live;
 pub mod metrics;
 pub mod netns;
+pub mod pacing;
 pub mod privileges;
 pub mod probe;
 pub mod reader;

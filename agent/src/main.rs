@@ -96,7 +96,9 @@ struct RunArgs {
     #[arg(long)]
     quiet: bool,
     /// Seconds between reconciliations with the socket table (0: never).
-    /// Mismatches seen at two checks in a row are corrected.
+    /// Mismatches seen at two checks in a row are corrected. With very many
+    /// connections checks come less often: each waits at least nine times the
+    /// CPU time the last one cost.
     #[arg(long, default_value_t = 10, value_name = "SECS")]
     reconcile_interval: u64,
     /// Serve OpenMetrics at http://ADDR/metrics: PORT or :PORT (on 127.0.0.1), or ADDRESS:PORT.

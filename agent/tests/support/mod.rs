@@ -252,7 +252,11 @@ impl Agent {
             .arg(&socket)
             .args(extra)
             .stdout(Stdio::null())
-            .env("RUST_LOG", "warn")
+            // TCPSTATE_TEST_LOG=debug shows the agent's own log.
+            .env(
+                "RUST_LOG",
+                std::env::var("TCPSTATE_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .spawn()
             .expect("start tcpstate run");
         let mut agent = Agent {
