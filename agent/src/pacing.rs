@@ -8,7 +8,7 @@
 use std::time::{Duration, Instant};
 
 /// CPU time (user and system) the calling thread has used.
-pub fn thread_cpu_time() -> Duration {
+fn thread_cpu_time() -> Duration {
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID)
         .map(Duration::from)
         .unwrap_or_default()

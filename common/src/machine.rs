@@ -91,7 +91,9 @@ pub struct Step {
     pub word: Word,
     /// The sender's new sequence facts.
     pub sender: EndSeq,
-    /// The connection was (re)started: the receiver's facts must be cleared.
+    /// The connection was (re)started on this entry. `word` records no fact of
+    /// the receiver any more, so its stored [`EndSeq`] is ignored until it
+    /// sends again: nothing needs clearing.
     pub reset_receiver: bool,
     /// A timer the kernel re-arms (TIME_WAIT on a retransmitted FIN) restarts.
     pub touch: bool,

@@ -110,16 +110,6 @@ pub fn swap_word(p: *mut FlowEntry, old: Word, new: Word) -> bool {
     swapped
 }
 
-/// Zeroes an endpoint's facts field by field (a struct store of zeroes
-/// would become a call to `memset`, which BPF programs cannot make).
-#[inline(always)]
-unsafe fn clear(e: *mut EndSeq) {
-    unsafe {
-        (*e).snd_nxt = 0;
-        (*e).ack = 0;
-    }
-}
-
 /// Now, as a flow entry's `changed` stamp.
 #[inline(always)]
 fn now_stamp() -> u32 {
@@ -290,9 +280,6 @@ fn transition<K>(
                 unsafe {
                     if st.sender != sf {
                         (*p).ends[s] = st.sender;
-                    }
-                    if st.reset_receiver {
-                        clear(&raw mut (*p).ends[r]);
                     }
                 }
                 if st.word == old {

@@ -94,10 +94,9 @@ impl Sim {
         self.resets += seg.reset_accepted(self.word, st.word) as u32;
         self.handshakes_failed += handshakes_failed(self.word, st.word);
         self.word = st.word;
+        // Like the probe, never touches the receiver's stored facts: a
+        // restart only clears what the word says is known of them.
         self.ends[from.index()] = st.sender;
-        if st.reset_receiver {
-            self.ends[from.other().index()] = EndSeq::default();
-        }
         self.rst_ignored += st.rst_ignored as u32;
         self.touched += st.touch as u32;
     }
@@ -397,6 +396,26 @@ fn new_syn_on_a_time_wait_tuple_starts_afresh() {
         sim.send(C, FIN | ACK, 0);
         assert_eq!(sim.states(), (FinWait1, CloseWait));
     }
+}
+
+/// A restart on a reused tuple forgets the old connection's facts of both
+/// endpoints, also of the one that has not sent yet: a remote client's RST
+/// right after its new SYN is judged without the server's old ACK (which
+/// lies above the new sequence numbers here).
+#[test]
+fn a_reused_tuple_judges_an_rst_without_the_old_connections_facts() {
+    let mut sim = Sim::new(false, true);
+    sim.handshake();
+    sim.send(S, FIN | ACK, 0);
+    sim.send(C, FIN | ACK, 0);
+    sim.send(S, ACK, 0);
+    assert_eq!(sim.states(), (Close, TimeWait));
+    sim.seq = [500, 7_000_000];
+    sim.send(C, SYN, 0);
+    assert_eq!(sim.states(), (SynSent, SynRecv));
+    sim.send(C, RST, 0);
+    assert_eq!(sim.states(), (Close, Close));
+    assert_eq!(sim.rst_ignored, 0);
 }
 
 #[test]
