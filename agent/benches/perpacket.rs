@@ -15,7 +15,7 @@ use aya::{
 };
 use frames::{ACK, FIN, SYN, Tcp};
 use serde_json::json;
-use tcpstate::probe::{Probe, ProbeOptions};
+use tcpstate::kernel::probe::{Probe, ProbeOptions};
 
 /// Runs per case for the repeated (steady-state) cases.
 const REPEAT: u32 = 2_000_000;

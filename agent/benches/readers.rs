@@ -34,7 +34,7 @@ use std::{
 use netlink_packet_sock_diag::inet::StateFlags;
 use serde_json::json;
 use support::{Agent, Netns, VethPair, memory_kb, sockaddr};
-use tcpstate::{netns::NetNs, sockdiag::SockDiag};
+use tcpstate::kernel::{netns::NetNs, sockdiag::SockDiag};
 use tcpstate_common::TcpState;
 
 const SIZES: [u64; 4] = [1_000, 10_000, 100_000, 1_000_000];

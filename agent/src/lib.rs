@@ -1,23 +1,18 @@
 //! The tcpstate agent: loads and attaches the probe, keeps the counts
-//! exact (kernel timers, listening sockets), and answers `tcpstate count`.
+//! exact (kernel timers, listening sockets, what the kernel decides without
+//! a segment), and answers `tcpstate count`.
+//!
+//! Its rooms:
+//! - [`kernel`]: everything that talks to the kernel: the probe's programs
+//!   and maps, interfaces, sock_diag, namespaces, BTF, privileges;
+//! - [`tracking`]: keeping one namespace's counts exact: seeding, the
+//!   kernel's timers, asking the kernel about single sockets, reconciliation;
+//! - [`serve`]: the running agent's answers: control socket, metrics;
+//! - [`client`]: the programs that ask a running agent: count, watch, top.
 
-pub mod agent;
-pub mod batch;
-pub mod breakdown;
-pub mod control;
+pub mod client;
 pub mod error;
-pub mod expiry;
-pub mod kernel_clock;
-pub mod live;
-pub mod metrics;
-pub mod netns;
-pub mod pacing;
-pub mod privileges;
-pub mod probe;
-pub mod reader;
-pub mod reconcile;
-pub mod seed;
+pub mod kernel;
+pub mod serve;
 pub mod snapshot;
-pub mod sockdiag;
-pub mod view;
-pub mod watch;
+pub mod tracking;

@@ -4,14 +4,15 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use tcpstate::{
-    agent::{self, Config},
-    breakdown::{PortFilter, PortSide},
-    control,
+    client::{control, view, watch},
     error::Error,
-    metrics,
-    probe::{Ingress, ProbeOptions},
-    snapshot::{Snapshot, verify_table},
-    view, watch,
+    kernel::probe::{Ingress, ProbeOptions},
+    serve::{
+        daemon::{self, Config},
+        metrics,
+    },
+    snapshot::{PortFilter, PortSide, Snapshot, verify_table},
+    tracking::agent,
 };
 
 #[derive(Parser)]
@@ -266,21 +267,23 @@ fn run(args: RunArgs) -> ExitCode {
     }
     logging(log_file.as_deref());
     let cfg = Config {
-        netns: args.netns,
-        interfaces: args.interfaces,
-        socket: args.socket.clone(),
-        probe: ProbeOptions {
-            max_flows: args.max_flows,
-            ingress: match args.ingress {
-                Mode::Tc => Ingress::Tc,
-                Mode::Xdp => Ingress::XdpGeneric,
-                Mode::XdpNative => Ingress::XdpNative,
+        agent: agent::Config {
+            netns: args.netns,
+            interfaces: args.interfaces,
+            probe: ProbeOptions {
+                max_flows: args.max_flows,
+                ingress: match args.ingress {
+                    Mode::Tc => Ingress::Tc,
+                    Mode::Xdp => Ingress::XdpGeneric,
+                    Mode::XdpNative => Ingress::XdpNative,
+                },
             },
+            top_k: args.top_k,
         },
+        socket: args.socket.clone(),
         print: !args.quiet && !args.top,
         reconcile_every: (args.reconcile_interval > 0)
             .then(|| Duration::from_secs(args.reconcile_interval)),
-        top_k: args.top_k,
         metrics: args.metrics,
     };
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -296,20 +299,20 @@ fn run(args: RunArgs) -> ExitCode {
         let log = log_file.clone();
         let viewer = std::thread::spawn(move || {
             // The view needs no privilege: it is a client of the socket.
-            let r = tcpstate::privileges::drop_all().and_then(|()| {
+            let r = tcpstate::kernel::privileges::drop_all().and_then(|()| {
                 view::run_in_process(&socket, Duration::from_secs(1), log.as_deref(), done)
             });
             let _ = stop_agent.send(());
             r
         });
-        let r = rt.block_on(agent::run(cfg, Some(stopped)));
+        let r = rt.block_on(daemon::run(cfg, Some(stopped)));
         drop(agent_done);
         match viewer.join() {
             Ok(Err(e)) if r.is_ok() => Err(e.into()),
             _ => r,
         }
     } else {
-        rt.block_on(agent::run(cfg, None))
+        rt.block_on(daemon::run(cfg, None))
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

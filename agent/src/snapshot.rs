@@ -4,8 +4,6 @@
 use serde::{Deserialize, Serialize};
 use tcpstate_common::{Counters, Event, TcpState};
 
-use crate::breakdown::Keyed;
-
 /// Counts of the eleven reported states, in [`TcpState::REPORTED`] order.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StateCounts(pub [u64; 11]);
@@ -91,6 +89,48 @@ pub fn events_by_name(counters: &Counters) -> serde_json::Map<String, serde_json
         .iter()
         .map(|e| (e.name().to_owned(), counters.events[*e as usize].into()))
         .collect()
+}
+
+/// The key under which everything past the top K is summed.
+pub const OTHER: &str = "other";
+
+/// One row: a port or an address, and its connections by state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Keyed {
+    pub key: String,
+    /// Connections (LISTEN, in `states`, is not one).
+    pub total: u64,
+    pub states: StateCounts,
+}
+
+/// Which port of a connection a filter looks at (as `ss sport`/`dport`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PortSide {
+    /// The local endpoint's port.
+    Local,
+    /// The remote endpoint's port.
+    Remote,
+    /// Either.
+    #[default]
+    Any,
+}
+
+/// A filter on connections by port.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortFilter {
+    pub port: Option<u16>,
+    pub side: PortSide,
+}
+
+impl PortFilter {
+    pub fn matches(&self, local_port: u16, remote_port: u16) -> bool {
+        match (self.port, self.side) {
+            (None, _) => true,
+            (Some(p), PortSide::Local) => local_port == p,
+            (Some(p), PortSide::Remote) => remote_port == p,
+            (Some(p), PortSide::Any) => local_port == p || remote_port == p,
+        }
+    }
 }
 
 /// The agent's answer to a client.

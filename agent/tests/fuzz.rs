@@ -17,7 +17,7 @@ use support::{
     frames::{ACK, FIN, RST, SYN, Tcp},
     require_root,
 };
-use tcpstate::probe::{Probe, ProbeOptions};
+use tcpstate::kernel::probe::{Probe, ProbeOptions};
 use tcpstate_common::{Event, Side, TcpState, Word};
 
 const XDP_PASS: u32 = 2;

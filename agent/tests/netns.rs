@@ -10,7 +10,9 @@ use std::{
     time::Duration,
 };
 
-use support::{Agent, Netns, VethPair, abort, require_root, sockaddr, tcpstate};
+use support::{
+    Agent, Netns, VethPair, abort, connect_nonblocking, nft, require_root, sockaddr, tcpstate,
+};
 use tcpstate_common::TcpState;
 
 const PAUSE: Duration = Duration::from_millis(100);
@@ -853,31 +855,6 @@ fn count_verify_shows_the_difference_from_the_socket_table() {
     );
     assert_eq!(row("CLOSE_WAIT"), [0, 2, -2]);
     assert_eq!(row("TIME_WAIT")[1], truth.get(TcpState::TimeWait) as i64);
-}
-
-/// Runs `nft` in a namespace (the tests' way of losing packets: no netem here).
-fn nft(ns: &Netns, rule: &str) {
-    support::sh(&["ip", "netns", "exec", &ns.name, "nft", rule]);
-}
-
-/// A connect that does not wait for the handshake.
-fn connect_nonblocking(ns: &Netns, to: SocketAddr) -> std::os::fd::OwnedFd {
-    use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrStorage, connect, socket};
-    ns.run(|| {
-        let family = if to.is_ipv4() {
-            AddressFamily::Inet
-        } else {
-            AddressFamily::Inet6
-        };
-        let fd = socket(family, SockType::Stream, SockFlag::SOCK_NONBLOCK, None).expect("socket");
-        match connect(
-            std::os::fd::AsRawFd::as_raw_fd(&fd),
-            &SockaddrStorage::from(to),
-        ) {
-            Err(nix::errno::Errno::EINPROGRESS) | Ok(()) => fd,
-            Err(e) => panic!("connect: {e}"),
-        }
-    })
 }
 
 /// Every state that needs lost packets to hold, made with nftables drops in

@@ -12,8 +12,8 @@ use support::{
     require_root,
 };
 use tcpstate::{
-    expiry::{self, Timeouts},
-    probe::{Probe, ProbeOptions},
+    kernel::probe::{Probe, ProbeOptions},
+    tracking::timers::{self, Timeouts},
 };
 use tcpstate_common::{Counters, Event, FlowKey4, FlowKey6, Side, TcpState, Word};
 
@@ -340,7 +340,7 @@ fn a_whole_connection_through_both_hooks() {
         dead_grace: std::time::Duration::ZERO,
         ..Timeouts::default()
     };
-    let stats = expiry::sweep(&p, &t).unwrap();
+    let stats = timers::sweep(&p, &t).unwrap();
     assert_eq!(stats.reaped, 1);
     assert_eq!(flow_count(&p), 0);
 
@@ -365,13 +365,13 @@ fn time_wait_expires_through_the_command_program() {
     let c = p.counters().unwrap();
     assert_eq!(state_count(&c, TcpState::TimeWait), 1);
     // Not yet: TIME_WAIT lasts 60 s.
-    expiry::sweep(&p, &Timeouts::default()).unwrap();
+    timers::sweep(&p, &Timeouts::default()).unwrap();
     assert_eq!(state_count(&p.counters().unwrap(), TcpState::TimeWait), 1);
     let now = Timeouts {
         time_wait: std::time::Duration::ZERO,
         ..Timeouts::default()
     };
-    let stats = expiry::sweep(&p, &now).unwrap();
+    let stats = timers::sweep(&p, &now).unwrap();
     assert_eq!(stats.expired, 1);
     assert_eq!(state_count(&p.counters().unwrap(), TcpState::TimeWait), 0);
 }
@@ -512,9 +512,9 @@ fn counters_always_equal_what_the_entries_hold() {
         dead_grace: std::time::Duration::ZERO,
         clock: None,
     };
-    expiry::sweep(&p, &now).unwrap();
+    timers::sweep(&p, &now).unwrap();
     check(&p, "after the sweep");
-    expiry::sweep(&p, &now).unwrap();
+    timers::sweep(&p, &now).unwrap();
     check(&p, "after the second sweep");
 }
 

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod frames;
+pub mod sampler;
 
 use std::{
     fs::File,
@@ -303,7 +304,7 @@ impl Agent {
 
     /// The full snapshot (events included).
     pub fn snapshot(&self) -> tcpstate::snapshot::Snapshot {
-        tcpstate::control::query(&self.socket).expect("snapshot")
+        tcpstate::client::control::query(&self.socket).expect("snapshot")
     }
 
     /// Waits until the agent's counts equal `ss -tan` of `ns` (at most 5 s),
@@ -426,4 +427,45 @@ pub fn tcpstate_links() -> usize {
         .filter_map(|l| l.ok())
         .filter(|l| ours.contains(&l.program_id()))
         .count()
+}
+
+/// Runs `nft` in a namespace (the tests' way of losing packets: no netem here).
+pub fn nft(ns: &Netns, rule: &str) {
+    sh(&["ip", "netns", "exec", &ns.name, "nft", rule]);
+}
+
+/// Loads an nftables ruleset (`nft -f -`) in a namespace.
+pub fn nft_script(ns: &Netns, rules: &str) {
+    use std::io::Write;
+    let mut nft = Command::new("ip")
+        .args(["netns", "exec", &ns.name, "nft", "-f", "-"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("nft");
+    nft.stdin
+        .take()
+        .unwrap()
+        .write_all(rules.as_bytes())
+        .unwrap();
+    assert!(nft.wait().unwrap().success(), "nft rules:\n{rules}");
+}
+
+/// A connect that does not wait for the handshake.
+pub fn connect_nonblocking(ns: &Netns, to: SocketAddr) -> std::os::fd::OwnedFd {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrStorage, connect, socket};
+    ns.run(|| {
+        let family = if to.is_ipv4() {
+            AddressFamily::Inet
+        } else {
+            AddressFamily::Inet6
+        };
+        let fd = socket(family, SockType::Stream, SockFlag::SOCK_NONBLOCK, None).expect("socket");
+        match connect(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            &SockaddrStorage::from(to),
+        ) {
+            Err(nix::errno::Errno::EINPROGRESS) | Ok(()) => fd,
+            Err(e) => panic!("connect: {e}"),
+        }
+    })
 }

@@ -9,52 +9,12 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
-use serde::{Deserialize, Serialize};
 use tcpstate_common::{Side, TcpState, Word};
 
-use crate::{probe::FlowRef, snapshot::StateCounts};
-
-/// The key under which everything past the top K is summed.
-pub const OTHER: &str = "other";
-
-/// One row: a port or an address, and its connections by state.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Keyed {
-    pub key: String,
-    /// Connections (LISTEN, in `states`, is not one).
-    pub total: u64,
-    pub states: StateCounts,
-}
-
-/// Which port of a connection a filter looks at (as `ss sport`/`dport`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub enum PortSide {
-    /// The local endpoint's port.
-    Local,
-    /// The remote endpoint's port.
-    Remote,
-    /// Either.
-    #[default]
-    Any,
-}
-
-/// A filter on connections by port.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PortFilter {
-    pub port: Option<u16>,
-    pub side: PortSide,
-}
-
-impl PortFilter {
-    pub fn matches(&self, local_port: u16, remote_port: u16) -> bool {
-        match (self.port, self.side) {
-            (None, _) => true,
-            (Some(p), PortSide::Local) => local_port == p,
-            (Some(p), PortSide::Remote) => remote_port == p,
-            (Some(p), PortSide::Any) => local_port == p || remote_port == p,
-        }
-    }
-}
+use crate::{
+    kernel::probe::FlowRef,
+    snapshot::{Keyed, OTHER, StateCounts},
+};
 
 /// A local endpoint of a tracked connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -197,6 +157,7 @@ mod tests {
     use tcpstate_common::FlowKey4;
 
     use super::*;
+    use crate::snapshot::{PortFilter, PortSide};
 
     fn end(local_port: u16, remote: &str, state: TcpState) -> LocalEnd {
         LocalEnd {

@@ -28,7 +28,10 @@ use prometheus_client::{
 };
 use tcpstate_common::TcpState;
 
-use crate::{breakdown::OTHER, reader::Reader, snapshot::Snapshot};
+use crate::{
+    serve::reader::Reader,
+    snapshot::{OTHER, Snapshot},
+};
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
@@ -382,7 +385,7 @@ mod tests {
     use tcpstate_common::{Counters, Event};
 
     use super::*;
-    use crate::{breakdown::Keyed, snapshot::StateCounts};
+    use crate::snapshot::{Keyed, StateCounts};
 
     #[test]
     fn listen_addresses_default_to_loopback() {

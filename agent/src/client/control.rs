@@ -5,14 +5,13 @@
 use std::{
     io::{BufRead, BufReader, Write},
     os::unix::net::UnixStream,
-    path::{Path, PathBuf},
+    path::Path,
     time::Duration,
 };
 
 use crate::{
-    breakdown::PortFilter,
     error::{Error, Result},
-    snapshot::{Snapshot, StateCounts},
+    snapshot::{PortFilter, Snapshot, StateCounts},
 };
 
 pub const DEFAULT_SOCKET: &str = "/run/tcpstate/tcpstate.sock";
@@ -54,27 +53,4 @@ fn ask<T: serde::de::DeserializeOwned>(path: &Path, request: &str) -> Result<T> 
         .map_err(|e| Error::io("reading the agent's answer", e))?;
     serde_json::from_str(&line)
         .map_err(|e| Error::io("decoding the agent's answer", std::io::Error::other(e)))
-}
-
-/// Prepares `path` for a new listener: refuses if another agent answers
-/// there, removes a stale socket file, creates the parent folder.
-pub fn claim(path: &Path) -> Result<PathBuf> {
-    if path.exists() {
-        if UnixStream::connect(path).is_ok() {
-            return Err(Error::io(
-                format!(
-                    "another tcpstate agent already answers at {}",
-                    path.display()
-                ),
-                std::io::Error::from(std::io::ErrorKind::AddrInUse),
-            ));
-        }
-        std::fs::remove_file(path)
-            .map_err(|e| Error::io(format!("removing the stale socket {}", path.display()), e))?;
-    }
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
-    }
-    Ok(path.to_owned())
 }

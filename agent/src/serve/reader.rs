@@ -11,9 +11,8 @@ use tcpstate_common::CpuSlot;
 
 use crate::{
     error::{Error, Result},
-    probe::sum_counters,
+    kernel::{probe::sum_counters, sockdiag::SockDiag},
     snapshot::{Snapshot, events_by_name, live_counts},
-    sockdiag::SockDiag,
 };
 
 pub struct Reader {

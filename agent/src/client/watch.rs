@@ -7,11 +7,12 @@ use serde::Serialize;
 use tcpstate_common::TcpState;
 
 use crate::{
-    breakdown::Keyed,
-    control,
+    client::{
+        control,
+        live::{Live, Rates},
+    },
     error::{Error, Result},
-    live::{Live, Rates},
-    snapshot::{Snapshot, StateCounts},
+    snapshot::{Keyed, Snapshot, StateCounts},
 };
 
 /// One line of `watch --json`.

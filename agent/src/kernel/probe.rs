@@ -140,7 +140,7 @@ impl Probe {
         })
     }
 
-    /// The per-CPU counters map (for a [`crate::reader::Reader`]).
+    /// The per-CPU counters map (for a [`crate::serve::reader::Reader`]).
     pub fn counters_map(&self) -> &MapData {
         match self.ebpf.map("PER_CPU") {
             Some(aya::maps::Map::PerCpuArray(m)) => m,
@@ -261,12 +261,12 @@ impl Probe {
             _ => unreachable!("the probe defines {name} as a hash map"),
         };
         let mut out: Vec<(FlowRef, FlowEntry)> =
-            crate::batch::read_all::<FlowKey4, FlowEntry>(map("FLOWS4"))?
+            crate::kernel::batch::read_all::<FlowKey4, FlowEntry>(map("FLOWS4"))?
                 .into_iter()
                 .map(|(k, e)| (FlowRef::V4(k), e))
                 .collect();
         out.extend(
-            crate::batch::read_all::<FlowKey6, FlowEntry>(map("FLOWS6"))?
+            crate::kernel::batch::read_all::<FlowKey6, FlowEntry>(map("FLOWS6"))?
                 .into_iter()
                 .map(|(k, e)| (FlowRef::V6(k), e)),
         );

@@ -12,9 +12,11 @@ use tcpstate_common::{FlowEntry, Side, TcpState, Word, command::outcome, machine
 
 use crate::{
     error::Result,
-    kernel_clock::KernelClock,
-    netns::sysctl_u64,
-    probe::{FlowRef, Probe},
+    kernel::{
+        clock::KernelClock,
+        netns::sysctl_u64,
+        probe::{FlowRef, Probe},
+    },
 };
 
 /// How long each timed state lasts in the monitored namespace.

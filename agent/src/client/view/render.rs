@@ -14,7 +14,10 @@ use ratatui::{
 };
 use tcpstate_common::TcpState;
 
-use crate::{breakdown::Keyed, live::Live, snapshot::Snapshot};
+use crate::{
+    client::live::Live,
+    snapshot::{Keyed, Snapshot},
+};
 
 /// What the view says besides the agent's numbers.
 #[derive(Clone, Debug, Default)]

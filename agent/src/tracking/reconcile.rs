@@ -22,10 +22,14 @@ use tcpstate_common::{
 
 use crate::{
     error::Result,
-    expiry::monotonic_ns,
-    probe::{FlowRef, Probe},
-    seed::{flow_of, peer_state},
-    sockdiag::SockDiag,
+    kernel::{
+        probe::{FlowRef, Probe},
+        sockdiag::SockDiag,
+    },
+    tracking::{
+        seed::{flow_of, peer_state},
+        timers::monotonic_ns,
+    },
 };
 
 /// One local endpoint: a flow and its side.

@@ -14,9 +14,11 @@ use tcpstate_common::{
 
 use crate::{
     error::Result,
-    expiry::{Timeouts, monotonic_ns},
-    probe::{FlowRef, Probe, ipv6_words},
-    sockdiag::{SockDiag, SockInfo},
+    kernel::{
+        probe::{FlowRef, Probe, ipv6_words},
+        sockdiag::{SockDiag, SockInfo},
+    },
+    tracking::timers::{Timeouts, monotonic_ns},
 };
 
 /// The state the peer of a local socket is most likely in: what the local

@@ -16,9 +16,8 @@ use ratatui::crossterm::event::{self, Event, KeyCode, KeyEventKind, KeyModifiers
 use render::Status;
 
 use crate::{
-    control,
+    client::{control, live::Live},
     error::{Error, Result},
-    live::Live,
 };
 
 /// Sparkline history: ten minutes at one refresh a second.

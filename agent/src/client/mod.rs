@@ -1,0 +1,7 @@
+//! The programs that ask a running agent over its control socket:
+//! `count`, `watch` and the live view (`top`).
+
+pub mod control;
+pub mod live;
+pub mod view;
+pub mod watch;

@@ -1,0 +1,285 @@
+//! `tcpstate run`: the agent's main loop. It owns one namespace's
+//! [`Agent`], runs its maintenance on blocking threads, and answers the
+//! control socket and the metrics endpoint.
+
+use std::{
+    io::IsTerminal,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use tcpstate_common::TcpState;
+use tokio::{
+    net::UnixListener,
+    signal::unix::{SignalKind, signal},
+};
+
+use crate::{
+    error::Error,
+    kernel::netns,
+    serve::control,
+    snapshot::Snapshot,
+    tracking::{
+        agent::{self, Agent},
+        pacing::{Pacer, cpu_cost},
+        signals::KernelSignal,
+        timers::FILING_HORIZON,
+    },
+};
+
+/// The walk of the flow maps and the socket-table check each wait at least
+/// this many times the CPU time their last run cost (at a million
+/// connections a walk costs most of a second, a check seconds): at most a
+/// tenth of a CPU each.
+const PACING: u32 = 9;
+/// The longest gap between walks: the walk files the timers due within
+/// [`FILING_HORIZON`], so it must come round well inside it. A timer shorter
+/// than the gap (a tcp_fin_timeout of a few seconds) may then fire up to a gap
+/// late, and only when walks are slow (hundreds of thousands of flows).
+const MAX_WALK_GAP: Duration = Duration::from_secs(5);
+const _: () = assert!(2 * MAX_WALK_GAP.as_secs() <= FILING_HORIZON.as_secs());
+
+/// The agent's configuration and how the daemon around it runs.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub agent: agent::Config,
+    pub socket: PathBuf,
+    /// Print the counts once a second (on a terminal).
+    pub print: bool,
+    /// How often to reconcile with the socket table (`None`: never).
+    pub reconcile_every: Option<Duration>,
+    /// Where to serve OpenMetrics (`None`: no endpoint).
+    pub metrics: Option<std::net::SocketAddr>,
+}
+
+/// Runs the agent until SIGINT, SIGTERM or SIGHUP.
+///
+/// `stop` ends it too (the live view's `q` when the view runs in-process).
+pub async fn run(
+    cfg: Config,
+    stop: Option<tokio::sync::oneshot::Receiver<()>>,
+) -> anyhow::Result<()> {
+    let socket_path = control::claim(&cfg.socket)?;
+    let mut agent = Agent::start(&cfg.agent)?;
+    tracing::info!(
+        "monitoring {} in {}; answering on {}",
+        agent.probe().attached().join(", "),
+        cfg.agent
+            .netns
+            .as_deref()
+            .map_or("the current network namespace".to_owned(), |n| format!(
+                "network namespace {n:?}"
+            )),
+        socket_path.display()
+    );
+    let listener = UnixListener::bind(&socket_path)
+        .map_err(|e| Error::io(format!("listening on {}", socket_path.display()), e))?;
+    let _cleanup = RemoveOnDrop(socket_path.clone());
+    let metrics = match cfg.metrics {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| Error::io(format!("serving metrics on {addr}"), e))?,
+        ),
+        None => None,
+    };
+    let _probe_log = agent.probe_mut().take_logger().and_then(|logger| {
+        // The probe's records (map full, each command at debug) join the
+        // agent's log as the ring buffer fills.
+        // SAFETY: the logger owns its ring buffer's descriptor, which stays
+        // open and the same until the logger (moved into the AsyncFd) drops.
+        let mut ring = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+        }
+        .map_err(|e| tracing::warn!("reading the probe's log: {e}"))
+        .ok()?;
+        Some(AbortOnDrop(tokio::spawn(async move {
+            while let Ok(mut ready) = ring.readable_mut().await {
+                ready.get_inner_mut().flush();
+                ready.clear_ready();
+            }
+        })))
+    });
+    let reader = Arc::new(agent.reader()?);
+    agent.drop_privileges()?;
+    tracing::debug!(
+        "capabilities dropped (effective now: {:?})",
+        crate::kernel::privileges::effective()
+    );
+    let agent = Arc::new(Mutex::new(agent));
+    // The metrics task lives as long as this function (aborted on return).
+    let _metrics = metrics.map(|listener| {
+        tracing::info!(
+            "metrics at http://{}/metrics",
+            listener.local_addr().map_or("?".into(), |a| a.to_string())
+        );
+        AbortOnDrop(tokio::spawn(crate::serve::metrics::serve(
+            listener,
+            Arc::clone(&reader),
+        )))
+    });
+    // The control socket is served by its own task: answers never wait for
+    // the maintenance below (which runs on blocking threads).
+    let _control = {
+        let (agent, reader) = (Arc::clone(&agent), Arc::clone(&reader));
+        AbortOnDrop(tokio::spawn(async move {
+            loop {
+                match listener.accept().await {
+                    Ok((stream, _)) => {
+                        let (agent, reader) = (Arc::clone(&agent), Arc::clone(&reader));
+                        tokio::spawn(async move {
+                            if let Err(e) = control::answer(stream, agent, reader).await {
+                                tracing::debug!("control client: {e}");
+                            }
+                        });
+                    }
+                    Err(e) => tracing::warn!("control socket: {e}"),
+                }
+            }
+        }))
+    };
+    let stop = async move {
+        match stop {
+            Some(rx) => {
+                let _ = rx.await;
+            }
+            None => std::future::pending::<()>().await,
+        }
+    };
+    tokio::pin!(stop);
+
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    // A closed terminal stops the agent as cleanly as Ctrl-C does.
+    let mut sighup = signal(SignalKind::hangup())?;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    // Timers fire within this of the kernel's.
+    let mut timer_tick = tokio::time::interval(Duration::from_millis(50));
+    let print = cfg.print && std::io::stdout().is_terminal();
+    let mut walks = Pacer::new(Duration::from_secs(1), PACING, Some(MAX_WALK_GAP));
+    let mut checks = cfg.reconcile_every.map(|every| {
+        let mut p = Pacer::new(every, PACING, None);
+        // The first check one period after the start (seeding just read the table).
+        p.ran(std::time::Instant::now(), Duration::ZERO);
+        p
+    });
+    loop {
+        tokio::select! {
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
+            _ = sighup.recv() => break,
+            _ = &mut stop => break,
+            _ = timer_tick.tick() => {
+                let agent = Arc::clone(&agent);
+                let fired = tokio::task::spawn_blocking(move || {
+                    agent.lock().expect("agent lock").fire_timers()
+                });
+                if let Ok(Err(e)) = fired.await {
+                    tracing::warn!("timers: {e}");
+                }
+            }
+            _ = tick.tick() => {
+                let (agent, publish_to) = (Arc::clone(&agent), Arc::clone(&reader));
+                let now = std::time::Instant::now();
+                let walk_due = walks.due(now);
+                let reconcile_due = checks.as_ref().is_some_and(|p| p.due(now));
+                let ran = tokio::task::spawn_blocking(move || {
+                // Namespace reads first, without the lock.
+                let ns = agent.lock().expect("agent lock").netns();
+                let addrs = ns.run_kept(netns::local_addresses);
+                let signals = ns.run_kept(|| Ok(KernelSignal::read_all()));
+                let mut a = agent.lock().expect("agent lock");
+                if let Err(e) = addrs.and_then(|addrs| a.set_local_addresses(&addrs)) {
+                    tracing::warn!("reading the namespace's addresses failed: {e}");
+                }
+                let walked = walk_due.then(|| {
+                    let (swept, took) = cpu_cost(|| a.sweep());
+                    if let Err(e) = swept {
+                        tracing::warn!("timer sweep failed: {e}");
+                    }
+                    tracing::debug!("flow map walk cost {took:?} of CPU");
+                    took
+                });
+                match a.map_full_since_last() {
+                    Ok(0) | Err(_) => {}
+                    Ok(n) => tracing::warn!(
+                        "flow map full: {n} new connections not tracked in the last second (capacity {} per address family; raise --max-flows)",
+                        a.probe().max_flows().unwrap_or(0)
+                    ),
+                }
+                match signals.map(|now| a.note_signals(now)) {
+                    Ok(grew) => {
+                        for (signal, n) in KernelSignal::ALL.iter().zip(grew) {
+                            if n > 0 {
+                                tracing::info!("{n} {}: checking the socket table", signal.meaning());
+                            }
+                        }
+                    }
+                    Err(e) => tracing::warn!("reading the kernel's TCP counters failed: {e}"),
+                }
+                let checked = (a.take_check_due() || reconcile_due).then(|| {
+                    let (fixed, took) = cpu_cost(|| a.reconcile());
+                    match fixed {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!("reconciled {n} flows with the socket table"),
+                        Err(e) => tracing::warn!("reconciliation failed: {e}"),
+                    }
+                    tracing::debug!("socket-table check cost {took:?} of CPU");
+                    took
+                });
+                match a.snapshot() {
+                    Ok(s) => publish_to.publish(s),
+                    Err(e) => tracing::warn!("reading counts failed: {e}"),
+                }
+                (walked, checked)
+                });
+                if let Ok((walked, checked)) = ran.await {
+                    if let Some(took) = walked {
+                        walks.ran(now, took);
+                    }
+                    if let (Some(took), Some(p)) = (checked, checks.as_mut()) {
+                        p.ran(now, took);
+                    }
+                }
+                if print {
+                    match reader.snapshot() {
+                        Ok(s) => print_line(&s),
+                        Err(e) => tracing::warn!("reading counts failed: {e}"),
+                    }
+                }
+            }
+        }
+    }
+    tracing::info!("detaching");
+    drop(agent);
+    Ok(())
+}
+
+fn print_line(s: &Snapshot) {
+    let Some(counts) = s.state_counts() else {
+        return;
+    };
+    let fields: Vec<String> = TcpState::REPORTED
+        .iter()
+        .zip(counts.0)
+        .map(|(st, n)| format!("{}={n}", st.name()))
+        .collect();
+    println!("{}", fields.join(" "));
+}
+
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
