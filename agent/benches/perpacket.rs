@@ -75,7 +75,7 @@ impl Refs {
 
 /// The probe, with the benchmark's server address (10.0.0.1) as the host's own.
 fn load(opts: &ProbeOptions) -> Probe {
-    let mut probe = Probe::load(opts).expect("load the probe");
+    let mut probe = Probe::load(opts, None).expect("load the probe");
     probe
         .set_local_addresses(&["10.0.0.1".parse().unwrap()])
         .expect("local addresses");

@@ -174,6 +174,18 @@ pub struct Snapshot {
     /// holds up to `flow_map_capacity`).
     #[serde(default)]
     pub flows_in_map: [u64; 2],
+    /// Sockets the agent looked up in the kernel's table (when only the
+    /// kernel could tell what became of them), and endpoints it set from the
+    /// answers.
+    #[serde(default)]
+    pub asked: [u64; 2],
+    /// The kernel reports its sockets' state changes to the probe.
+    #[serde(default)]
+    pub kernel_reports: bool,
+    /// ...and its connects as they start (where the kernel allows fentry
+    /// programs): a connect whose SYN never leaves is counted too.
+    #[serde(default)]
+    pub connect_reports: bool,
     /// Milliseconds since the agent started (the clock of rates).
     #[serde(default)]
     pub uptime_ms: u64,
@@ -207,6 +219,9 @@ impl Snapshot {
             ports: Vec::new(),
             peers: Vec::new(),
             flows_in_map: [0; 2],
+            asked: [0; 2],
+            kernel_reports: false,
+            connect_reports: false,
             uptime_ms: 0,
             version: env!("CARGO_PKG_VERSION").to_owned(),
         }

@@ -216,10 +216,13 @@ fn a_million_frames_all_pass_and_every_one_is_accounted_for() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1_000_000);
-    let mut p = Probe::load(&ProbeOptions {
-        max_flows: 65_536,
-        ..ProbeOptions::default()
-    })
+    let mut p = Probe::load(
+        &ProbeOptions {
+            max_flows: 65_536,
+            ..ProbeOptions::default()
+        },
+        None,
+    )
     .expect("load the probe");
     let local: Vec<IpAddr> = LOCAL.iter().map(|a| a.parse().unwrap()).collect();
     p.set_local_addresses(&local).unwrap();

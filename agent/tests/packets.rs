@@ -5,92 +5,15 @@
 
 mod support;
 
-use std::net::IpAddr;
-
 use support::{
+    crafted::*,
     frames::{ACK, FIN, RST, SYN, Tcp},
-    require_root,
 };
 use tcpstate::{
-    kernel::probe::{Probe, ProbeOptions},
+    kernel::{probe::Probe, sockdiag::SockDiag},
     tracking::timers::{self, Timeouts},
 };
-use tcpstate_common::{Counters, Event, FlowKey4, FlowKey6, Side, TcpState, Word};
-
-const XDP_PASS: u32 = 2;
-/// TC_ACT_UNSPEC: "no verdict", the packet goes on unchanged.
-const TC_ACT_UNSPEC: i32 = -1;
-
-/// A loaded (not attached) probe that takes `local` as the host's addresses.
-fn probe(max_flows: u32, local: &[&str]) -> Probe {
-    require_root();
-    let mut p = Probe::load(&ProbeOptions {
-        max_flows,
-        ..ProbeOptions::default()
-    })
-    .expect("load the probe");
-    let addrs: Vec<IpAddr> = local.iter().map(|a| a.parse().unwrap()).collect();
-    p.set_local_addresses(&addrs)
-        .expect("set the local addresses");
-    p
-}
-
-/// The host's addresses in these tests: 10.0.0.2, fd00::2, 10.1.1.1 and fd00::5.
-const LOCAL: &[&str] = &["10.0.0.2", "fd00::2", "10.1.1.1", "fd00::5"];
-
-/// Address words as they lie in the frame.
-fn words(b: &[u8]) -> Vec<u32> {
-    b.chunks(4)
-        .map(|w| u32::from_ne_bytes(w.try_into().unwrap()))
-        .collect()
-}
-
-/// The entry the frame's 4-tuple names, and which side its receiver is.
-fn entry_of(p: &Probe, t: &Tcp) -> Option<(Word, Side)> {
-    let (entry, sender) = match (t.src, t.dst) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => {
-            let (key, sender) = FlowKey4::new(
-                words(&s.octets())[0],
-                t.sport,
-                words(&d.octets())[0],
-                t.dport,
-            );
-            (p.flows4().unwrap().get(&key, 0).ok()?, sender)
-        }
-        (IpAddr::V6(s), IpAddr::V6(d)) => {
-            let (s, d) = (words(&s.octets()), words(&d.octets()));
-            let (key, sender) = FlowKey6::new(
-                s.try_into().unwrap(),
-                t.sport,
-                d.try_into().unwrap(),
-                t.dport,
-            );
-            (p.flows6().unwrap().get(&key, 0).ok()?, sender)
-        }
-        _ => panic!("mixed families"),
-    };
-    Some((Word(entry.word), sender.other()))
-}
-
-fn state_count(c: &Counters, s: TcpState) -> i64 {
-    c.states[s as usize]
-}
-
-fn event(c: &Counters, e: Event) -> u64 {
-    c.events[e as usize]
-}
-
-fn flow_count(p: &Probe) -> usize {
-    p.flow_entries().unwrap().len()
-}
-
-fn xdp(p: &Probe, t: &Tcp) {
-    assert_eq!(p.run_xdp(&t.frame()).unwrap(), XDP_PASS);
-}
-
-fn tc(p: &Probe, t: &Tcp) {
-    assert_eq!(p.run_tc(&t.frame()).unwrap(), TC_ACT_UNSPEC);
-}
+use tcpstate_common::{Event, Side, TcpState, Word};
 
 #[test]
 #[ignore = "needs root and the probe: run through `cargo xtask test`"]
@@ -162,33 +85,39 @@ fn a_syn_in_every_encapsulation_opens_one_flow() {
             },
         ),
     ];
+    // SYNs to the host: counted as such, but no flow until it answers.
     for (name, t) in &cases {
         assert_eq!(p.run_xdp(&t.frame()).unwrap(), XDP_PASS, "{name}");
-        let (word, receiver) =
-            entry_of(&p, t).unwrap_or_else(|| panic!("{name}: no flow entry for its 4-tuple"));
-        assert_eq!(word.state(receiver), TcpState::SynRecv, "{name}");
-        assert_eq!(word.state(receiver.other()), TcpState::SynSent, "{name}");
         assert!(
-            word.is_local(receiver) && !word.is_local(receiver.other()),
-            "{name}: only the receiver (10.0.0.2 or fd00::2) is local"
+            entry_of(&p, t).is_none(),
+            "{name}: a SYN alone keeps nothing"
         );
     }
     let c = p.counters().unwrap();
     assert_eq!(event(&c, Event::TcpSegments), cases.len() as u64);
+    assert_eq!(event(&c, Event::SynsReceived), cases.len() as u64);
     assert_eq!(event(&c, Event::ParseErrors), 0);
-    assert_eq!(state_count(&c, TcpState::SynRecv), cases.len() as i64);
-    assert_eq!(flow_count(&p), cases.len());
+    assert_eq!(flow_count(&p), 0);
 
-    // The same frames sent back by the local address through TC, as new
-    // connections: the sender (local) is SYN_SENT.
-    for (_, t) in cases.iter_mut() {
+    // The host answers each through TC, in the same encapsulation: its
+    // request sockets, SYN_RECV.
+    for (name, t) in cases.iter_mut() {
         std::mem::swap(&mut t.src, &mut t.dst);
-        t.dport = t.sport;
-        t.sport = 80;
+        std::mem::swap(&mut t.sport, &mut t.dport);
+        t.flags = SYN | ACK;
         tc(&p, t);
+        let (word, receiver) =
+            entry_of(&p, t).unwrap_or_else(|| panic!("{name}: no flow entry for its 4-tuple"));
+        let sender = receiver.other();
+        assert_eq!(word.state(sender), TcpState::SynRecv, "{name}");
+        assert!(
+            word.is_local(sender) && !word.is_local(receiver),
+            "{name}: only the sender (10.0.0.2 or fd00::2) is local"
+        );
     }
     let c = p.counters().unwrap();
-    assert_eq!(state_count(&c, TcpState::SynSent), cases.len() as i64);
+    assert_eq!(state_count(&c, TcpState::SynRecv), cases.len() as i64);
+    assert_eq!(flow_count(&p), cases.len());
     assert_eq!(event(&c, Event::PacketsOut), cases.len() as u64);
 }
 
@@ -285,9 +214,15 @@ fn a_whole_connection_through_both_hooks() {
     let local = |p: &Probe, s: TcpState| state_count(&p.counters().unwrap(), s);
 
     xdp(&p, &client(SYN, 100, 0));
-    assert_eq!(local(&p, TcpState::SynRecv), 1);
+    assert_eq!(
+        local(&p, TcpState::SynRecv),
+        0,
+        "not before the host answers"
+    );
     xdp(&p, &client(SYN, 100, 0)); // retransmitted SYN
     tc(&p, &server(SYN | ACK, 900, 101));
+    assert_eq!(local(&p, TcpState::SynRecv), 1);
+    xdp(&p, &client(SYN, 100, 0)); // and again, after the answer
     assert_eq!(local(&p, TcpState::SynRecv), 1);
     xdp(&p, &client(ACK, 101, 901));
     assert_eq!(
@@ -340,12 +275,13 @@ fn a_whole_connection_through_both_hooks() {
         dead_grace: std::time::Duration::ZERO,
         ..Timeouts::default()
     };
-    let stats = timers::sweep(&p, &t).unwrap();
+    let stats = timers::sweep(&p, &mut SockDiag::open().unwrap(), &t).unwrap();
     assert_eq!(stats.reaped, 1);
     assert_eq!(flow_count(&p), 0);
 
     // Port reuse after the deletion starts afresh.
     xdp(&p, &client(SYN, 5000, 0));
+    tc(&p, &server(SYN | ACK, 7000, 5001));
     assert_eq!(local(&p, TcpState::SynRecv), 1);
 }
 
@@ -365,13 +301,13 @@ fn time_wait_expires_through_the_command_program() {
     let c = p.counters().unwrap();
     assert_eq!(state_count(&c, TcpState::TimeWait), 1);
     // Not yet: TIME_WAIT lasts 60 s.
-    timers::sweep(&p, &Timeouts::default()).unwrap();
+    timers::sweep(&p, &mut SockDiag::open().unwrap(), &Timeouts::default()).unwrap();
     assert_eq!(state_count(&p.counters().unwrap(), TcpState::TimeWait), 1);
     let now = Timeouts {
         time_wait: std::time::Duration::ZERO,
         ..Timeouts::default()
     };
-    let stats = timers::sweep(&p, &now).unwrap();
+    let stats = timers::sweep(&p, &mut SockDiag::open().unwrap(), &now).unwrap();
     assert_eq!(stats.expired, 1);
     assert_eq!(state_count(&p.counters().unwrap(), TcpState::TimeWait), 0);
 }
@@ -381,12 +317,12 @@ fn time_wait_expires_through_the_command_program() {
 fn a_full_flow_map_is_counted_and_counts_stay_exact() {
     let p = probe(4, LOCAL);
     for port in 0..6 {
-        xdp(&p, &Tcp::new("10.0.0.1", 1000 + port, "10.0.0.2", 80, SYN));
+        tc(&p, &Tcp::new("10.0.0.2", 1000 + port, "10.0.0.1", 80, SYN));
     }
     let c = p.counters().unwrap();
     assert_eq!(event(&c, Event::MapFull), 2);
     assert_eq!(
-        state_count(&c, TcpState::SynRecv),
+        state_count(&c, TcpState::SynSent),
         4,
         "only stored flows are counted"
     );
@@ -410,10 +346,14 @@ fn forwarded_traffic_counts_nowhere_and_loopback_counts_both_ends() {
     );
     // 127.0.0.0/8 is local without being listed: both ends count.
     xdp(&p, &Tcp::new("127.0.0.1", 1000, "127.0.0.7", 80, SYN));
+    xdp(
+        &p,
+        &Tcp::new("127.0.0.7", 80, "127.0.0.1", 1000, SYN | ACK).seq(5, 1001),
+    );
     let c = p.counters().unwrap();
     assert_eq!(
         (
-            state_count(&c, TcpState::SynSent),
+            state_count(&c, TcpState::Established),
             state_count(&c, TcpState::SynRecv)
         ),
         (1, 1)
@@ -424,14 +364,14 @@ fn forwarded_traffic_counts_nowhere_and_loopback_counts_both_ends() {
 #[ignore = "needs root and the probe: run through `cargo xtask test`"]
 fn local_addresses_follow_the_namespace() {
     let mut p = probe(1024, &["10.0.0.2"]);
-    xdp(&p, &Tcp::new("10.0.0.1", 1000, "10.0.0.2", 80, SYN));
-    assert_eq!(state_count(&p.counters().unwrap(), TcpState::SynRecv), 1);
+    tc(&p, &Tcp::new("10.0.0.2", 1000, "10.0.0.1", 80, SYN));
+    assert_eq!(state_count(&p.counters().unwrap(), TcpState::SynSent), 1);
     // 10.0.0.2 removed, 10.0.0.3 added: only the new address counts now.
     p.set_local_addresses(&["10.0.0.3".parse().unwrap()])
         .unwrap();
-    xdp(&p, &Tcp::new("10.0.0.1", 1001, "10.0.0.2", 80, SYN));
-    xdp(&p, &Tcp::new("10.0.0.1", 1002, "10.0.0.3", 80, SYN));
-    assert_eq!(state_count(&p.counters().unwrap(), TcpState::SynRecv), 2);
+    tc(&p, &Tcp::new("10.0.0.2", 1001, "10.0.0.1", 80, SYN));
+    tc(&p, &Tcp::new("10.0.0.3", 1002, "10.0.0.1", 80, SYN));
+    assert_eq!(state_count(&p.counters().unwrap(), TcpState::SynSent), 2);
 }
 
 /// Thousands of random segments on a few tuples, through both programs, then
@@ -511,15 +451,18 @@ fn counters_always_equal_what_the_entries_hold() {
         syn_recv: std::time::Duration::ZERO,
         dead_grace: std::time::Duration::ZERO,
         clock: None,
+        kernel_reports: false,
     };
-    timers::sweep(&p, &now).unwrap();
+    let mut diag = SockDiag::open().unwrap();
+    timers::sweep(&p, &mut diag, &now).unwrap();
     check(&p, "after the sweep");
-    timers::sweep(&p, &now).unwrap();
+    timers::sweep(&p, &mut diag, &now).unwrap();
     check(&p, "after the second sweep");
 }
 
-/// Port reuse: a new SYN on a tuple whose local end is in TIME_WAIT ends that
-/// connection (Linux lets the SYN through the time-wait socket) and starts one.
+/// Port reuse: a new SYN on a tuple whose local end is in TIME_WAIT; the
+/// kernel lets it through the time-wait socket and answers with a SYN-ACK,
+/// which ends the old connection and starts the new one.
 #[test]
 #[ignore = "needs root and the probe: run through `cargo xtask test`"]
 fn a_syn_on_a_time_wait_tuple_starts_a_new_counted_flow() {
@@ -536,6 +479,13 @@ fn a_syn_on_a_time_wait_tuple_starts_a_new_counted_flow() {
     let c = p.counters().unwrap();
     assert_eq!(state_count(&c, TcpState::TimeWait), 1);
     xdp(&p, &client(SYN, 90_000, 0));
+    let c = p.counters().unwrap();
+    assert_eq!(
+        state_count(&c, TcpState::TimeWait),
+        1,
+        "until the kernel answers"
+    );
+    tc(&p, &server(SYN | ACK, 700_000, 90_001));
     let c = p.counters().unwrap();
     assert_eq!(
         (

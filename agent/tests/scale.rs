@@ -1,10 +1,11 @@
 //! A million tracked flows in a running agent. The test runs the agent's own
 //! loaded XDP program (found by name, run with BPF_PROG_TEST_RUN, so it
-//! updates the agent's maps) on a million distinct SYNs to the namespace's
-//! address: each opens one half-open connection whose local end is SYN_RECV.
-//! The frames' known contents are the truth: exactly 100,000, then 1,000,000
-//! SYN_RECV, none refused, the counters equal a recount of the entries, and
-//! `count` stays fast. The agent's memory at both sizes is printed.
+//! updates the agent's maps) on a million distinct handshakes of the
+//! namespace's address: its SYN and the peer's SYN-ACK, each pair one
+//! ESTABLISHED connection. The frames' known contents are the truth:
+//! exactly 100,000, then 1,000,000 ESTABLISHED, none refused, the counters
+//! equal a recount of the entries, and `count` stays fast. The agent's
+//! memory at both sizes is printed.
 //!
 //! Needs root: `cargo xtask test` runs it.
 
@@ -20,7 +21,7 @@ use aya::programs::{TestRun, TestRunOptions, Xdp};
 use aya_obj::programs::xdp::XdpAttachType;
 use support::{
     Agent, VethPair,
-    frames::{SYN, Tcp},
+    frames::{ACK, SYN, Tcp},
     require_root, tcpstate,
 };
 use tcpstate_common::TcpState;
@@ -67,27 +68,27 @@ fn a_million_flows_are_tracked_exactly() {
         &["--max-flows", "1048576", "--reconcile-interval", "0"],
     );
     let prog = agents_xdp();
-    let dst: Ipv4Addr = net.left_v4.parse().unwrap();
+    let local: Ipv4Addr = net.left_v4.parse().unwrap();
+    let run = |frame: &[u8]| {
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            ..TestRunOptions::new()
+        };
+        assert_eq!(prog.test_run(opts).unwrap().return_value, 2, "XDP_PASS");
+    };
     let base = agent.snapshot();
     let mut sent = 0u32;
     for target in [100_000u32, 1_000_000] {
         let started = Instant::now();
         while sent < target {
-            // 198.18.0.0/15: 64 source ports per address, all distinct tuples.
-            let src = Ipv4Addr::from(0xc612_0000 + (sent >> 6));
-            let frame = Tcp::new(
-                &src.to_string(),
-                1024 + (sent & 63) as u16,
-                &dst.to_string(),
-                443,
-                SYN,
-            )
-            .frame();
-            let opts = TestRunOptions {
-                data_in: Some(&frame),
-                ..TestRunOptions::new()
-            };
-            assert_eq!(prog.test_run(opts).unwrap().return_value, 2, "XDP_PASS");
+            // 198.18.0.0/15: 64 ports per address, all distinct tuples.
+            let remote = Ipv4Addr::from(0xc612_0000 + (sent >> 6)).to_string();
+            let port = 1024 + (sent & 63) as u16;
+            let local = local.to_string();
+            run(&Tcp::new(&local, port, &remote, 443, SYN).seq(7, 0).frame());
+            run(&Tcp::new(&remote, 443, &local, port, SYN | ACK)
+                .seq(900, 8)
+                .frame());
             sent += 1;
         }
         let injected = started.elapsed();
@@ -96,9 +97,9 @@ fn a_million_flows_are_tracked_exactly() {
         let counts = agent.counts();
         let snap = agent.snapshot();
         assert_eq!(
-            counts.get(TcpState::SynRecv),
+            counts.get(TcpState::Established),
             u64::from(target),
-            "every SYN is one half-open connection"
+            "every handshake is one connection"
         );
         assert_eq!(
             snap.events["map_full"].as_u64(),

@@ -36,7 +36,8 @@ pub enum Event {
     ReapSkipped = 11,
     /// IPv6 packets whose extension-header chain is longer than the probe follows.
     Ipv6ExtTooDeep = 12,
-    /// RSTs that took effect (refused connection attempts included).
+    /// Local endpoints that left ESTABLISHED or CLOSE_WAIT for closed: reset,
+    /// or given up by their kernel (what the kernel counts as EstabResets).
     Resets = 13,
     /// Connection attempts (SYN without ACK, retransmissions included) to an
     /// endpoint of this host.
@@ -44,12 +45,31 @@ pub enum Event {
     /// Local endpoints that left SYN_SENT or SYN_RECV for closed: refused,
     /// reset or timed out before the handshake completed.
     HandshakesFailed = 15,
+    /// ICMP errors that quote a segment of a tracked connection.
+    IcmpErrors = 16,
+    /// Local endpoints an ICMP error ended (a refused or unreachable connect,
+    /// a dropped request), as the kernel does on receiving it.
+    IcmpEnded = 17,
+    /// Local endpoints set from the kernel's own report of a state change
+    /// (a change no segment showed, or showed yet).
+    KernelReports = 18,
+    /// Sockets the agent was asked to look up (a close where a TIME_WAIT
+    /// socket may take over).
+    Asked = 19,
+    /// Questions lost because the agent's ring buffer was full (a socket-
+    /// table check covers them).
+    AskLost = 20,
+    /// SYN-ACKs sent with a SYN cookie: the kernel keeps no socket for them.
+    SynCookies = 21,
+    /// Segments the probe could not hand to its slow path (its program
+    /// missing): they changed nothing.
+    SlowPathMissing = 22,
 }
 
-pub const EVENT_SLOTS: usize = 16;
+pub const EVENT_SLOTS: usize = 32;
 
 impl Event {
-    pub const ALL: [Event; 16] = [
+    pub const ALL: [Event; 23] = [
         Event::PacketsIn,
         Event::PacketsOut,
         Event::TcpSegments,
@@ -66,6 +86,13 @@ impl Event {
         Event::Resets,
         Event::SynsReceived,
         Event::HandshakesFailed,
+        Event::IcmpErrors,
+        Event::IcmpEnded,
+        Event::KernelReports,
+        Event::Asked,
+        Event::AskLost,
+        Event::SynCookies,
+        Event::SlowPathMissing,
     ];
 
     /// snake_case name used in JSON and metrics.
@@ -87,6 +114,13 @@ impl Event {
             Event::Resets => "resets",
             Event::SynsReceived => "syns_received",
             Event::HandshakesFailed => "handshakes_failed",
+            Event::IcmpErrors => "icmp_errors",
+            Event::IcmpEnded => "icmp_ended",
+            Event::KernelReports => "kernel_reports",
+            Event::Asked => "asked",
+            Event::AskLost => "ask_lost",
+            Event::SynCookies => "syn_cookies",
+            Event::SlowPathMissing => "slow_path_missing",
         }
     }
 }
@@ -101,7 +135,7 @@ pub struct Counters {
     pub events: [u64; EVENT_SLOTS],
 }
 
-const _: () = assert!(core::mem::size_of::<Counters>() == 256);
+const _: () = assert!(core::mem::size_of::<Counters>() == 384);
 
 impl Default for Counters {
     fn default() -> Self {
@@ -141,7 +175,11 @@ impl Counters {
 
 /// The probe's per-CPU slot: its counters, and scratch space for the segment
 /// being parsed (kept off the 512-byte BPF stack). One map lookup per packet
-/// finds both.
+/// finds both. Each CPU has two: [`CpuSlot::DATA_PATH`] for the packet
+/// programs (which never interrupt one another on a CPU) and
+/// [`CpuSlot::PROCESS`] for the programs that run in process context (the
+/// agent's commands, the kernel's reports), which a packet may interrupt:
+/// those add atomically.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CpuSlot {
@@ -150,7 +188,13 @@ pub struct CpuSlot {
     pub scratch: [u32; 16],
 }
 
-const _: () = assert!(core::mem::size_of::<CpuSlot>() == 320);
+impl CpuSlot {
+    pub const DATA_PATH: u32 = 0;
+    pub const PROCESS: u32 = 1;
+    pub const COUNT: u32 = 2;
+}
+
+const _: () = assert!(core::mem::size_of::<CpuSlot>() == 448);
 
 #[cfg(feature = "user")]
 // SAFETY: `#[repr(C)]`, no padding (sizes asserted above).

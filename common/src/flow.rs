@@ -173,23 +173,32 @@ impl FlowEntry {
 /// bits 0-3 state of A, 4-7 state of B, 8 A is local, 9 B is local,
 /// 10 dead (no local socket left; the entry counts nothing and may be reused),
 /// 11 reaping (being deleted by the agent; the data path leaves it alone),
-/// 12-13 A's/B's `snd_nxt` is known, 14-15 A's/B's `ack` is known.
+/// 12-13 A's/B's `snd_nxt` is known, 14-15 A's/B's `ack` is known,
+/// 16-17 A's/B's FIN has been seen (its `snd_nxt` is one past it),
+/// 18-19 the agent has been asked about A's/B's socket and not yet answered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Word(pub u32);
 
 impl Word {
     pub const EMPTY: Word = Word(0);
     const LOCAL_A: u32 = 1 << 8;
-    const DEAD: u32 = 1 << 10;
-    const REAPING: u32 = 1 << 11;
+    pub(crate) const DEAD: u32 = 1 << 10;
+    pub(crate) const REAPING: u32 = 1 << 11;
     const SEEN_A: u32 = 1 << 12;
     const ACKED_A: u32 = 1 << 14;
-    /// Every fact of both endpoints known.
+    const FIN_A: u32 = 1 << 16;
+    /// Both endpoints' FIN bits.
+    pub(crate) const FINS: u32 = 3 << 16;
+    const ASKED_A: u32 = 1 << 18;
+    /// `snd_nxt` and `ack` of both endpoints known (what the fast path needs).
     pub const ALL_FACTS: u32 = 0xf << 12;
     /// An endpoint's `snd_nxt` is known ([`Word::facts`]).
     pub const SEEN: u32 = 1;
     /// An endpoint's `ack` is known ([`Word::facts`]).
     pub const ACKED: u32 = 2;
+    /// An endpoint's FIN has been seen: its `snd_nxt` is one past the FIN
+    /// and nothing it sends later moves it ([`Word::facts`]).
+    pub const FIN: u32 = 4;
 
     #[inline(always)]
     pub const fn state(self, side: Side) -> TcpState {
@@ -216,19 +225,39 @@ impl Word {
         let r = (local.receiver as u32) << (8 + sender.other() as u32);
         Word(self.0 | s | r)
     }
-    /// Which of `side`'s facts are known: [`Word::SEEN`] and/or [`Word::ACKED`].
+    /// Which of `side`'s facts are known: [`Word::SEEN`], [`Word::ACKED`],
+    /// [`Word::FIN`].
     #[inline(always)]
     pub const fn facts(self, side: Side) -> u32 {
         let s = side as u32;
-        ((self.0 >> (12 + s)) & Self::SEEN) | ((self.0 >> (13 + s)) & Self::ACKED)
+        ((self.0 >> (12 + s)) & Self::SEEN)
+            | ((self.0 >> (13 + s)) & Self::ACKED)
+            | ((self.0 >> (14 + s)) & Self::FIN)
     }
     /// Records which of `side`'s facts are known (replacing what was recorded).
     #[inline(always)]
     pub const fn with_facts(self, side: Side, known: u32) -> Word {
         let s = side as u32;
-        let bits = (Self::SEEN_A | Self::ACKED_A) << s;
-        let set = ((known & Self::SEEN) << (12 + s)) | ((known & Self::ACKED) << (13 + s));
+        let bits = (Self::SEEN_A | Self::ACKED_A | Self::FIN_A) << s;
+        let set = ((known & Self::SEEN) << (12 + s))
+            | ((known & Self::ACKED) << (13 + s))
+            | ((known & Self::FIN) << (14 + s));
         Word((self.0 & !bits) | set)
+    }
+    /// The agent has been asked about `side`'s socket and has not answered
+    /// yet: the probe does not ask again.
+    #[inline(always)]
+    pub const fn is_asked(self, side: Side) -> bool {
+        self.0 & (Self::ASKED_A << side as u32) != 0
+    }
+    #[inline(always)]
+    pub const fn with_asked(self, side: Side, asked: bool) -> Word {
+        let bit = Self::ASKED_A << side as u32;
+        if asked {
+            Word(self.0 | bit)
+        } else {
+            Word(self.0 & !bit)
+        }
     }
     #[inline(always)]
     pub const fn is_dead(self) -> bool {

@@ -5,14 +5,18 @@
 //! implicit padding, and has its size checked by a `const` assertion.
 #![cfg_attr(not(test), no_std)]
 
+pub mod ask;
 pub mod command;
 pub mod counters;
 pub mod flow;
+pub mod layout;
 pub mod machine;
 pub mod state;
 
+pub use ask::Ask;
 pub use command::Command;
 pub use counters::{Counters, CpuSlot, Event};
 pub use flow::{EndSeq, FlowEntry, FlowKey4, FlowKey6, Side, Word};
+pub use layout::SockLayout;
 pub use machine::{Locality, Segment, Step};
 pub use state::TcpState;

@@ -6,16 +6,34 @@
 //! shows once the stack has processed it. Which endpoints are local comes
 //! with the segment ([`Locality`]); only local endpoints are counted.
 //!
-//! Rules worth knowing:
+//! What a segment proves differs by direction. A segment a local endpoint
+//! sends proves what its kernel already did (a SYN-ACK leaves only from a
+//! request socket, a FIN only after close or shutdown). A segment a local
+//! endpoint receives is only a forecast: the kernel may still drop it (a
+//! firewall, a full queue, a bad checksum). So:
+//! - A SYN never makes a local receiver SYN_RECV: the kernel keeps a request
+//!   only when it answers with a SYN-ACK, and that SYN-ACK does it. A SYN-ACK
+//!   that leaves without a socket is a SYN cookie: nothing is kept.
+//! - A SYN-ACK makes a local receiver ESTABLISHED only out of SYN_SENT.
+//! - Where the kernel reports its own transitions ([`Segment::KERNEL_EVENTS`],
+//!   the live agent's tracepoint), the ACK that completes a passive open
+//!   does not: the kernel may hold the request when its accept queue is full.
+//!
+//! Other rules worth knowing:
 //! - Retransmitted SYN, SYN-ACK and FIN never move a state twice: every rule
 //!   fires only from the state that precedes it.
-//! - A bare SYN (or SYN-ACK) on a tuple whose endpoints are in TIME_WAIT or
-//!   CLOSE starts a fresh connection: both endpoints' fields are reset.
+//! - A SYN (or SYN-ACK) on a tuple whose connection is over starts a fresh
+//!   one: both endpoints' fields are reset. A local TIME_WAIT survives a
+//!   SYN until the kernel answers it (a SYN-ACK: a new connection; an ACK:
+//!   the TIME_WAIT socket stays).
 //! - An RST from a remote sender ends the connection only when its sequence
 //!   number lies between the receiver's last ACK and the sender's highest
 //!   sequence sent (Linux accepts exactly `rcv_nxt`, which lies in that range);
 //!   a blind or stale RST is ignored and counted. The local stack's own RSTs
 //!   are trusted.
+//! - The FIN is the last thing an endpoint sends: once it is seen
+//!   ([`Word::FIN`]), its `snd_nxt` stays one past it, and "the FIN is
+//!   acknowledged" is "an ACK covers `snd_nxt`".
 
 use crate::{
     flow::{EndSeq, Side, Word},
@@ -41,6 +59,8 @@ pub struct Locality {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Segment {
     pub flags: u8,
+    /// How the segment was seen ([`Segment::EGRESS`], ...).
+    pub meta: u8,
     pub seq: u32,
     pub ack: u32,
     /// Payload bytes (not counting SYN/FIN).
@@ -48,9 +68,23 @@ pub struct Segment {
 }
 
 impl Segment {
+    /// Seen leaving the host (TC egress).
+    pub const EGRESS: u8 = 1;
+    /// Seen leaving without a socket attached: a SYN-ACK like that is a SYN
+    /// cookie, for which the kernel keeps nothing.
+    pub const NO_SOCKET: u8 = 2;
+    /// The kernel reports its own state changes of full sockets (the live
+    /// agent's tracepoint): a local passive open becomes ESTABLISHED by that
+    /// report, not by the ACK, which the kernel may drop.
+    pub const KERNEL_EVENTS: u8 = 4;
+
     #[inline(always)]
     const fn has(&self, f: u8) -> bool {
         self.flags & f != 0
+    }
+    #[inline(always)]
+    const fn meta(&self, m: u8) -> bool {
+        self.meta & m != 0
     }
     /// One past the last sequence number the segment occupies.
     #[inline(always)]
@@ -82,6 +116,12 @@ impl Segment {
     pub const fn may_be_steady(&self) -> bool {
         self.flags & (SYN | FIN | RST) == 0
     }
+
+    /// A SYN-ACK that left without a socket: a SYN cookie.
+    #[inline(always)]
+    pub const fn is_syn_cookie(&self) -> bool {
+        self.has(SYN) && self.has(ACK) && self.meta(Self::EGRESS) && self.meta(Self::NO_SOCKET)
+    }
 }
 
 /// What [`step`] decided.
@@ -95,6 +135,9 @@ pub struct Step {
     /// the receiver any more, so its stored [`EndSeq`] is ignored until it
     /// sends again: nothing needs clearing.
     pub reset_receiver: bool,
+    /// A new connection started on the entry's tuple: the old one (if any)
+    /// is over.
+    pub restarted: bool,
     /// A timer the kernel re-arms (TIME_WAIT on a retransmitted FIN) restarts.
     pub touch: bool,
     /// An RST was ignored as blind or stale.
@@ -103,30 +146,37 @@ pub struct Step {
 
 /// `a` is at or after `b` in sequence space.
 #[inline(always)]
-const fn seq_ge(a: u32, b: u32) -> bool {
+pub(crate) const fn seq_ge(a: u32, b: u32) -> bool {
     (a.wrapping_sub(b) as i32) >= 0
 }
 
 /// Beyond the per-state gauges: what a change of the word means for the
-/// event counters (resets, SYNs, failed handshakes).
+/// event counters.
 impl Segment {
     /// A connection attempt (SYN without ACK) to an endpoint of this host.
     #[inline(always)]
     pub const fn is_syn_to_local(&self, word: Word, sender: Side) -> bool {
         self.has(SYN) && !self.has(ACK) && word.is_local(sender.other())
     }
-
-    /// An RST that took effect: it changed the word.
-    #[inline(always)]
-    pub const fn reset_accepted(&self, old: Word, new: Word) -> bool {
-        self.has(RST) && old.0 != new.0
-    }
 }
 
 /// Local endpoints that left SYN_SENT or SYN_RECV for closed between `old`
-/// and `new`: a refused, reset or timed-out handshake.
+/// and `new`: a refused, reset or timed-out handshake (the kernel's
+/// AttemptFails).
 #[inline(always)]
 pub const fn handshakes_failed(old: Word, new: Word) -> u32 {
+    closed_from(old, new, TcpState::SynSent, TcpState::SynRecv)
+}
+
+/// Local endpoints that left ESTABLISHED or CLOSE_WAIT for closed between
+/// `old` and `new`: reset, or given up by the kernel (its EstabResets).
+#[inline(always)]
+pub const fn resets(old: Word, new: Word) -> u32 {
+    closed_from(old, new, TcpState::Established, TcpState::CloseWait)
+}
+
+#[inline(always)]
+const fn closed_from(old: Word, new: Word, a: TcpState, b: TcpState) -> u32 {
     let mut n = 0;
     let sides = [Side::A, Side::B];
     let mut i = 0;
@@ -134,9 +184,7 @@ pub const fn handshakes_failed(old: Word, new: Word) -> u32 {
         let side = sides[i];
         let was = old.counted(side) as u8;
         let now = new.counted(side) as u8;
-        if (was == TcpState::SynSent as u8 || was == TcpState::SynRecv as u8)
-            && now == TcpState::None as u8
-        {
+        if (was == a as u8 || was == b as u8) && now == TcpState::None as u8 {
             n += 1;
         }
         i += 1;
@@ -160,6 +208,7 @@ pub fn step(
         word,
         sender: *sender_facts,
         reset_receiver: false,
+        restarted: false,
         touch: false,
         rst_ignored: false,
     };
@@ -177,32 +226,45 @@ pub fn step(
     }
     w = w.with_locality(sender, local);
     let sender_local = w.is_local(sender);
+    let receiver_local = w.is_local(receiver);
     let mut ss = w.state(sender);
     let mut rs = w.state(receiver);
 
     // A new connection on a tuple whose previous one is over (port reuse).
+    // A local TIME_WAIT receiver is the kernel's to end: it answers the SYN
+    // with a SYN-ACK (the new connection, which restarts the entry) or keeps
+    // the TIME_WAIT socket and answers with an ACK.
     let over = |s: TcpState| matches!(s, TcpState::TimeWait | TcpState::Close);
-    if seg.may_open() && (over(ss) || over(rs)) {
+    let to_local_time_wait = receiver_local && rs == TcpState::TimeWait && !seg.has(ACK);
+    // A SYN-ACK that answers the receiver's new SYN keeps what that SYN did.
+    let mut fresh_receiver = fresh;
+    if seg.may_open() && !to_local_time_wait && (over(ss) || over(rs)) {
         ss = TcpState::None;
-        rs = TcpState::None;
         fresh = true;
+        if !(rs == TcpState::SynSent && seg.has(ACK)) {
+            rs = TcpState::None;
+            fresh_receiver = true;
+        }
     }
-    // A fresh connection remembers nothing of either endpoint.
-    let (prev, rf) = if fresh {
-        out.reset_receiver = true;
-        (Facts::UNKNOWN, Facts::UNKNOWN)
+    // A fresh connection remembers nothing of the old one.
+    out.reset_receiver = fresh_receiver;
+    out.restarted = fresh;
+    let prev = if fresh {
+        Facts::UNKNOWN
     } else {
-        (
-            Facts::of(sender_facts, w, sender),
-            Facts::of(receiver_facts, w, receiver),
-        )
+        Facts::of(sender_facts, w, sender)
+    };
+    let rf = if fresh_receiver {
+        Facts::UNKNOWN
+    } else {
+        Facts::of(receiver_facts, w, receiver)
     };
     let mut sf = prev;
 
     // The sender's own facts. After its FIN an endpoint sends nothing new,
-    // so `snd_nxt` stays one past the FIN (see the FIN rules below).
+    // so `snd_nxt` stays one past the FIN.
     let end = seg.end();
-    if seg.has(SYN) || !prev.seen() || (!ss.has_sent_fin() && seq_ge(end, prev.snd_nxt)) {
+    if seg.has(SYN) || !prev.seen() || (!prev.fin() && seq_ge(end, prev.snd_nxt)) {
         sf.snd_nxt = end;
         sf.known |= Word::SEEN;
     }
@@ -222,21 +284,29 @@ pub fn step(
             return out;
         }
     } else if seg.has(SYN) && !seg.has(ACK) {
-        // Bare SYN: an active open (or a simultaneous one).
-        if matches!(ss, TcpState::None | TcpState::SynRecv) {
+        // Bare SYN: an active open (or a simultaneous one). A local receiver
+        // moves when its kernel answers (see the module's notes).
+        if matches!(
+            ss,
+            TcpState::None | TcpState::SynRecv | TcpState::Close | TcpState::TimeWait
+        ) {
             ss = TcpState::SynSent;
-            if matches!(rs, TcpState::None | TcpState::SynSent) {
-                rs = TcpState::SynRecv;
-            }
+        }
+        if !receiver_local && matches!(rs, TcpState::None | TcpState::SynSent) {
+            rs = TcpState::SynRecv;
         }
     } else if seg.has(SYN) {
-        // SYN-ACK: the passive side answers; the active side is established.
-        if matches!(ss, TcpState::None | TcpState::SynSent | TcpState::SynRecv) {
+        // SYN-ACK: the passive side answers (unless with a cookie, which
+        // keeps nothing); the active side is established.
+        let kept = !(sender_local && seg.is_syn_cookie());
+        if kept && matches!(ss, TcpState::None | TcpState::SynSent | TcpState::SynRecv) {
             ss = TcpState::SynRecv;
         }
         let acks_syn = !rf.seen() || seg.ack == rf.snd_nxt;
-        if matches!(rs, TcpState::None)
-            || (matches!(rs, TcpState::SynSent | TcpState::SynRecv) && acks_syn)
+        let by_kernel = receiver_local && seg.meta(Segment::KERNEL_EVENTS);
+        if (rs == TcpState::None && !receiver_local)
+            || (rs == TcpState::SynSent && acks_syn)
+            || (rs == TcpState::SynRecv && acks_syn && !by_kernel)
         {
             rs = TcpState::Established;
         }
@@ -247,24 +317,28 @@ pub fn step(
             }
             // A receiver whose own segments were never seen (a connection
             // seeded from the socket table) gets the benefit of the doubt.
-            // Once the receiver sent its FIN, its `snd_nxt` is one past it.
+            // A FIN is acknowledged only once it was seen and the ACK covers it.
             let acks_all = !rf.seen() || seq_ge(seg.ack, rf.snd_nxt);
+            let acks_fin = !rf.seen() || (rf.fin() && seq_ge(seg.ack, rf.snd_nxt));
+            let by_kernel = receiver_local && seg.meta(Segment::KERNEL_EVENTS);
             rs = match rs {
-                TcpState::SynRecv if acks_all => TcpState::Established,
-                TcpState::FinWait1 if acks_all => TcpState::FinWait2,
-                TcpState::Closing if acks_all => TcpState::TimeWait,
-                TcpState::LastAck if acks_all => TcpState::Close,
+                TcpState::SynRecv if acks_all && !by_kernel => TcpState::Established,
+                TcpState::FinWait1 if acks_fin => TcpState::FinWait2,
+                TcpState::Closing if acks_fin => TcpState::TimeWait,
+                TcpState::LastAck if acks_fin => TcpState::Close,
                 other => other,
             };
         }
         if seg.has(FIN) {
+            let first = !prev.fin();
+            if first {
+                // Exactly one past this FIN, whatever was seen before.
+                sf.snd_nxt = end;
+                sf.known |= Word::SEEN | Word::FIN;
+            }
             match ss {
-                TcpState::Established | TcpState::SynRecv => {
-                    ss = TcpState::FinWait1;
-                    // Exactly one past this FIN, whatever was seen before.
-                    sf.snd_nxt = end;
-                }
-                TcpState::CloseWait => {
+                TcpState::Established | TcpState::SynRecv => ss = TcpState::FinWait1,
+                TcpState::CloseWait if first => {
                     // A FIN that does not acknowledge the peer's FIN was sent
                     // before the peer's FIN arrived: the FINs crossed
                     // (simultaneous close), and the sender is CLOSING.
@@ -274,8 +348,9 @@ pub fn step(
                     } else {
                         TcpState::Closing
                     };
-                    sf.snd_nxt = end;
                 }
+                // Already moved by the kernel's own report (close() came
+                // before the FIN left), or a retransmission.
                 _ => {}
             }
             rs = match rs {
@@ -307,7 +382,7 @@ pub fn step(
 struct Facts {
     snd_nxt: u32,
     ack: u32,
-    /// [`Word::SEEN`] | [`Word::ACKED`]
+    /// [`Word::SEEN`] | [`Word::ACKED`] | [`Word::FIN`]
     known: u32,
 }
 
@@ -338,6 +413,11 @@ impl Facts {
     }
 
     #[inline(always)]
+    const fn fin(&self) -> bool {
+        self.known & Word::FIN != 0
+    }
+
+    #[inline(always)]
     const fn stored(self) -> EndSeq {
         EndSeq {
             snd_nxt: self.snd_nxt,
@@ -356,11 +436,11 @@ impl Facts {
 pub const fn is_steady(word: Word, seg: &Segment) -> bool {
     const BOTH_ESTABLISHED: u32 =
         (TcpState::Established as u32) | ((TcpState::Established as u32) << 4);
-    seg.flags & (SYN | FIN | RST) == 0
-        && word.0 & 0xff == BOTH_ESTABLISHED
-        && word.0 & Word::ALL_FACTS == Word::ALL_FACTS
-        && !word.is_dead()
-        && !word.is_reaping()
+    // One mask for all of it: both states, every fact known, no FIN seen,
+    // neither dead nor reaping (the local and asked bits do not matter).
+    const MASK: u32 = 0xff | Word::ALL_FACTS | Word::FINS | Word::DEAD | Word::REAPING;
+    const WANT: u32 = BOTH_ESTABLISHED | Word::ALL_FACTS;
+    seg.flags & (SYN | FIN | RST) == 0 && word.0 & MASK == WANT
 }
 
 /// The sender's facts after a steady segment (the same update `step` makes).
@@ -375,6 +455,15 @@ pub const fn steady_facts(prev: EndSeq, seg: &Segment) -> EndSeq {
         out.ack = seg.ack;
     }
     out
+}
+
+/// A steady segment that resends what its sender had already sent (a
+/// retransmission, a keepalive or zero-window probe: all begin before
+/// `snd_nxt`). A local sender doing that may be about to be given up by its
+/// kernel, which sends nothing when it does.
+#[inline(always)]
+pub const fn resends(prev: &EndSeq, seg: &Segment) -> bool {
+    !seq_ge(seg.seq, prev.snd_nxt)
 }
 
 /// Is an RST from a remote sender plausible for the receiver's connection?
@@ -398,9 +487,33 @@ fn rst_acceptable(seg: &Segment, rs: TcpState, rf: &Facts, sf: &Facts) -> bool {
 
 /// The agent's expiry: the kernel's timer ended `side`'s socket (TIME_WAIT,
 /// FIN_WAIT2, or a handshake that gave up).
+#[inline(always)]
 pub const fn expire(word: Word, side: Side) -> Word {
     word.with_state(side, TcpState::Close).settle()
 }
+
+/// The state the peer of a local socket is most likely in: what the local
+/// state implies about the segments already exchanged (for entries made from
+/// the socket table or from the kernel's reports, whose peer sent nothing
+/// the probe saw).
+#[inline(always)]
+pub const fn peer_state(local: TcpState) -> TcpState {
+    match local {
+        TcpState::Established => TcpState::Established,
+        TcpState::SynSent => TcpState::SynRecv,
+        TcpState::SynRecv => TcpState::SynSent,
+        TcpState::FinWait1 | TcpState::FinWait2 => TcpState::CloseWait,
+        TcpState::CloseWait | TcpState::LastAck => TcpState::FinWait2,
+        TcpState::Closing => TcpState::Closing,
+        _ => TcpState::Close,
+    }
+}
+
+mod icmp;
+mod kernel;
+
+pub use icmp::{IcmpEffect, icmp_error};
+pub use kernel::{KernelChange, kernel_change};
 
 #[cfg(test)]
 mod tests;

@@ -2,6 +2,9 @@
 
 /// A TCP endpoint state. The numbers are Linux's, so they index the kernel's
 /// own tables too. `None` (0) means "no socket seen for this endpoint yet".
+/// Every 4-bit value is a variant (the kernel's request and bound-inactive
+/// pseudo-states, and two unused), so that decoding a word's state is a
+/// mask, not a branch per state: the BPF verifier walks each branch.
 #[repr(u8)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum TcpState {
@@ -17,6 +20,13 @@ pub enum TcpState {
     LastAck = 9,
     Listen = 10,
     Closing = 11,
+    /// The kernel's `TCP_NEW_SYN_RECV` (a request socket); reported as
+    /// SYN_RECV, never stored.
+    NewSynRecv = 12,
+    /// The kernel's `TCP_BOUND_INACTIVE`; never stored.
+    BoundInactive = 13,
+    Unused14 = 14,
+    Unused15 = 15,
 }
 
 /// Number of slots in per-state tables (states fit in four bits).
@@ -38,22 +48,11 @@ impl TcpState {
         TcpState::Close,
     ];
 
-    /// Decodes a 4-bit state; unknown values read as `None`.
+    /// Decodes a 4-bit state (higher bits are ignored).
+    #[inline(always)]
     pub const fn from_bits(bits: u8) -> TcpState {
-        match bits {
-            1 => TcpState::Established,
-            2 => TcpState::SynSent,
-            3 => TcpState::SynRecv,
-            4 => TcpState::FinWait1,
-            5 => TcpState::FinWait2,
-            6 => TcpState::TimeWait,
-            7 => TcpState::Close,
-            8 => TcpState::CloseWait,
-            9 => TcpState::LastAck,
-            10 => TcpState::Listen,
-            11 => TcpState::Closing,
-            _ => TcpState::None,
-        }
+        // SAFETY: every value 0..=15 is a variant of this `repr(u8)` enum.
+        unsafe { core::mem::transmute::<u8, TcpState>(bits & 0xf) }
     }
 
     /// The name netstat prints (and `tcpstate count` prints).
@@ -71,6 +70,9 @@ impl TcpState {
             TcpState::LastAck => "LAST_ACK",
             TcpState::Listen => "LISTEN",
             TcpState::Closing => "CLOSING",
+            TcpState::NewSynRecv => "NEW_SYN_RECV",
+            TcpState::BoundInactive => "BOUND_INACTIVE",
+            TcpState::Unused14 | TcpState::Unused15 => "UNKNOWN",
         }
     }
 
@@ -95,8 +97,10 @@ impl TcpState {
     }
 
     /// True for states in which the endpoint has no socket (nothing to count).
+    #[inline(always)]
     pub const fn is_gone(self) -> bool {
-        matches!(self, TcpState::None | TcpState::Close)
+        const GONE: u32 = 1 << TcpState::None as u32 | 1 << TcpState::Close as u32;
+        (GONE >> (self as u32 & 0xf)) & 1 != 0
     }
 
     /// True for states an endpoint enters by sending its FIN: it sends
@@ -121,8 +125,9 @@ mod tests {
     fn bits_round_trip_and_names_parse_back() {
         for bits in 0..16u8 {
             let s = TcpState::from_bits(bits);
-            if s != TcpState::None {
-                assert_eq!(s as u8, bits);
+            assert_eq!(s as u8, bits);
+            assert_eq!(TcpState::from_bits(bits | 0xf0), s, "high bits ignored");
+            if (1..=11).contains(&bits) {
                 assert_eq!(TcpState::parse(s.name()), Some(s));
             }
         }

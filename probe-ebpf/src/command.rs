@@ -1,16 +1,21 @@
 //! `tcpstate_command`: never attached; the agent runs it with
 //! BPF_PROG_TEST_RUN to change an entry (expire a kernel timer, delete a dead
-//! entry) through the same compare-and-swap and counter update as the data
-//! path. The "packet" is a [`Command`].
+//! entry, seed a socket) through the same compare-and-swap and counter update
+//! as the data path. The "packet" is a [`Command`]. It runs in the agent's
+//! process context, where a packet may interrupt it on the same CPU: it
+//! counts in the process slot ([`process_slot`]).
 
 use aya_ebpf::{bindings::BPF_NOEXIST, macros::xdp, programs::XdpContext};
 use aya_log_ebpf::debug;
 use tcpstate_common::{
-    Command, Counters, EndSeq, Event, FlowEntry, Word,
+    Command, EndSeq, Event, FlowEntry, Side, TcpState, Word,
     command::{op, outcome},
 };
 
-use crate::track::{EEXIST, FLOWS4, FLOWS6, count, cpu_slot, move_counts, swap_word};
+use crate::{
+    counts::{Atomic, Tally, move_counts, process_slot},
+    track::{EEXIST, FLOWS4, FLOWS6, read_word, swap_word},
+};
 
 #[xdp]
 pub fn tcpstate_command(ctx: XdpContext) -> u32 {
@@ -34,9 +39,9 @@ pub fn tcpstate_command(ctx: XdpContext) -> u32 {
 }
 
 fn try_command(cmd: &Command) -> Result<u32, u32> {
-    let (c, _) = cpu_slot().ok_or(outcome::MISSING)?;
+    let mut c = process_slot().ok_or(outcome::MISSING)?;
     if cmd.op == op::SEED {
-        return seed(cmd, c);
+        return seed(cmd, &mut c);
     }
     let p = if cmd.family == 6 {
         FLOWS6.get_ptr_mut(&cmd.key6)
@@ -48,7 +53,11 @@ fn try_command(cmd: &Command) -> Result<u32, u32> {
     if !swap_word(p, old, new) {
         return Err(outcome::CHANGED);
     }
-    move_counts(c, old, new);
+    if cmd.changed_ns != 0 {
+        // SAFETY: `p` is a live map value.
+        unsafe { (*p).changed = FlowEntry::stamp(cmd.changed_ns) };
+    }
+    move_counts(&mut c, old, new);
     if new.is_reaping() {
         // Nothing else writes a reaping entry, so deleting it loses nothing.
         let _ = if cmd.family == 6 {
@@ -60,10 +69,13 @@ fn try_command(cmd: &Command) -> Result<u32, u32> {
     Ok(outcome::DONE)
 }
 
-/// Creates an entry for a connection that existed before the probe was
-/// attached; packets that created it first win.
+/// Creates an entry for a connection the socket table has and the flow maps
+/// lack. If packets created it first, fills in only the endpoints they have
+/// shown nothing of: the packets are newer than the table read, but an
+/// endpoint they left without a state (a SYN-ACK that arrived before its SYN
+/// was seen) is the table's to tell.
 #[inline(always)]
-fn seed(cmd: &Command, c: &mut Counters) -> Result<u32, u32> {
+fn seed(cmd: &Command, c: &mut Atomic) -> Result<u32, u32> {
     let entry = FlowEntry {
         word: cmd.new,
         changed: FlowEntry::stamp(cmd.changed_ns),
@@ -79,10 +91,37 @@ fn seed(cmd: &Command, c: &mut Counters) -> Result<u32, u32> {
             move_counts(c, Word::EMPTY, Word(cmd.new));
             Ok(outcome::DONE)
         }
-        Err(e) if e == -EEXIST => Err(outcome::CHANGED),
+        Err(e) if e == -EEXIST => fill(cmd, c),
         Err(_) => {
-            count(c, Event::MapFull);
+            c.event(Event::MapFull);
             Err(outcome::MISSING)
         }
     }
+}
+
+#[inline(always)]
+fn fill(cmd: &Command, c: &mut Atomic) -> Result<u32, u32> {
+    let p = if cmd.family == 6 {
+        FLOWS6.get_ptr_mut(&cmd.key6)
+    } else {
+        FLOWS4.get_ptr_mut(&cmd.key4)
+    };
+    let p = p.ok_or(outcome::CHANGED)?;
+    let old = read_word(p);
+    if old.is_dead() || old.is_reaping() {
+        return Err(outcome::CHANGED);
+    }
+    let seeded = Word(cmd.new);
+    let mut new = old;
+    for side in [Side::A, Side::B] {
+        if seeded.is_local(side) && old.state(side) == TcpState::None {
+            new = new.with_state(side, seeded.state(side)).with_local(side);
+        }
+    }
+    let new = new.settle();
+    if new == old || !swap_word(p, old, new) {
+        return Err(outcome::CHANGED);
+    }
+    move_counts(c, old, new);
+    Ok(outcome::DONE)
 }

@@ -1,8 +1,15 @@
-//! The tcpstate probe: XDP sees every frame entering a monitored interface,
-//! TC egress every frame the host sends on it; both feed the flow maps. An
-//! endpoint is local when its address is one of the namespace's (the agent
-//! keeps LOCAL4/LOCAL6 current), so forwarded traffic counts nowhere. The
-//! probe is a monitor: every path lets the packet through unchanged.
+//! The tcpstate probe: TC ingress (or XDP) sees every frame entering a
+//! monitored interface, TC egress every frame the host sends on it; both
+//! feed the flow maps. An endpoint is local when its address is one of the
+//! namespace's (the agent keeps LOCAL4/LOCAL6 current), so forwarded traffic
+//! counts nowhere. The kernel's own reports of socket state changes
+//! (`kernel.rs`) add what no segment shows. The probe is a monitor: every
+//! path lets the packet through unchanged.
+//!
+//! The attached programs parse and take the fast path; a segment that may
+//! change a state (or an ICMP error about one) goes on to the slow path, a
+//! program of its own reached by tail call. The verifier then checks the
+//! state machine once, instead of once for each way the parser got there.
 #![no_std]
 #![no_main]
 // BPF_CMPXCHG through the compiler intrinsic (see `track::swap_word`).
@@ -12,21 +19,34 @@
 // the 512-byte stack first (or through a `memcpy` call).
 #![allow(clippy::needless_borrows_for_generic_args)]
 
+mod ask;
 mod command;
+mod counts;
+mod kernel;
 mod parse;
 mod track;
 
 use aya_ebpf::{
     bindings::{TC_ACT_UNSPEC, xdp_action::XDP_PASS},
-    macros::{classifier, xdp},
+    macros::{classifier, map, xdp},
+    maps::ProgramArray,
     programs::{TcContext, XdpContext},
 };
-use tcpstate_common::{Counters, Event};
+use tcpstate_common::{Counters, Event, Segment};
 
 use crate::{
+    counts::{Tally, cpu_slot},
     parse::{Packet, ParseError, Parsed, parse},
-    track::{count, cpu_slot, track},
+    track::{Attempt, SLOW_ATTEMPTS, fast, icmp, track},
 };
+
+/// The slow path's program for the XDP program, and for the TC programs: a
+/// tail call stays within its program type, and a jump table belongs to the
+/// type of the first program that uses it. The agent fills them at load.
+#[map]
+static SLOW_XDP: ProgramArray = ProgramArray::with_max_entries(1, 0);
+#[map]
+static SLOW_TC: ProgramArray = ProgramArray::with_max_entries(1, 0);
 
 #[xdp]
 pub fn tcpstate_xdp(ctx: XdpContext) -> u32 {
@@ -37,8 +57,10 @@ pub fn tcpstate_xdp(ctx: XdpContext) -> u32 {
 
 fn try_xdp(ctx: &XdpContext) -> Result<u32, u32> {
     let (c, pkt) = cpu_slot().ok_or(XDP_PASS)?;
-    count(c, Event::PacketsIn);
-    observe(ctx.data(), ctx.data_end(), c, pkt);
+    c.event(Event::PacketsIn);
+    if observe(ctx.data(), ctx.data_end(), c, pkt, || 0) {
+        slow_path(ctx, &SLOW_XDP, c);
+    }
     Ok(XDP_PASS)
 }
 
@@ -65,24 +87,120 @@ pub fn tcpstate_tc_in(ctx: TcContext) -> i32 {
 #[inline(always)]
 fn try_tc(ctx: &TcContext, direction: Event) -> Result<i32, i32> {
     let (c, pkt) = cpu_slot().ok_or(TC_ACT_UNSPEC)?;
-    count(c, direction);
-    observe(ctx.data(), ctx.data_end(), c, pkt);
+    c.event(direction);
+    let meta = || {
+        if direction as u32 != Event::PacketsOut as u32 {
+            return 0;
+        }
+        // SAFETY: reading the context's socket pointer (the verifier
+        // rewrites the access); it is only compared with null.
+        let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
+        Segment::EGRESS | if sk.is_null() { Segment::NO_SOCKET } else { 0 }
+    };
+    if observe(ctx.data(), ctx.data_end(), c, pkt, meta) {
+        slow_path(ctx, &SLOW_TC, c);
+    }
     Ok(TC_ACT_UNSPEC)
 }
 
+/// Parses and takes the fast path; true when the slow path must run on
+/// what is now in `pkt`. `meta` says how the segment was seen
+/// ([`Segment::EGRESS`], ...); it is asked only for a segment that may
+/// change a state.
 #[inline(always)]
-fn observe(start: usize, end: usize, c: &mut Counters, pkt: &mut Packet) {
+fn observe(
+    start: usize,
+    end: usize,
+    c: &mut Counters,
+    pkt: &mut Packet,
+    meta: impl Fn() -> u8,
+) -> bool {
     match parse(start, end, pkt) {
         // TCP segments are not counted here: every frame is counted once as
         // a packet and non-TCP ones once more by kind, so userspace derives
         // them (one write less per segment).
-        // A full map is counted (`map_full`); the agent logs its growth.
-        Ok(Parsed::Tcp) => track(pkt, c),
-        Ok(Parsed::NotTcp) => count(c, Event::NotTcp),
-        Ok(Parsed::Fragment) => count(c, Event::Fragments),
-        Err(ParseError::Malformed) => count(c, Event::ParseErrors),
-        Err(ParseError::Ipv6ExtTooDeep) => count(c, Event::Ipv6ExtTooDeep),
+        Ok(Parsed::Tcp) => {
+            if fast(pkt) {
+                return false;
+            }
+            pkt.seg.meta = meta();
+            pkt.kind = Packet::SEGMENT;
+            pkt.attempt = 0;
+            true
+        }
+        // Not a TCP segment, but about one: counted as not TCP too.
+        Ok(Parsed::IcmpError) => {
+            c.event(Event::NotTcp);
+            pkt.kind = Packet::ICMP_ERROR;
+            true
+        }
+        Ok(Parsed::NotTcp) => {
+            c.event(Event::NotTcp);
+            false
+        }
+        Ok(Parsed::Fragment) => {
+            c.event(Event::Fragments);
+            false
+        }
+        Err(ParseError::Malformed) => {
+            c.event(Event::ParseErrors);
+            false
+        }
+        Err(ParseError::Ipv6ExtTooDeep) => {
+            c.event(Event::Ipv6ExtTooDeep);
+            false
+        }
     }
+}
+
+/// Goes on to the slow path; returns only if it could not (its program
+/// missing from the jump table), which is counted.
+#[inline(always)]
+fn slow_path<C: aya_ebpf::EbpfContext>(ctx: &C, table: &ProgramArray, c: &mut Counters) {
+    // SAFETY: a tail call leaves this program; the slow path reads what
+    // this one left in the per-CPU scratch, which nothing else on this CPU
+    // touches in between.
+    unsafe { table.tail_call(ctx, 0) };
+    c.event(Event::SlowPathMissing);
+}
+
+/// The slow path for the XDP program.
+#[xdp]
+pub fn tcpstate_slow_xdp(ctx: XdpContext) -> u32 {
+    slow(&ctx, &SLOW_XDP);
+    XDP_PASS
+}
+
+/// The slow path for the TC programs.
+#[classifier]
+pub fn tcpstate_slow_tc(ctx: TcContext) -> i32 {
+    slow(&ctx, &SLOW_TC);
+    TC_ACT_UNSPEC
+}
+
+/// One attempt at what the attached program left in the scratch; another
+/// (this program again) when another CPU changed the entry meanwhile.
+#[inline(always)]
+fn slow<C: aya_ebpf::EbpfContext>(ctx: &C, table: &ProgramArray) {
+    let Some((c, pkt)) = cpu_slot() else {
+        return;
+    };
+    if pkt.kind == Packet::ICMP_ERROR {
+        icmp(pkt, c);
+        return;
+    }
+    let attempt = pkt.attempt;
+    if track(pkt, c, attempt == 0) == Attempt::Done {
+        return;
+    }
+    if u32::from(attempt) + 1 >= SLOW_ATTEMPTS {
+        c.event(Event::CasConflicts);
+        return;
+    }
+    pkt.attempt = attempt + 1;
+    // SAFETY: as in `slow_path`: this program again, on the same scratch.
+    unsafe { table.tail_call(ctx, 0) };
+    c.event(Event::SlowPathMissing);
 }
 
 #[cfg(not(test))]

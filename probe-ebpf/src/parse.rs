@@ -1,8 +1,8 @@
 //! Header parsing with the bounds checks the verifier needs: Ethernet, up to
 //! two 802.1Q/802.1ad tags, IPv4 (options included), IPv6 (a bounded chain of
-//! extension headers), TCP.
+//! extension headers), TCP; and ICMP/ICMPv6 errors that quote a TCP segment.
 
-use tcpstate_common::Segment;
+use tcpstate_common::{Segment, machine::IcmpEffect};
 
 /// Most IPv6 extension headers followed before giving up.
 const MAX_IPV6_EXT: usize = 6;
@@ -14,6 +14,8 @@ const ETH_P_IPV6: u16 = 0x86dd;
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88a8;
 const IPPROTO_TCP: u8 = 6;
+const IPPROTO_ICMP: u8 = 1;
+const IPPROTO_ICMPV6: u8 = 58;
 
 /// A parsed TCP segment. Lives in a per-CPU scratch slot, not on the
 /// 512-byte BPF stack.
@@ -27,6 +29,18 @@ pub struct Packet {
     pub sport: u16,
     pub dport: u16,
     pub seg: Segment,
+    /// For an ICMP error: its [`IcmpEffect`] on the quoted segment's sender.
+    pub icmp: u32,
+    /// What the slow path is to do with it: [`Packet::SEGMENT`] or
+    /// [`Packet::ICMP_ERROR`].
+    pub kind: u16,
+    /// The slow path's attempts so far for this segment.
+    pub attempt: u16,
+}
+
+impl Packet {
+    pub const SEGMENT: u16 = 0;
+    pub const ICMP_ERROR: u16 = 1;
 }
 
 pub enum Parsed {
@@ -35,6 +49,10 @@ pub enum Parsed {
     NotTcp,
     /// A non-first IP fragment: no TCP header to read.
     Fragment,
+    /// An ICMP error about a TCP segment: the caller's [`Packet`] holds the
+    /// quoted segment (its addresses, ports and sequence number) and the
+    /// error's effect.
+    IcmpError,
 }
 
 pub enum ParseError {
@@ -103,6 +121,9 @@ fn ipv4(start: usize, end: usize, off: usize, out: &mut Packet) -> Result<Parsed
     if be16(ip, 6) & 0x1fff != 0 {
         return Ok(Parsed::Fragment);
     }
+    if ip[9] == IPPROTO_ICMP {
+        return icmp4(start, end, off + ihl, out);
+    }
     if ip[9] != IPPROTO_TCP {
         return Ok(Parsed::NotTcp);
     }
@@ -130,6 +151,7 @@ fn ipv6(start: usize, end: usize, off: usize, out: &mut Packet) -> Result<Parsed
     for _ in 0..MAX_IPV6_EXT {
         let len = match next {
             IPPROTO_TCP => break,
+            IPPROTO_ICMPV6 => return icmp6(start, end, l4, out),
             // Hop-by-hop, routing, destination options: (len + 1) * 8 bytes.
             0 | 43 | 60 => {
                 let h = bytes::<2>(start, end, l4)?;
@@ -186,6 +208,8 @@ fn tcp(
     out.dport = be16(th, 2);
     out.seg = Segment {
         flags: th[13],
+        // Set by the caller, which knows where the segment was seen.
+        meta: 0,
         seq: be32(th, 4),
         ack: be32(th, 8),
         // Segmentation offload may leave the IP length short of the headers
@@ -193,4 +217,65 @@ fn tcp(
         len: ip_payload.saturating_sub(doff) as u32,
     };
     Ok(Parsed::Tcp)
+}
+
+/// An ICMPv4 error at `off`: type, code, then the quoted IPv4 header and at
+/// least the first 8 bytes of TCP (ports and sequence number: all the kernel
+/// reads, and all a router must quote).
+#[inline(always)]
+fn icmp4(start: usize, end: usize, off: usize, out: &mut Packet) -> Result<Parsed, ParseError> {
+    let icmp = bytes::<8>(start, end, off)?;
+    let effect = IcmpEffect::v4(icmp[0], icmp[1]);
+    if effect as u32 == IcmpEffect::Nothing as u32 {
+        return Ok(Parsed::NotTcp);
+    }
+    let ip = bytes::<20>(start, end, off + 8)?;
+    let ihl = (ip[0] & 0x0f) as usize * 4;
+    if ip[0] >> 4 != 4 || ihl < 20 {
+        return Err(ParseError::Malformed);
+    }
+    if ip[9] != IPPROTO_TCP || be16(ip, 6) & 0x1fff != 0 {
+        return Ok(Parsed::NotTcp);
+    }
+    let th = bytes::<8>(start, end, off + 8 + ihl)?;
+    out.family = 4;
+    out.src[0] = raw32(ip, 12);
+    out.dst[0] = raw32(ip, 16);
+    quoted(th, effect, out)
+}
+
+/// An ICMPv6 error at `off`: the quoted IPv6 header must be followed by TCP
+/// at once (the kernel also skips extension headers there; quoted segments
+/// with them are counted as not TCP).
+#[inline(always)]
+fn icmp6(start: usize, end: usize, off: usize, out: &mut Packet) -> Result<Parsed, ParseError> {
+    let icmp = bytes::<8>(start, end, off)?;
+    let effect = IcmpEffect::v6(icmp[0], icmp[1]);
+    if effect as u32 == IcmpEffect::Nothing as u32 {
+        return Ok(Parsed::NotTcp);
+    }
+    let ip = bytes::<40>(start, end, off + 8)?;
+    if ip[0] >> 4 != 6 {
+        return Err(ParseError::Malformed);
+    }
+    if ip[6] != IPPROTO_TCP {
+        return Ok(Parsed::NotTcp);
+    }
+    let th = bytes::<8>(start, end, off + 48)?;
+    out.family = 6;
+    out.src = [raw32(ip, 8), raw32(ip, 12), raw32(ip, 16), raw32(ip, 20)];
+    out.dst = [raw32(ip, 24), raw32(ip, 28), raw32(ip, 32), raw32(ip, 36)];
+    quoted(th, effect, out)
+}
+
+#[inline(always)]
+fn quoted(th: &[u8; 8], effect: IcmpEffect, out: &mut Packet) -> Result<Parsed, ParseError> {
+    out.sport = be16(th, 0);
+    out.dport = be16(th, 2);
+    out.seg = Segment {
+        seq: be32(th, 4),
+        ..Segment::default()
+    };
+    out.icmp = effect as u32;
+    Ok(Parsed::IcmpError)
 }

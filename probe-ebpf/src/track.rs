@@ -1,4 +1,5 @@
-//! Applies a parsed segment to the flow map and the per-state counters.
+//! Applies a parsed segment (or an ICMP error about one) to the flow map and
+//! the per-state counters.
 //!
 //! The state word of an entry changes only by compare-and-swap, and the
 //! counters move by the difference between the old and the new word right
@@ -7,29 +8,38 @@
 
 use core::intrinsics::{AtomicOrdering, atomic_cxchg};
 
-use aya_ebpf::{
-    bindings::BPF_NOEXIST,
-    helpers::bpf_ktime_get_ns,
-    macros::map,
-    maps::{HashMap, PerCpuArray},
-};
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns, macros::map, maps::HashMap};
 use tcpstate_common::{
-    Counters, CpuSlot, EndSeq, Event, FlowEntry, FlowKey4, FlowKey6, Locality, Segment, Side,
-    TcpState, Word,
-    machine::{handshakes_failed, is_steady, steady_facts, step},
+    Counters, EndSeq, Event, FlowEntry, FlowKey4, FlowKey6, Locality, Segment, Side, Word,
+    machine::{IcmpEffect, icmp_error, is_steady, steady_facts, step},
 };
 
-use crate::parse::Packet;
+use crate::{
+    counts::{Tally, move_counts},
+    parse::Packet,
+};
 
 /// Default size of the flow map; the agent sets the real one at load time.
 const DEFAULT_MAX_FLOWS: u32 = 262_144;
 /// Attempts at one update when another CPU changes the same entry at the
-/// same moment (one retry covers a lost insert race or a lost swap; more
-/// would multiply the paths the verifier walks). Giving up is counted.
-const CAS_ATTEMPTS: usize = 2;
+/// same moment, in the kernel report's program (each a path more for the
+/// verifier). Giving up is counted.
+pub const CAS_ATTEMPTS: usize = 2;
+/// Attempts of the slow path for one segment: the first (an insert, for a
+/// SYN), a lookup when the insert found the tuple taken, one more when
+/// another CPU changed the entry at the same moment. The slow path retries
+/// by running again (a tail call to itself), so the verifier checks one
+/// attempt. Giving up is counted.
+pub const SLOW_ATTEMPTS: u32 = 3;
 /// Addresses one namespace may have (the agent warns beyond).
 pub const MAX_LOCAL_ADDRS: u32 = 4096;
 pub const EEXIST: i32 = 17;
+
+/// Set by the agent at load when the kernel's own reports of state changes
+/// reach the probe (`kernel.rs`): then the ACK that completes a local
+/// passive open waits for that report ([`Segment::KERNEL_EVENTS`]).
+#[unsafe(no_mangle)]
+static KERNEL_EVENTS: u8 = 0;
 
 /// IPv4 flows.
 #[map]
@@ -38,60 +48,6 @@ pub static FLOWS4: HashMap<FlowKey4, FlowEntry> = HashMap::with_max_entries(DEFA
 /// IPv6 flows.
 #[map]
 pub static FLOWS6: HashMap<FlowKey6, FlowEntry> = HashMap::with_max_entries(DEFAULT_MAX_FLOWS, 0);
-
-/// Counters and scratch, one slot per CPU.
-#[map]
-pub static PER_CPU: PerCpuArray<CpuSlot> = PerCpuArray::with_max_entries(1, 0);
-
-const _: () = assert!(core::mem::size_of::<Packet>() <= core::mem::size_of::<[u32; 16]>());
-
-/// This CPU's counters and scratch packet.
-#[inline(always)]
-pub fn cpu_slot() -> Option<(&'static mut Counters, &'static mut Packet)> {
-    // SAFETY: a per-CPU slot is only touched by programs running on this CPU,
-    // which do not preempt each other; the scratch area is large enough and
-    // 4-byte aligned like `Packet` (asserted above).
-    PER_CPU.get_ptr_mut(0).map(|p| unsafe {
-        (
-            &mut (*p).counters,
-            &mut *((&raw mut (*p).scratch).cast::<Packet>()),
-        )
-    })
-}
-
-#[inline(always)]
-pub fn count(c: &mut Counters, e: Event) {
-    let i = e as usize;
-    if i < c.events.len() {
-        c.events[i] += 1;
-    }
-}
-
-/// Moves the per-state counters from what `old` counts to what `new` counts.
-#[inline(always)]
-pub fn move_counts(c: &mut Counters, old: Word, new: Word) {
-    for side in [Side::A, Side::B] {
-        let (o, n) = (old.counted(side), new.counted(side));
-        if o != n {
-            if o != TcpState::None {
-                c.states[o as usize & 0xf] -= 1;
-            }
-            if n != TcpState::None {
-                c.states[n as usize & 0xf] += 1;
-            }
-        }
-    }
-    let failed = handshakes_failed(old, new);
-    if failed != 0 {
-        c.events[Event::HandshakesFailed as usize] += failed as u64;
-    }
-    let (was_dead, is_dead) = (old.is_dead() || old == Word::EMPTY, new.is_dead());
-    if was_dead && !is_dead {
-        count(c, Event::FlowsOpened);
-    } else if !was_dead && is_dead {
-        count(c, Event::FlowsClosed);
-    }
-}
 
 /// Atomically replaces the word at `p` if it still equals `old`.
 #[inline(always)]
@@ -110,29 +66,55 @@ pub fn swap_word(p: *mut FlowEntry, old: Word, new: Word) -> bool {
     swapped
 }
 
+/// The word of a live map value.
+#[inline(always)]
+pub fn read_word(p: *const FlowEntry) -> Word {
+    // SAFETY: `p` is a live map value (see `swap_word`).
+    Word(unsafe { core::ptr::read_volatile(&raw const (*p).word) })
+}
+
 /// Now, as a flow entry's `changed` stamp.
 #[inline(always)]
-fn now_stamp() -> u32 {
+pub fn now_stamp() -> u32 {
     // SAFETY: helper without preconditions.
     FlowEntry::stamp(unsafe { bpf_ktime_get_ns() })
 }
 
+/// The fast path, in the attached programs: true when the segment needed
+/// no more (both ends established, no flag that moves a state).
 #[inline(always)]
-pub fn track(pkt: &Packet, c: &mut Counters) {
+pub fn fast(pkt: &Packet) -> bool {
     if pkt.family == 6 {
         let (key, sender) = FlowKey6::new(pkt.src, pkt.sport, pkt.dst, pkt.dport);
-        if steady(&FLOWS6, &key, sender, &pkt.seg) {
-            return;
-        }
-        let local = || local6(&pkt.src) as u32 | (local6(&pkt.dst) as u32) << 1;
-        transition(&FLOWS6, &key, &pkt.seg, sender as u32, local, c);
+        steady(&FLOWS6, &key, sender, &pkt.seg)
     } else {
         let (key, sender) = FlowKey4::new(pkt.src[0], pkt.sport, pkt.dst[0], pkt.dport);
-        if steady(&FLOWS4, &key, sender, &pkt.seg) {
-            return;
-        }
+        steady(&FLOWS4, &key, sender, &pkt.seg)
+    }
+}
+
+/// What one attempt of the slow path came to.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Attempt {
+    Done,
+    /// Another CPU changed the entry at the same moment (or created it
+    /// first): look again.
+    Again,
+}
+
+/// The slow path, in the tail-called program: one attempt to create the
+/// entry or move its state word. `first` is the first attempt for this
+/// segment (the caller retries by running the program again).
+#[inline(always)]
+pub fn track(pkt: &mut Packet, c: &mut Counters, first: bool) -> Attempt {
+    if pkt.family == 6 {
+        let (key, sender) = FlowKey6::new(pkt.src, pkt.sport, pkt.dst, pkt.dport);
+        let local = || local6(&pkt.src) as u32 | (local6(&pkt.dst) as u32) << 1;
+        transition(&FLOWS6, &key, &mut pkt.seg, sender as u32, local, c, first)
+    } else {
+        let (key, sender) = FlowKey4::new(pkt.src[0], pkt.sport, pkt.dst[0], pkt.dport);
         let local = || local4(pkt.src[0]) as u32 | (local4(pkt.dst[0]) as u32) << 1;
-        transition(&FLOWS4, &key, &pkt.seg, sender as u32, local, c);
+        transition(&FLOWS4, &key, &mut pkt.seg, sender as u32, local, c, first)
     }
 }
 
@@ -147,12 +129,12 @@ pub static LOCAL6: HashMap<[u32; 4], u8> = HashMap::with_max_entries(MAX_LOCAL_A
 /// Is this IPv4 address (wire order) one of the host's? All of 127.0.0.0/8
 /// is, without being listed.
 #[inline(always)]
-fn local4(addr: u32) -> bool {
+pub fn local4(addr: u32) -> bool {
     addr.to_ne_bytes()[0] == 127 || LOCAL4.get_ptr(&addr).is_some()
 }
 
 #[inline(always)]
-fn local6(addr: &[u32; 4]) -> bool {
+pub fn local6(addr: &[u32; 4]) -> bool {
     LOCAL6.get_ptr(addr).is_some()
 }
 
@@ -168,11 +150,10 @@ fn steady<K>(map: &HashMap<K, FlowEntry>, key: &K, sender: Side, seg: &Segment) 
     let Some(p) = map.get_ptr_mut(key) else {
         return false;
     };
-    // SAFETY: `p` is a live map value (see `swap_word`).
-    let old = Word(unsafe { core::ptr::read_volatile(&raw const (*p).word) });
-    if !is_steady(old, seg) {
+    if !is_steady(read_word(p), seg) {
         return false;
     }
+    // SAFETY: `p` is a live map value (see `swap_word`).
     let prev = unsafe { (*p).ends[sender.index()] };
     let facts = steady_facts(prev, seg);
     if facts != prev {
@@ -181,24 +162,32 @@ fn steady<K>(map: &HashMap<K, FlowEntry>, key: &K, sender: Side, seg: &Segment) 
     true
 }
 
-/// The slow path: create the entry or swap in the new state word.
-/// `sender_is_b` arrives as a plain integer: the verifier must see the mask
-/// that bounds it, which the compiler would drop from an enum whose range it
-/// knows. `local` looks the addresses up (bit 0: sender, bit 1: receiver);
-/// it runs only for a new or reused entry, since a live entry's local marks
-/// were set when it was created (fewer paths for the verifier to walk).
+/// One attempt of the slow path: create the entry or swap in the new state
+/// word. `sender_is_b` arrives as a plain integer: the verifier must see the
+/// mask that bounds it, which the compiler would drop from an enum whose
+/// range it knows. `local` looks the addresses up (bit 0: sender, bit 1:
+/// receiver); it runs only for a new or reused entry, since a live entry's
+/// local marks were set when it was created (fewer paths for the verifier).
 #[inline(always)]
 fn transition<K>(
     map: &HashMap<K, FlowEntry>,
     key: &K,
-    seg: &Segment,
+    seg: &mut Segment,
     sender_is_b: u32,
     local: impl Fn() -> u32,
     c: &mut Counters,
-) {
-    let s = (sender_is_b & 1) as usize;
+    first: bool,
+) -> Attempt {
+    // Read opaquely, so that the mask stays in the code for the verifier to
+    // bound the index with (the compiler knows the value is 0 or 1 and
+    // would drop it).
+    // SAFETY: a plain read of a local.
+    let s = (unsafe { core::ptr::read_volatile(&sender_is_b) } & 1) as usize;
     let r = s ^ 1;
     let sender = if s == 0 { Side::A } else { Side::B };
+    // SAFETY: a read-only global the agent sets at load.
+    let reports = unsafe { core::ptr::read_volatile(&KERNEL_EVENTS) } & Segment::KERNEL_EVENTS;
+    seg.meta |= reports;
     let looked_up = || {
         let bits = local();
         Locality {
@@ -206,110 +195,155 @@ fn transition<K>(
             receiver: bits & 2 != 0,
         }
     };
-    // A SYN without ACK nearly always opens a new flow: create it without
-    // looking first (the insert says EEXIST when the tuple has an entry, and
-    // the next attempt looks it up).
-    let mut assume_new = seg.opens_a_flow();
-    for _ in 0..CAS_ATTEMPTS {
-        let found = if assume_new {
-            assume_new = false;
-            None
-        } else {
-            map.get_ptr_mut(key)
+    // A SYN without ACK from this host usually opens a new flow: create it
+    // without looking first (the insert says EEXIST when the tuple has an
+    // entry, and the next attempt looks it up). Where the kernel reports
+    // its connects, their entries exist already, and a SYN to this host
+    // makes none: look first.
+    let assumed = first && seg.opens_a_flow() && reports == 0;
+    let found = if assumed { None } else { map.get_ptr_mut(key) };
+    let Some(p) = found else {
+        if !seg.may_open() {
+            return Attempt::Done;
+        }
+        let none = EndSeq::default();
+        let local = looked_up();
+        let st = step(Word::EMPTY, &none, &none, sender, local, seg);
+        count_once(seg, st.word, sender, local.sender, c);
+        // Nothing local holds a socket (a SYN to this host, which its
+        // kernel has not answered; a SYN cookie): no new entry, though an
+        // existing one may hold the tuple (a TIME_WAIT).
+        if st.word.is_dead() {
+            return if assumed {
+                Attempt::Again
+            } else {
+                Attempt::Done
+            };
+        }
+        let mut entry = FlowEntry {
+            word: st.word.0,
+            changed: now_stamp(),
+            ends: [none; 2],
         };
-        match found {
-            None => {
-                if !seg.may_open() {
-                    return;
-                }
-                let none = EndSeq::default();
-                let st = step(Word::EMPTY, &none, &none, sender, looked_up(), seg);
-                let mut entry = FlowEntry {
-                    word: st.word.0,
-                    changed: now_stamp(),
-                    ends: [none; 2],
-                };
-                entry.ends[s] = st.sender;
-                match map.insert(key, &entry, BPF_NOEXIST as u64) {
-                    Ok(()) => {
-                        move_counts(c, Word::EMPTY, st.word);
-                        if seg.is_syn_to_local(st.word, sender) {
-                            count(c, Event::SynsReceived);
-                        }
-                        return;
-                    }
-                    // Another CPU created it first: apply the segment to theirs.
-                    Err(e) if e == -EEXIST => continue,
-                    Err(_) => {
-                        count(c, Event::MapFull);
-                        if seg.is_syn_to_local(st.word, sender) {
-                            count(c, Event::SynsReceived);
-                        }
-                        return;
-                    }
-                }
+        entry.ends[s] = st.sender;
+        return match map.insert(key, &entry, BPF_NOEXIST as u64) {
+            Ok(()) => {
+                move_counts(c, Word::EMPTY, st.word);
+                Attempt::Done
             }
-            Some(p) => {
-                // SAFETY: `p` is a live map value (see `swap_word`).
-                let (old, sf, rf) = unsafe {
-                    (
-                        Word(core::ptr::read_volatile(&raw const (*p).word)),
-                        (*p).ends[s],
-                        (*p).ends[r],
-                    )
-                };
-                if old.is_reaping() {
-                    count(c, Event::ReapSkipped);
-                    return;
-                }
-                let local = if old.is_dead() {
-                    looked_up()
-                } else {
-                    Locality {
-                        sender: old.is_local(sender),
-                        receiver: old.is_local(sender.other()),
-                    }
-                };
-                let st = step(old, &sf, &rf, sender, local, seg);
-                if st.rst_ignored {
-                    count(c, Event::RstIgnored);
-                }
-                // The sender's facts are written before the swap, so whoever
-                // sees the new state also sees them. Each half has one writer:
-                // the segments its endpoint sends.
-                unsafe {
-                    if st.sender != sf {
-                        (*p).ends[s] = st.sender;
-                    }
-                }
-                if st.word == old {
-                    if st.touch {
-                        unsafe { (*p).changed = now_stamp() };
-                    }
-                    if seg.is_syn_to_local(st.word, sender) {
-                        count(c, Event::SynsReceived);
-                    }
-                    return;
-                }
-                if swap_word(p, old, st.word) {
-                    unsafe { (*p).changed = now_stamp() };
-                    move_counts(c, old, st.word);
-                    if seg.is_syn_to_local(st.word, sender) {
-                        count(c, Event::SynsReceived);
-                    }
-                    if seg.reset_accepted(old, st.word) {
-                        count(c, Event::Resets);
-                    }
-                    // A new connection on a live entry's tuple (port reuse
-                    // through TIME_WAIT): one flow ended, another began.
-                    if st.reset_receiver && !old.is_dead() {
-                        count(c, Event::FlowsClosed);
-                        count(c, Event::FlowsOpened);
-                    }
-                    return;
-                }
+            // Another CPU created it first: apply the segment to theirs.
+            Err(e) if e == -EEXIST => Attempt::Again,
+            Err(_) => {
+                c.event(Event::MapFull);
+                Attempt::Done
             }
+        };
+    };
+    let old = read_word(p);
+    // SAFETY: `p` is a live map value (see `swap_word`).
+    let (sf, rf) = unsafe { ((*p).ends[s], (*p).ends[r]) };
+    if old.is_reaping() {
+        c.event(Event::ReapSkipped);
+        return Attempt::Done;
+    }
+    let local = if old.is_dead() {
+        looked_up()
+    } else {
+        Locality {
+            sender: old.is_local(sender),
+            receiver: old.is_local(sender.other()),
+        }
+    };
+    let st = step(old, &sf, &rf, sender, local, seg);
+    if st.rst_ignored {
+        c.event(Event::RstIgnored);
+    }
+    count_once(seg, st.word, sender, local.sender, c);
+    // The sender's facts are written before the swap, so whoever sees the
+    // new state also sees them. Each half has one writer: the segments its
+    // endpoint sends.
+    unsafe {
+        if st.sender != sf {
+            (*p).ends[s] = st.sender;
         }
     }
-    count(c, Event::CasConflicts);
+    if st.word == old {
+        if st.touch {
+            unsafe { (*p).changed = now_stamp() };
+        }
+        return Attempt::Done;
+    }
+    if !swap_word(p, old, st.word) {
+        return Attempt::Again;
+    }
+    unsafe { (*p).changed = now_stamp() };
+    move_counts(c, old, st.word);
+    // A new connection on a live entry's tuple (port reuse through
+    // TIME_WAIT): one flow ended, another began.
+    if st.restarted && !old.is_dead() {
+        c.event(Event::FlowsClosed);
+        c.event(Event::FlowsOpened);
+    }
+    Attempt::Done
+}
+
+/// A private mark on a segment's `meta` once its events are counted (a
+/// retry after a lost insert race or a lookup must not count them twice).
+const COUNTED: u8 = 0x80;
+
+/// Counts what the segment is (a SYN to this host, a SYN cookie sent), once.
+#[inline(always)]
+fn count_once(seg: &mut Segment, word: Word, sender: Side, sender_local: bool, c: &mut Counters) {
+    if seg.meta & COUNTED != 0 {
+        return;
+    }
+    seg.meta |= COUNTED;
+    if seg.is_syn_to_local(word, sender) {
+        c.event(Event::SynsReceived);
+    }
+    if sender_local && seg.is_syn_cookie() {
+        c.event(Event::SynCookies);
+    }
+}
+
+/// An ICMP error quoting a segment this host sent: ends a connect or a
+/// request as the kernel does when it receives it.
+#[inline(always)]
+pub fn icmp(pkt: &Packet, c: &mut Counters) {
+    let effect = IcmpEffect::from_u32(pkt.icmp);
+    if pkt.family == 6 {
+        let (key, sender) = FlowKey6::new(pkt.src, pkt.sport, pkt.dst, pkt.dport);
+        icmp_on(&FLOWS6, &key, sender as u32, effect, pkt.seg.seq, c);
+    } else {
+        let (key, sender) = FlowKey4::new(pkt.src[0], pkt.sport, pkt.dst[0], pkt.dport);
+        icmp_on(&FLOWS4, &key, sender as u32, effect, pkt.seg.seq, c);
+    }
+}
+
+#[inline(always)]
+fn icmp_on<K>(
+    map: &HashMap<K, FlowEntry>,
+    key: &K,
+    sender_is_b: u32,
+    effect: IcmpEffect,
+    seq: u32,
+    c: &mut Counters,
+) {
+    let s = (sender_is_b & 1) as usize;
+    let side = if s == 0 { Side::A } else { Side::B };
+    let Some(p) = map.get_ptr_mut(key) else {
+        return;
+    };
+    c.event(Event::IcmpErrors);
+    let old = read_word(p);
+    // SAFETY: `p` is a live map value (see `swap_word`).
+    let facts = unsafe { (*p).ends[s] };
+    // SAFETY: a read-only global the agent sets at load.
+    let reports = unsafe { core::ptr::read_volatile(&KERNEL_EVENTS) } != 0;
+    let new = icmp_error(old, &facts, side, effect, seq, reports);
+    if new != old && swap_word(p, old, new) {
+        unsafe { (*p).changed = now_stamp() };
+        move_counts(c, old, new);
+        c.event(Event::IcmpEnded);
+    }
 }

@@ -2,9 +2,14 @@
 //! on, the socket table (sock_diag), namespaces and their settings, and the
 //! privileges all of this needs.
 
+pub mod attach;
 pub mod batch;
+pub mod btf;
 pub mod clock;
+pub mod links;
+pub mod maps;
 pub mod netns;
+pub mod nsinfo;
 pub mod privileges;
 pub mod probe;
 pub mod sockdiag;

@@ -1,38 +1,43 @@
-//! Loading the eBPF probe, attaching it to interfaces, and reading its maps.
+//! Loading the eBPF probe and running its command program. Attaching is in
+//! `attach.rs`, the maps in `maps.rs`.
 //!
-//! Programs are attached through BPF links owned by this process, so they are
-//! detached when it exits, however it exits; nothing is pinned.
-
-use std::{
-    collections::HashSet,
-    hash::Hash,
-    net::{IpAddr, Ipv6Addr},
-};
+//! Programs hang on BPF links owned by this process, so they are detached
+//! when it exits, however it exits; nothing is pinned.
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuArray},
+    maps::{MapData, ProgramArray, RingBuf},
     programs::{
-        LinkOrder, ProgramError, SchedClassifier, TcAttachType, TestRun, TestRunOptions, Xdp,
-        XdpMode, tc::TcAttachOptions,
+        FEntry, ProgramError, RawTracePoint, SchedClassifier, TestRun, TestRunOptions, Xdp,
     },
 };
-use tcpstate_common::{Command, Counters, CpuSlot, FlowEntry, FlowKey4, FlowKey6, command::op};
+use tcpstate_common::{Command, SockLayout};
 
-use crate::error::{Error, Result, is_permission_error};
+use crate::{
+    error::{Error, Result, is_permission_error},
+    kernel::attach::Attachments,
+};
 
 /// The probe object built by `cargo xtask build`, embedded at compile time.
 static PROBE_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcpstate-probe.o"));
 
-const XDP_PROGRAM: &str = "tcpstate_xdp";
-const TC_PROGRAM: &str = "tcpstate_tc";
-const TC_IN_PROGRAM: &str = "tcpstate_tc_in";
+pub(crate) const XDP_PROGRAM: &str = "tcpstate_xdp";
+pub(crate) const TC_PROGRAM: &str = "tcpstate_tc";
+pub(crate) const TC_IN_PROGRAM: &str = "tcpstate_tc_in";
 const COMMAND_PROGRAM: &str = "tcpstate_command";
-
-/// ifindex of loopback in every namespace (only the ingress hook there: it
-/// sees each loopback segment exactly once).
-pub const LOOPBACK_IFINDEX: u32 = 1;
+/// The slow path's programs, tail-called by the attached ones, and their
+/// jump tables (one per program type: a tail call stays within its type).
+const SLOW_PROGRAMS: [(&str, &str); 2] = [
+    ("tcpstate_slow_xdp", "SLOW_XDP"),
+    ("tcpstate_slow_tc", "SLOW_TC"),
+];
+const KERNEL_PROGRAM: &str = "tcpstate_kernel";
+/// The tracepoint the kernel reports socket state changes on.
+const STATE_TRACEPOINT: &str = "inet_sock_set_state";
+/// At `tcp_connect()`: a connecting socket with its tuple complete.
+const CONNECT_PROGRAM: &str = "tcpstate_connect";
+const CONNECT_FUNCTION: &str = "tcp_connect";
 
 /// The hook that sees what arrives on an interface.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -66,9 +71,16 @@ impl Default for ProbeOptions {
 }
 
 pub struct Probe {
-    ebpf: Ebpf,
-    attached: Vec<String>,
+    pub(crate) ebpf: Ebpf,
+    /// The slow path's jump table (the probe's entries hold the programs
+    /// while it is open).
+    _slow: Vec<ProgramArray<MapData>>,
+    pub(crate) attached: Attachments,
     logger: Option<ProbeLogger>,
+    /// The kernel reports its sockets' state changes to the probe.
+    kernel_reports: bool,
+    /// ...and its connects at `tcp_connect()`.
+    connect_reports: bool,
 }
 
 /// The probe's aya-log records, forwarded to the agent's log.
@@ -98,16 +110,39 @@ fn probe_log_level() -> u8 {
 }
 
 impl Probe {
-    /// Loads the probe into the kernel (nothing is attached yet).
-    pub fn load(opts: &ProbeOptions) -> Result<Probe> {
+    /// Loads the probe into the kernel (no interface is attached yet).
+    ///
+    /// With `layout` (where the kernel keeps what a report reads, and the
+    /// monitored namespace), the kernel-report program is attached to the
+    /// kernel's socket state changes, and the packet rules leave to it what
+    /// it reports ([`tcpstate_common::Segment::KERNEL_EVENTS`]). Where it
+    /// cannot be attached, the probe is loaded again without it, and says so.
+    pub fn load(opts: &ProbeOptions, layout: Option<SockLayout>) -> Result<Probe> {
+        if let Some(layout) = layout {
+            match Probe::load_with(opts, Some(layout)) {
+                Ok(p) => return Ok(p),
+                Err(Error::NotPermitted { action }) => return Err(Error::NotPermitted { action }),
+                Err(e) => tracing::warn!(
+                    "the kernel's reports of socket state changes are not available ({e}); counting from packets alone"
+                ),
+            }
+        }
+        Probe::load_with(opts, None)
+    }
+
+    fn load_with(opts: &ProbeOptions, layout: Option<SockLayout>) -> Result<Probe> {
         if PROBE_OBJECT.is_empty() {
             return Err(Error::ProbeMissing);
         }
         let level = probe_log_level();
+        let kernel_events = u8::from(layout.is_some()) * tcpstate_common::Segment::KERNEL_EVENTS;
+        let layout = layout.unwrap_or_default();
         let mut ebpf = EbpfLoader::new()
             .map_max_entries("FLOWS4", opts.max_flows)
             .map_max_entries("FLOWS6", opts.max_flows)
             .override_global(aya_log::LEVEL, &level, false)
+            .override_global("KERNEL_EVENTS", &kernel_events, true)
+            .override_global("SOCK_LAYOUT", &layout, true)
             .load(PROBE_OBJECT)
             .map_err(|e| {
                 if is_permission_error(&e) {
@@ -118,13 +153,43 @@ impl Probe {
                     Error::Ebpf(e)
                 }
             })?;
-        for name in [XDP_PROGRAM, COMMAND_PROGRAM] {
+        for name in [XDP_PROGRAM, COMMAND_PROGRAM, SLOW_PROGRAMS[0].0] {
             let prog: &mut Xdp = program(&mut ebpf, name)?.try_into()?;
             prog.load().map_err(|e| load_error(name, e))?;
         }
-        for name in [TC_PROGRAM, TC_IN_PROGRAM] {
+        for name in [TC_PROGRAM, TC_IN_PROGRAM, SLOW_PROGRAMS[1].0] {
             let tc: &mut SchedClassifier = program(&mut ebpf, name)?.try_into()?;
             tc.load().map_err(|e| load_error(name, e))?;
+        }
+        let mut slow = Vec::new();
+        for (name, table) in SLOW_PROGRAMS {
+            let mut jumps = ProgramArray::try_from(
+                ebpf.take_map(table)
+                    .unwrap_or_else(|| panic!("the probe defines {table}")),
+            )?;
+            let fd = ebpf
+                .program(name)
+                .unwrap_or_else(|| panic!("the probe defines {name}"))
+                .fd()?;
+            jumps.set(0, fd, 0)?;
+            slow.push(jumps);
+        }
+        let mut connect_reports = false;
+        if kernel_events != 0 {
+            let tp: &mut RawTracePoint = program(&mut ebpf, KERNEL_PROGRAM)?.try_into()?;
+            tp.load().map_err(|e| load_error(KERNEL_PROGRAM, e))?;
+            tp.attach(STATE_TRACEPOINT)
+                .map_err(|e| trace_error(KERNEL_PROGRAM, STATE_TRACEPOINT, e))?;
+            // Optional: some kernels refuse fentry programs (no BPF
+            // trampolines, or a security policy). Without it, a connect whose
+            // SYN never leaves (the host's own firewall drops it) is not
+            // seen at all: no segment, and its state report lacks its port.
+            match attach_connect(&mut ebpf) {
+                Ok(()) => connect_reports = true,
+                Err(e) => tracing::info!(
+                    "{e}: connects whose SYN this host's own firewall drops are not counted"
+                ),
+            }
         }
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(l) => Some(l),
@@ -135,9 +200,28 @@ impl Probe {
         };
         Ok(Probe {
             ebpf,
-            attached: Vec::new(),
+            _slow: slow,
+            attached: Attachments::default(),
             logger,
+            kernel_reports: kernel_events != 0,
+            connect_reports,
         })
+    }
+
+    /// Whether the kernel reports its sockets' state changes to the probe.
+    pub fn kernel_reports(&self) -> bool {
+        self.kernel_reports
+    }
+
+    /// Whether the kernel reports connects at `tcp_connect()` (where fentry
+    /// programs are allowed).
+    pub fn connect_reports(&self) -> bool {
+        self.connect_reports
+    }
+
+    /// The ring buffer of the probe's questions (once).
+    pub fn take_asks(&mut self) -> Option<RingBuf<MapData>> {
+        RingBuf::try_from(self.ebpf.take_map("ASKS")?).ok()
     }
 
     /// The per-CPU counters map (for a [`crate::serve::reader::Reader`]).
@@ -151,161 +235,6 @@ impl Probe {
     /// The reader of the probe's log records (once).
     pub fn take_logger(&mut self) -> Option<ProbeLogger> {
         self.logger.take()
-    }
-
-    /// Attaches to `iface` in the calling thread's namespace: XDP for what
-    /// arrives, TC egress for what leaves. On loopback XDP alone sees every
-    /// segment exactly once, so no TC program is attached there.
-    pub fn attach(&mut self, iface: &str, ingress: Ingress, loopback: bool) -> Result<()> {
-        let xdp_mode = match ingress {
-            Ingress::Tc => None,
-            Ingress::XdpGeneric => Some(XdpMode::Skb),
-            // Loopback has no driver XDP.
-            Ingress::XdpNative if loopback => Some(XdpMode::Skb),
-            Ingress::XdpNative => Some(XdpMode::Driver),
-        };
-        match xdp_mode {
-            Some(mode) => {
-                let xdp: &mut Xdp = program(&mut self.ebpf, XDP_PROGRAM)?.try_into()?;
-                xdp.attach(iface, mode)
-                    .map_err(|e| attach_error(XDP_PROGRAM, iface, e))?;
-            }
-            None => {
-                let tc: &mut SchedClassifier =
-                    program(&mut self.ebpf, TC_IN_PROGRAM)?.try_into()?;
-                tc.attach_with_options(
-                    iface,
-                    TcAttachType::Ingress,
-                    TcAttachOptions::TcxOrder(LinkOrder::first()),
-                )
-                .map_err(|e| attach_error(TC_IN_PROGRAM, iface, e))?;
-            }
-        }
-        if !loopback {
-            let tc: &mut SchedClassifier = program(&mut self.ebpf, TC_PROGRAM)?.try_into()?;
-            // First in the chain, so the monitor sees every packet before any
-            // other program may redirect or drop it.
-            tc.attach_with_options(
-                iface,
-                TcAttachType::Egress,
-                TcAttachOptions::TcxOrder(LinkOrder::first()),
-            )
-            .map_err(|e| attach_error(TC_PROGRAM, iface, e))?;
-        }
-        self.attached.push(iface.to_owned());
-        Ok(())
-    }
-
-    pub fn attached(&self) -> &[String] {
-        &self.attached
-    }
-
-    /// The counters summed over CPUs.
-    pub fn counters(&self) -> Result<Counters> {
-        let map = self.ebpf.map("PER_CPU").expect("the probe defines PER_CPU");
-        sum_counters(&PerCpuArray::try_from(map)?)
-    }
-
-    /// Makes `addrs` the set of addresses the probe treats as local (the
-    /// namespace's own): adds the new ones, removes the ones that are gone.
-    pub fn set_local_addresses(&mut self, addrs: &[IpAddr]) -> Result<()> {
-        let (v4, v6): (Vec<IpAddr>, Vec<IpAddr>) = addrs.iter().partition(|a| a.is_ipv4());
-        let v4: HashSet<u32> = v4
-            .iter()
-            .filter_map(|a| match a {
-                IpAddr::V4(a) => Some(u32::from_ne_bytes(a.octets())),
-                _ => None,
-            })
-            .collect();
-        let v6: HashSet<[u32; 4]> = v6
-            .iter()
-            .filter_map(|a| match a {
-                IpAddr::V6(a) => Some(ipv6_words(a)),
-                _ => None,
-            })
-            .collect();
-        sync_set(
-            self.ebpf
-                .map_mut("LOCAL4")
-                .expect("the probe defines LOCAL4"),
-            &v4,
-        )?;
-        sync_set(
-            self.ebpf
-                .map_mut("LOCAL6")
-                .expect("the probe defines LOCAL6"),
-            &v6,
-        )?;
-        Ok(())
-    }
-
-    /// The IPv4 flow map.
-    pub fn flows4(&self) -> Result<HashMap<&MapData, FlowKey4, FlowEntry>> {
-        Ok(HashMap::try_from(
-            self.ebpf.map("FLOWS4").expect("the probe defines FLOWS4"),
-        )?)
-    }
-
-    /// The IPv6 flow map.
-    pub fn flows6(&self) -> Result<HashMap<&MapData, FlowKey6, FlowEntry>> {
-        Ok(HashMap::try_from(
-            self.ebpf.map("FLOWS6").expect("the probe defines FLOWS6"),
-        )?)
-    }
-
-    /// Every flow entry of both families (a walk of the maps: O(flows), read
-    /// in batches).
-    pub fn flow_entries(&self) -> Result<Vec<(FlowRef, FlowEntry)>> {
-        let map = |name: &str| match self.ebpf.map(name) {
-            Some(aya::maps::Map::HashMap(m)) => m,
-            _ => unreachable!("the probe defines {name} as a hash map"),
-        };
-        let mut out: Vec<(FlowRef, FlowEntry)> =
-            crate::kernel::batch::read_all::<FlowKey4, FlowEntry>(map("FLOWS4"))?
-                .into_iter()
-                .map(|(k, e)| (FlowRef::V4(k), e))
-                .collect();
-        out.extend(
-            crate::kernel::batch::read_all::<FlowKey6, FlowEntry>(map("FLOWS6"))?
-                .into_iter()
-                .map(|(k, e)| (FlowRef::V6(k), e)),
-        );
-        Ok(out)
-    }
-
-    /// Capacity of each flow map (one per address family).
-    pub fn max_flows(&self) -> Result<u32> {
-        match self.ebpf.map("FLOWS4").expect("the probe defines FLOWS4") {
-            aya::maps::Map::HashMap(m) => Ok(m.info()?.max_entries()),
-            _ => unreachable!("FLOWS4 is a hash map"),
-        }
-    }
-
-    /// The kernel memory a map of the probe takes, as the kernel accounts it
-    /// (`memlock` in the map's fdinfo: preallocated elements included).
-    pub fn map_memory(&self, name: &str) -> Result<u64> {
-        use std::os::fd::{AsFd, AsRawFd};
-        let fd = match self.ebpf.map(name) {
-            Some(aya::maps::Map::HashMap(m)) => m.fd().as_fd().as_raw_fd(),
-            Some(aya::maps::Map::PerCpuArray(m)) => m.fd().as_fd().as_raw_fd(),
-            _ => {
-                return Err(Error::io(
-                    format!("reading map {name}"),
-                    std::io::Error::other("no such hash or per-CPU map"),
-                ));
-            }
-        };
-        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))
-            .map_err(|e| Error::io(format!("reading the fdinfo of {name}"), e))?;
-        info.lines()
-            .find_map(|l| l.strip_prefix("memlock:"))
-            .and_then(|v| v.trim().parse().ok())
-            .ok_or_else(|| {
-                Error::io(
-                    format!("reading the fdinfo of {name}"),
-                    std::io::Error::other("no memlock line"),
-                )
-            })
     }
 
     /// Runs a [`Command`] in the kernel; returns its outcome code
@@ -363,10 +292,44 @@ impl Probe {
     }
 }
 
-fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::programs::Program> {
+pub(crate) fn program<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &str,
+) -> Result<&'a mut aya::programs::Program> {
     Ok(ebpf
         .program_mut(name)
         .unwrap_or_else(|| panic!("the probe defines {name}")))
+}
+
+/// The program at `tcp_connect()` (see `probe-ebpf/src/kernel.rs`).
+fn attach_connect(ebpf: &mut Ebpf) -> Result<()> {
+    let btf = aya::Btf::from_sys_fs().map_err(|e| {
+        Error::io(
+            "reading the kernel's BTF",
+            std::io::Error::other(e.to_string()),
+        )
+    })?;
+    let connect: &mut FEntry = program(ebpf, CONNECT_PROGRAM)?.try_into()?;
+    connect
+        .load(CONNECT_FUNCTION, &btf)
+        .map_err(|e| Error::Io {
+            context: format!("loading {CONNECT_PROGRAM} at {CONNECT_FUNCTION}()"),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+    connect
+        .attach()
+        .map_err(|e| trace_error(CONNECT_PROGRAM, CONNECT_FUNCTION, e))?;
+    Ok(())
+}
+
+fn trace_error(program: &str, at: &str, e: ProgramError) -> Error {
+    if is_permission_error(&e) {
+        Error::NotPermitted {
+            action: format!("attaching {program} to {at}"),
+        }
+    } else {
+        Error::Program(e)
+    }
 }
 
 fn load_error(program: &str, e: ProgramError) -> Error {
@@ -404,87 +367,4 @@ fn load_error(program: &str, e: ProgramError) -> Error {
         },
         other => Error::Program(other),
     }
-}
-
-fn attach_error(program: &str, iface: &str, e: ProgramError) -> Error {
-    if is_permission_error(&e) {
-        return Error::NotPermitted {
-            action: format!("attaching {program} to {iface}"),
-        };
-    }
-    let text = e.to_string();
-    let hint = if program == XDP_PROGRAM && (text.contains("busy") || text.contains("exists")) {
-        " (another XDP program is attached there: `ip link show` names it; detach it or leave this interface out)"
-    } else if program == XDP_PROGRAM {
-        " (try --ingress tc or --ingress xdp, which every interface supports)"
-    } else {
-        ""
-    };
-    Error::Attach {
-        program: program.into(),
-        iface: iface.into(),
-        error: text,
-        hint,
-    }
-}
-
-/// The counters of every CPU's slot, summed, with the derived counts filled in.
-pub fn sum_counters<T: std::borrow::Borrow<MapData>>(
-    array: &PerCpuArray<T, CpuSlot>,
-) -> Result<Counters> {
-    let mut total = Counters::default();
-    for cpu in array.get(&0, 0)?.iter() {
-        total.accumulate(&cpu.counters);
-    }
-    total.derive();
-    Ok(total)
-}
-
-/// A flow map key of either family.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum FlowRef {
-    V4(FlowKey4),
-    V6(FlowKey6),
-}
-
-impl FlowRef {
-    /// The command that swaps this flow's word from `expect` to `new`.
-    pub fn command(&self, expect: u32, new: u32) -> Command {
-        let mut cmd = Command {
-            op: op::SWAP,
-            expect,
-            new,
-            ..Command::default()
-        };
-        match self {
-            FlowRef::V4(k) => {
-                cmd.family = 4;
-                cmd.key4 = *k;
-            }
-            FlowRef::V6(k) => {
-                cmd.family = 6;
-                cmd.key6 = *k;
-            }
-        }
-        cmd
-    }
-}
-
-/// An IPv6 address as the probe stores it: four words in wire order.
-pub fn ipv6_words(a: &Ipv6Addr) -> [u32; 4] {
-    let b = a.octets();
-    std::array::from_fn(|i| u32::from_ne_bytes(b[4 * i..4 * i + 4].try_into().unwrap()))
-}
-
-/// Makes the keys of a set-like hash map equal `want`.
-fn sync_set<K: aya::Pod + Eq + Hash>(map: &mut aya::maps::Map, want: &HashSet<K>) -> Result<()> {
-    let mut set: HashMap<&mut MapData, K, u8> = HashMap::try_from(map)?;
-    let have: HashSet<K> = set.keys().filter_map(|k| k.ok()).collect();
-    for gone in have.difference(want) {
-        let _ = set.remove(gone);
-    }
-    for new in want.difference(&have) {
-        set.insert(new, 1, 0)?;
-    }
-    Ok(())
 }

@@ -1,5 +1,7 @@
-//! The kernel's TCP socket table through netlink sock_diag (what `ss` reads).
-//! Used for what packets cannot show: listening sockets send nothing.
+//! The kernel's TCP socket table through netlink sock_diag (what `ss` reads):
+//! dumps (listening sockets, which send nothing; seeding; reconciliation)
+//! and exact lookups of one socket by its tuple (what the kernel decided
+//! about it, asked when only the kernel can tell).
 
 use std::{net::IpAddr, time::Duration};
 
@@ -58,6 +60,79 @@ impl SockDiag {
         Ok(counts)
     }
 
+    /// The socket whose local end is `local`:`local_port` and remote end
+    /// `remote`:`remote_port`, or `None` when the kernel has none. One
+    /// request, one answer: the kernel looks the tuple up in its hash of
+    /// connections (TIME_WAIT and request sockets included).
+    pub fn lookup(
+        &mut self,
+        local: IpAddr,
+        local_port: u16,
+        remote: IpAddr,
+        remote_port: u16,
+    ) -> Result<Option<SockInfo>> {
+        let family = if local.is_ipv4() { AF_INET } else { AF_INET6 };
+        let mut socket_id = if family == AF_INET {
+            SocketId::new_v4()
+        } else {
+            SocketId::new_v6()
+        };
+        socket_id.source_address = local;
+        socket_id.source_port = local_port;
+        socket_id.destination_address = remote;
+        socket_id.destination_port = remote_port;
+        // INET_DIAG_NOCOOKIE: any socket with this tuple.
+        socket_id.cookie = [0xff; 8];
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST;
+        let request = SockDiagMessage::InetRequest(InetRequest {
+            family,
+            protocol: IPPROTO_TCP,
+            extensions: ExtensionFlags::empty(),
+            states: StateFlags::all(),
+            socket_id,
+        });
+        self.send(header, request)?;
+        let size = self
+            .socket
+            .recv(&mut &mut self.buf[..], 0)
+            .map_err(|e| Error::io("reading sock_diag", e))?;
+        let msg = NetlinkMessage::<SockDiagMessage>::deserialize(&self.buf[..size])
+            .map_err(|e| Error::io("decoding sock_diag", std::io::Error::other(e.to_string())))?;
+        let len = (msg.header.length as usize).min(size);
+        match msg.payload {
+            NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(resp)) => {
+                let info = SockInfo::new(&resp.header, &self.buf[..len]);
+                // With no connection on the tuple the kernel answers with
+                // a listener on the local port: that is no answer here.
+                let same = info.remote_port == remote_port
+                    && info.local_port == local_port
+                    && unmapped(info.remote) == unmapped(remote);
+                Ok(same.then_some(info))
+            }
+            NetlinkPayload::Error(e) if e.code.map(|c| c.get()) == Some(-libc::ENOENT) => Ok(None),
+            NetlinkPayload::Error(e) => {
+                let io = e.code.map_or_else(
+                    || std::io::Error::other("unknown"),
+                    |c| std::io::Error::from_raw_os_error(-c.get()),
+                );
+                Err(Error::io("sock_diag lookup", io))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    fn send(&mut self, header: NetlinkHeader, request: SockDiagMessage) -> Result<()> {
+        let mut packet = NetlinkMessage::new(header, request.into());
+        packet.finalize();
+        let mut out = vec![0; packet.buffer_len()];
+        packet.serialize(&mut out);
+        self.socket
+            .send(&out, 0)
+            .map_err(|e| Error::io("sending a sock_diag request", e))?;
+        Ok(())
+    }
+
     fn dump(
         &mut self,
         family: u8,
@@ -77,13 +152,7 @@ impl SockDiag {
                 SocketId::new_v6()
             },
         });
-        let mut packet = NetlinkMessage::new(header, request.into());
-        packet.finalize();
-        let mut out = vec![0; packet.buffer_len()];
-        packet.serialize(&mut out);
-        self.socket
-            .send(&out, 0)
-            .map_err(|e| Error::io("sending a sock_diag request", e))?;
+        self.send(header, request)?;
         loop {
             let size = self
                 .socket
@@ -130,6 +199,19 @@ pub struct SockInfo {
     pub remote_port: u16,
     /// For TIME_WAIT and orphaned FIN_WAIT2 sockets: time left on the timer.
     pub timewait_left: Option<Duration>,
+    /// The socket's pending timer (`idiag_timer`: 0 none, 1 retransmit
+    /// (also a request socket's SYN-ACK timer), 2 keepalive, 3 TIME_WAIT,
+    /// 4 zero-window probe) and the time until it fires.
+    pub timer: u8,
+    pub expires: Duration,
+}
+
+/// An address with an IPv4-mapped IPv6 address as its IPv4 one.
+fn unmapped(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
 }
 
 /// Offsets in a sock_diag message: netlink header (16 bytes), then
@@ -142,11 +224,13 @@ const TIMER_TIMEWAIT: u8 = 3;
 impl SockInfo {
     fn new(h: &InetResponseHeader, raw: &[u8]) -> SockInfo {
         // The crate drops the time left on TIME_WAIT timers; read it raw.
-        let timewait_left =
-            (raw.len() >= EXPIRES_AT + 4 && raw[TIMER_AT] == TIMER_TIMEWAIT).then(|| {
-                let ms = u32::from_ne_bytes(raw[EXPIRES_AT..EXPIRES_AT + 4].try_into().unwrap());
-                Duration::from_millis(ms.into())
-            });
+        let (timer, expires) = if raw.len() >= EXPIRES_AT + 4 {
+            let ms = u32::from_ne_bytes(raw[EXPIRES_AT..EXPIRES_AT + 4].try_into().unwrap());
+            (raw[TIMER_AT], Duration::from_millis(ms.into()))
+        } else {
+            (0, Duration::ZERO)
+        };
+        let timewait_left = (timer == TIMER_TIMEWAIT).then_some(expires);
         SockInfo {
             state: h.state,
             local: h.socket_id.source_address,
@@ -154,6 +238,14 @@ impl SockInfo {
             remote: h.socket_id.destination_address,
             remote_port: h.socket_id.destination_port,
             timewait_left,
+            timer,
+            expires,
         }
+    }
+
+    /// A socket of the TIME_WAIT table (a TIME_WAIT, or an orphaned
+    /// FIN_WAIT2 the kernel already turned into one).
+    pub fn is_timewait(&self) -> bool {
+        self.timer == TIMER_TIMEWAIT
     }
 }

@@ -9,21 +9,22 @@ use std::{
     time::Duration,
 };
 
-use tcpstate_common::TcpState;
+use aya::maps::{MapData, RingBuf};
+use tcpstate_common::{Ask, TcpState};
 use tokio::{
+    io::{Interest, unix::AsyncFd},
     net::UnixListener,
     signal::unix::{SignalKind, signal},
 };
 
 use crate::{
     error::Error,
-    kernel::netns,
-    serve::control,
+    kernel::links::LinkWatch,
+    serve::{control, tick},
     snapshot::Snapshot,
     tracking::{
         agent::{self, Agent},
-        pacing::{Pacer, cpu_cost},
-        signals::KernelSignal,
+        pacing::Pacer,
         timers::FILING_HORIZON,
     },
 };
@@ -101,6 +102,11 @@ pub async fn run(
             }
         })))
     });
+    let asks = agent.probe_mut().take_asks();
+    let links = agent
+        .link_watch()
+        .map_err(|e| tracing::warn!("{e}: interfaces added later will not be followed"))
+        .ok();
     let reader = Arc::new(agent.reader()?);
     agent.drop_privileges()?;
     tracing::debug!(
@@ -139,6 +145,8 @@ pub async fn run(
             }
         }))
     };
+    let _questions = asks.map(|ring| questions(ring, Arc::clone(&agent)));
+    let _links = links.map(|watch| follow(watch, Arc::clone(&agent)));
     let stop = async move {
         match stop {
             Some(rx) => {
@@ -185,60 +193,13 @@ pub async fn run(
                 let walk_due = walks.due(now);
                 let reconcile_due = checks.as_ref().is_some_and(|p| p.due(now));
                 let ran = tokio::task::spawn_blocking(move || {
-                // Namespace reads first, without the lock.
-                let ns = agent.lock().expect("agent lock").netns();
-                let addrs = ns.run_kept(netns::local_addresses);
-                let signals = ns.run_kept(|| Ok(KernelSignal::read_all()));
-                let mut a = agent.lock().expect("agent lock");
-                if let Err(e) = addrs.and_then(|addrs| a.set_local_addresses(&addrs)) {
-                    tracing::warn!("reading the namespace's addresses failed: {e}");
-                }
-                let walked = walk_due.then(|| {
-                    let (swept, took) = cpu_cost(|| a.sweep());
-                    if let Err(e) = swept {
-                        tracing::warn!("timer sweep failed: {e}");
-                    }
-                    tracing::debug!("flow map walk cost {took:?} of CPU");
-                    took
+                    tick::tick(&agent, &publish_to, walk_due, reconcile_due)
                 });
-                match a.map_full_since_last() {
-                    Ok(0) | Err(_) => {}
-                    Ok(n) => tracing::warn!(
-                        "flow map full: {n} new connections not tracked in the last second (capacity {} per address family; raise --max-flows)",
-                        a.probe().max_flows().unwrap_or(0)
-                    ),
-                }
-                match signals.map(|now| a.note_signals(now)) {
-                    Ok(grew) => {
-                        for (signal, n) in KernelSignal::ALL.iter().zip(grew) {
-                            if n > 0 {
-                                tracing::info!("{n} {}: checking the socket table", signal.meaning());
-                            }
-                        }
-                    }
-                    Err(e) => tracing::warn!("reading the kernel's TCP counters failed: {e}"),
-                }
-                let checked = (a.take_check_due() || reconcile_due).then(|| {
-                    let (fixed, took) = cpu_cost(|| a.reconcile());
-                    match fixed {
-                        Ok(0) => {}
-                        Ok(n) => tracing::info!("reconciled {n} flows with the socket table"),
-                        Err(e) => tracing::warn!("reconciliation failed: {e}"),
-                    }
-                    tracing::debug!("socket-table check cost {took:?} of CPU");
-                    took
-                });
-                match a.snapshot() {
-                    Ok(s) => publish_to.publish(s),
-                    Err(e) => tracing::warn!("reading counts failed: {e}"),
-                }
-                (walked, checked)
-                });
-                if let Ok((walked, checked)) = ran.await {
-                    if let Some(took) = walked {
+                if let Ok(ran) = ran.await {
+                    if let Some(took) = ran.walked {
                         walks.ran(now, took);
                     }
-                    if let (Some(took), Some(p)) = (checked, checks.as_mut()) {
+                    if let (Some(took), Some(p)) = (ran.checked, checks.as_mut()) {
                         p.ran(now, took);
                     }
                 }
@@ -254,6 +215,54 @@ pub async fn run(
     tracing::info!("detaching");
     drop(agent);
     Ok(())
+}
+
+/// Reads the probe's questions as they come and files them with the agent.
+fn questions(ring: RingBuf<MapData>, agent: Arc<Mutex<Agent>>) -> Option<AbortOnDrop<()>> {
+    // SAFETY: the ring owns its descriptor, which stays open and the same
+    // until the ring (moved into the AsyncFd) drops.
+    let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
+        .map_err(|e| tracing::warn!("reading the probe's questions: {e}"))
+        .ok()?;
+    Some(AbortOnDrop(tokio::spawn(async move {
+        while let Ok(mut ready) = ring.readable_mut().await {
+            let mut got = Vec::new();
+            while let Some(item) = ready.get_inner_mut().next() {
+                if item.len() >= std::mem::size_of::<Ask>() {
+                    // SAFETY: the probe writes whole `Ask` records; read
+                    // unaligned from the ring's bytes.
+                    got.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<Ask>()) });
+                }
+            }
+            ready.clear_ready();
+            if !got.is_empty() {
+                agent.lock().expect("agent lock").questions(got);
+            }
+        }
+    })))
+}
+
+/// Follows the namespace's link and address events.
+fn follow(watch: LinkWatch, agent: Arc<Mutex<Agent>>) -> Option<AbortOnDrop<()>> {
+    // SAFETY: the watch owns its socket, which stays open and the same until
+    // the watch (moved into the AsyncFd) drops.
+    let mut watch = unsafe { AsyncFd::register_with_interest(watch, Interest::READABLE) }
+        .map_err(|e| tracing::warn!("following interfaces: {e}"))
+        .ok()?;
+    Some(AbortOnDrop(tokio::spawn(async move {
+        while let Ok(mut ready) = watch.readable_mut().await {
+            let drained = ready.get_inner_mut().drain();
+            ready.clear_ready();
+            match drained {
+                Ok((events, overrun)) if !events.is_empty() || overrun => {
+                    let agent = Arc::clone(&agent);
+                    let _ = tokio::task::spawn_blocking(move || tick::follow_links(&agent)).await;
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!("{e}"),
+            }
+        }
+    })))
 }
 
 fn print_line(s: &Snapshot) {

@@ -6,3 +6,4 @@ pub mod control;
 pub mod daemon;
 pub mod metrics;
 pub mod reader;
+pub mod tick;

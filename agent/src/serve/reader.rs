@@ -11,7 +11,7 @@ use tcpstate_common::CpuSlot;
 
 use crate::{
     error::{Error, Result},
-    kernel::{probe::sum_counters, sockdiag::SockDiag},
+    kernel::{maps::sum_counters, sockdiag::SockDiag},
     snapshot::{Snapshot, events_by_name, live_counts},
 };
 

@@ -2,25 +2,31 @@
 //! kernel's timers and signals, and what reconciliation has learnt. The
 //! daemon (`serve::daemon`) drives it; the reader answers counts without it.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use netlink_packet_sock_diag::inet::StateFlags;
-use tcpstate_common::TcpState;
+use tcpstate_common::{Ask, Event, Side, TcpState};
 
 use crate::{
     error::{Error, Result},
     kernel::{
-        netns::{self, NetNs},
+        btf::{Btf, sock_layout},
+        clock::KernelClock,
+        links::{self, LinkWatch},
+        maps::FlowRef,
+        netns::NetNs,
+        nsinfo, privileges,
         probe::{Probe, ProbeOptions},
         sockdiag::SockDiag,
     },
     snapshot::{PortFilter, Snapshot, StateCounts, by_state, live_counts},
     tracking::{
         breakdown::{Breakdown, local_ends},
+        interfaces::{Changes, Interfaces},
         reconcile::Reconciler,
         seed,
         signals::KernelSignal,
-        timers::{Timeouts, Timers},
+        timers::{SweepStats, Timeouts, Timers, Why},
     },
 };
 
@@ -41,19 +47,23 @@ pub struct Agent {
     ns: Arc<NetNs>,
     probe: Probe,
     diag: SockDiag,
+    interfaces: Interfaces,
     timeouts: Timeouts,
     expired: u64,
+    /// Sockets looked up in the kernel's table, and endpoints set from the
+    /// answers.
+    asked: [u64; 2],
     reconciler: Reconciler,
     timers: Timers,
-    /// The kernel's TCPTimeWaitOverflow at the last look.
     /// Each [`KernelSignal`]'s counter at the last look.
     signals: [Option<u64>; 2],
     /// Growth of TCPTimeWaitOverflow since the agent started.
     tw_overflow_seen: u64,
     /// Socket-table checks owed after such growth.
     checks_due: u8,
-    /// The probe's map_full count at the last look.
+    /// The probe's map_full and ask_lost counts at the last look.
     map_full_seen: u64,
+    ask_lost_seen: u64,
     /// Connections by port and by peer, as of the last walk.
     breakdown: Breakdown,
     /// Entries in the IPv4 and IPv6 flow maps at the last walk.
@@ -62,43 +72,44 @@ pub struct Agent {
     started: std::time::Instant,
 }
 
+/// How long after the kernel reported a close in FIN_WAIT2 or CLOSING the
+/// agent asks whether a TIME_WAIT socket took over: the peer's FIN usually
+/// comes first, which the segments show, and the question is then moot.
+const CLOSE_QUESTION_DELAY: Duration = Duration::from_millis(200);
+
 impl Agent {
     /// Loads the probe and attaches it in the configured namespace.
     pub fn start(cfg: &Config) -> Result<Agent> {
-        let mut ns = match &cfg.netns {
+        let ns = match &cfg.netns {
             Some(name) => NetNs::named(name)?,
-            None => NetNs::current(),
+            None => NetNs::current()?,
         };
         let ns_label = ns.to_string();
+        let inode = ns.inode();
+        let interfaces = Interfaces::new(cfg.interfaces.clone(), cfg.probe.ingress);
         let (probe, diag, timeouts) = ns.run(|| {
-            let ifaces = if cfg.interfaces.is_empty() {
-                let up = netns::interfaces_up()?;
-                if up.is_empty() {
-                    return Err(Error::NoInterfaces(ns_label.clone()));
-                }
-                up
-            } else {
-                for iface in &cfg.interfaces {
-                    if !netns::interface_exists(iface) {
-                        return Err(Error::NoSuchInterface {
-                            iface: iface.clone(),
-                            netns: ns_label.clone(),
-                        });
-                    }
-                }
-                cfg.interfaces.clone()
-            };
-            let mut probe = Probe::load(&cfg.probe)?;
+            let present = links::interfaces()?;
+            if let Some(iface) = interfaces.missing(&present).pop() {
+                return Err(Error::NoSuchInterface {
+                    iface,
+                    netns: ns_label.clone(),
+                });
+            }
+            if present.is_empty() {
+                return Err(Error::NoInterfaces(ns_label.clone()));
+            }
+            // The kernel's reports need its BTF; without it, packets alone.
+            let layout = Btf::kernel()
+                .and_then(|btf| sock_layout(&btf, inode as u32))
+                .map_err(|e| tracing::warn!("{e}: the kernel's socket reports are not used"))
+                .ok();
+            let mut probe = Probe::load(&cfg.probe, layout)?;
             // Before attaching: the first segments already need to know
             // which endpoints are local.
-            probe.set_local_addresses(&netns::local_addresses()?)?;
-            for iface in &ifaces {
-                let loopback = nix::net::if_::if_nametoindex(iface.as_str()).ok()
-                    == Some(crate::kernel::probe::LOOPBACK_IFINDEX);
-                probe.attach(iface, cfg.probe.ingress, loopback)?;
-            }
+            probe.set_local_addresses(&nsinfo::local_addresses()?)?;
+            interfaces.attach_all(&mut probe, &present)?;
             let mut diag = SockDiag::open()?;
-            let timeouts = Timeouts::from_sysctls();
+            let timeouts = Timeouts::from_sysctls(KernelClock::read(), probe.kernel_reports());
             // After attaching: from here on packets are seen, so every
             // connection is either seeded now or tracked from its packets.
             let seeded = seed::seed(&probe, &mut diag, &timeouts)?;
@@ -110,22 +121,22 @@ impl Agent {
             );
             Ok((probe, diag, timeouts))
         })?;
-        // The periodic work in the namespace runs on a thread that stays
-        // there: it needs no privilege once they are dropped.
-        ns.keep_a_thread_inside()?;
         Ok(Agent {
             netns: cfg.netns.clone(),
             ns: Arc::new(ns),
             probe,
             diag,
+            interfaces,
             timeouts,
             expired: 0,
+            asked: [0; 2],
             reconciler: Reconciler::default(),
             timers: Timers::default(),
             signals: [None; 2],
             tw_overflow_seen: 0,
             checks_due: 0,
             map_full_seen: 0,
+            ask_lost_seen: 0,
             breakdown: Breakdown::default(),
             flows_in_map: [0; 2],
             top_k: cfg.top_k,
@@ -133,18 +144,74 @@ impl Agent {
         })
     }
 
+    /// Looks at the namespace's interfaces again (link events came):
+    /// attaches to new ones, detaches from those gone.
+    pub fn follow_interfaces(&mut self) -> Result<Changes> {
+        let ns = Arc::clone(&self.ns);
+        let (interfaces, probe) = (&self.interfaces, &mut self.probe);
+        ns.run(|| {
+            let present = links::interfaces()?;
+            Ok(interfaces.sync(probe, &present))
+        })
+    }
+
+    /// A socket subscribed to the namespace's link and address events.
+    pub fn link_watch(&self) -> Result<LinkWatch> {
+        self.ns.run(LinkWatch::open)
+    }
+
+    /// The sysctls as read now: a changed `tcp_fin_timeout` applies to the
+    /// FIN_WAIT2 sockets the kernel turns into time-wait ones from now on,
+    /// and to when held ones are looked at next.
+    pub fn set_timeouts(&mut self, t: Timeouts) {
+        if t.fin_wait2 != self.timeouts.fin_wait2 {
+            tracing::info!(
+                "net.ipv4.tcp_fin_timeout is now {:?} (was {:?})",
+                t.fin_wait2,
+                self.timeouts.fin_wait2
+            );
+            self.timers.forget_held();
+        }
+        self.timeouts = t;
+    }
+
+    /// Timeouts as the namespace's sysctls say now (read without the lock).
+    pub fn timeouts_now(ns: &NetNs, like: &Timeouts) -> Result<Timeouts> {
+        let (clock, reports) = (like.clock, like.kernel_reports);
+        ns.run(move || Ok(Timeouts::from_sysctls(clock, reports)))
+    }
+
+    pub fn timeouts(&self) -> &Timeouts {
+        &self.timeouts
+    }
+
+    /// Questions from the probe: ask about these sockets shortly.
+    pub fn questions(&mut self, asks: impl IntoIterator<Item = Ask>) {
+        for q in asks {
+            let flow = if q.family == 6 {
+                FlowRef::V6(q.key6)
+            } else {
+                FlowRef::V4(q.key4)
+            };
+            let side = if q.side == 0 { Side::A } else { Side::B };
+            let at = q.at_ns + CLOSE_QUESTION_DELAY.as_nanos() as u64;
+            self.timers.question(flow, side, Why::Closed, at);
+        }
+    }
+
     /// A reader of the counts that never waits for this agent's lock.
     pub fn reader(&mut self) -> Result<crate::serve::reader::Reader> {
-        let diag = self.ns.run_kept(SockDiag::open)?;
+        let diag = self.ns.run(SockDiag::open)?;
         let first = self.snapshot()?;
         crate::serve::reader::Reader::new(self.probe.counters_map(), diag, first, self.started)
     }
 
-    /// Drops every capability, on this thread and on the namespace thread:
-    /// from here on the agent only uses descriptors it already holds.
+    /// Drops every capability, on this thread and (but what attaching to a
+    /// new interface takes) on the namespace thread: from here on the agent
+    /// only uses descriptors it already holds.
     pub fn drop_privileges(&self) -> Result<()> {
-        self.ns.run_kept(crate::kernel::privileges::drop_all)?;
-        crate::kernel::privileges::drop_all()
+        self.ns.run(|| privileges::keep_only(&privileges::ATTACH))?;
+        privileges::drop_all()
     }
 
     /// Takes a reading of the [`KernelSignal`]s. When one grows, the
@@ -178,11 +245,21 @@ impl Agent {
         self.probe.set_local_addresses(addrs)
     }
 
-    /// New connections the full flow map refused since the last call.
-    pub fn map_full_since_last(&mut self) -> Result<u64> {
-        let now = self.probe.counters()?.events[tcpstate_common::Event::MapFull as usize];
-        let grew = now.saturating_sub(self.map_full_seen);
-        self.map_full_seen = now;
+    /// New connections the full flow map refused, and questions lost to a
+    /// full ring, since the last call. A lost question makes a socket-table
+    /// check owed: it would have been about a socket the packets cannot tell.
+    pub fn losses_since_last(&mut self) -> Result<[u64; 2]> {
+        let events = self.probe.counters()?.events;
+        let full = events[Event::MapFull as usize];
+        let lost = events[Event::AskLost as usize];
+        let grew = [
+            full.saturating_sub(self.map_full_seen),
+            lost.saturating_sub(self.ask_lost_seen),
+        ];
+        (self.map_full_seen, self.ask_lost_seen) = (full, lost);
+        if grew[1] > 0 {
+            self.checks_due = self.checks_due.max(2);
+        }
         Ok(grew)
     }
 
@@ -200,7 +277,7 @@ impl Agent {
         let states = live_counts(&counters, self.diag.listening()?);
         let mut snap = Snapshot::new(
             self.netns.clone(),
-            self.probe.attached().to_vec(),
+            self.probe.attached(),
             states,
             &counters,
             self.probe.max_flows()?,
@@ -212,6 +289,9 @@ impl Agent {
         snap.ports = self.breakdown.top_ports(self.top_k);
         snap.peers = self.breakdown.top_peers(self.top_k);
         snap.flows_in_map = self.flows_in_map;
+        snap.asked = self.asked;
+        snap.kernel_reports = self.probe.kernel_reports();
+        snap.connect_reports = self.probe.connect_reports();
         snap.uptime_ms = self.started.elapsed().as_millis() as u64;
         Ok(snap)
     }
@@ -264,11 +344,13 @@ impl Agent {
         self.breakdown = b;
         let v4 = entries
             .iter()
-            .filter(|(f, _)| matches!(f, crate::kernel::probe::FlowRef::V4(_)))
+            .filter(|(f, _)| matches!(f, crate::kernel::maps::FlowRef::V4(_)))
             .count() as u64;
         self.flows_in_map = [v4, entries.len() as u64 - v4];
-        let stats = self.timers.file(&entries, &self.probe, &self.timeouts)?;
-        self.expired += stats.expired;
+        let stats = self
+            .timers
+            .file(&entries, &self.probe, &mut self.diag, &self.timeouts)?;
+        self.count(stats);
         Ok(())
     }
 
@@ -294,11 +376,20 @@ impl Agent {
         Ok(c)
     }
 
-    /// Fires the timers filed by the last walk that are due now.
+    /// Fires the timers filed by the last walk that are due now, and asks
+    /// the questions whose moment has come.
     pub fn fire_timers(&mut self) -> Result<()> {
-        let stats = self.timers.fire(&self.probe, &self.timeouts)?;
-        self.expired += stats.expired;
+        let stats = self
+            .timers
+            .fire(&self.probe, &mut self.diag, &self.timeouts)?;
+        self.count(stats);
         Ok(())
+    }
+
+    fn count(&mut self, stats: SweepStats) {
+        self.expired += stats.expired;
+        self.asked[0] += stats.asked;
+        self.asked[1] += stats.answered;
     }
 
     pub fn probe(&self) -> &Probe {

@@ -12,7 +12,7 @@ use std::{
 use tcpstate_common::{Side, TcpState, Word};
 
 use crate::{
-    kernel::probe::FlowRef,
+    kernel::maps::FlowRef,
     snapshot::{Keyed, OTHER, StateCounts},
 };
 

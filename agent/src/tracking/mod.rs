@@ -4,7 +4,9 @@
 //! against the socket table.
 
 pub mod agent;
+pub mod answers;
 pub mod breakdown;
+pub mod interfaces;
 pub mod pacing;
 pub mod reconcile;
 pub mod seed;

@@ -18,18 +18,13 @@ use netlink_packet_sock_diag::inet::StateFlags;
 use tcpstate_common::{
     Side, TcpState, Word,
     command::{op, outcome},
+    machine::peer_state,
 };
 
 use crate::{
     error::Result,
-    kernel::{
-        probe::{FlowRef, Probe},
-        sockdiag::SockDiag,
-    },
-    tracking::{
-        seed::{flow_of, peer_state},
-        timers::monotonic_ns,
-    },
+    kernel::{maps::FlowRef, probe::Probe, sockdiag::SockDiag},
+    tracking::{seed::flow_of, timers::monotonic_ns},
 };
 
 /// One local endpoint: a flow and its side.

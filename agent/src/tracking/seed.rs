@@ -10,30 +10,18 @@ use netlink_packet_sock_diag::inet::StateFlags;
 use tcpstate_common::{
     Command, FlowKey4, FlowKey6, Side, TcpState, Word,
     command::{op, outcome},
+    machine::peer_state,
 };
 
 use crate::{
     error::Result,
     kernel::{
-        probe::{FlowRef, Probe, ipv6_words},
+        maps::{FlowRef, ipv6_words},
+        probe::Probe,
         sockdiag::{SockDiag, SockInfo},
     },
     tracking::timers::{Timeouts, monotonic_ns},
 };
-
-/// The state the peer of a local socket is most likely in: what the local
-/// state implies about the segments already exchanged.
-pub fn peer_state(local: TcpState) -> TcpState {
-    match local {
-        TcpState::Established => TcpState::Established,
-        TcpState::SynSent => TcpState::SynRecv,
-        TcpState::SynRecv => TcpState::SynSent,
-        TcpState::FinWait1 | TcpState::FinWait2 => TcpState::CloseWait,
-        TcpState::CloseWait | TcpState::LastAck => TcpState::FinWait2,
-        TcpState::Closing => TcpState::Closing,
-        _ => TcpState::Close,
-    }
-}
 
 /// An address as the probe stores it: IPv4 (also an IPv4-mapped IPv6
 /// address, which travels as IPv4 on the wire) or IPv6, words in wire order.
@@ -146,6 +134,8 @@ mod tests {
             remote: remote.parse().unwrap(),
             remote_port: rport,
             timewait_left: None,
+            timer: 0,
+            expires: Duration::ZERO,
         }
     }
 

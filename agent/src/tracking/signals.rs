@@ -1,7 +1,7 @@
 //! Kernel decisions that leave no packet of their own, read from the
 //! namespace's SNMP counters.
 
-use crate::kernel::netns;
+use crate::kernel::nsinfo;
 
 /// Kernel decisions that leave no packet of their own: the probe sees a
 /// close or a SYN like any other, the socket table differs.
@@ -41,7 +41,7 @@ impl KernelSignal {
         KernelSignal::ALL.map(|s| {
             s.counters()
                 .iter()
-                .map(|c| netns::snmp_counter("TcpExt", c))
+                .map(|c| nsinfo::snmp_counter("TcpExt", c))
                 .sum()
         })
     }

@@ -1,39 +1,52 @@
-//! The kernel's timers, applied to flow entries: a local endpoint in
-//! TIME_WAIT, FIN_WAIT2, SYN_SENT or SYN_RECV leaves the socket table when
-//! Linux's timer for that state fires, without sending a packet. The agent
-//! walks the flow maps once a second, files each running timer by its
-//! deadline ([`Timers`]), and closes the endpoints that are due through the
-//! probe's command program (same compare-and-swap and counter update as the
-//! data path), then deletes entries that no longer hold a local socket.
+//! The kernel's timers, applied to flow entries. A local endpoint in
+//! TIME_WAIT leaves the socket table when Linux's fixed 60 s timer fires,
+//! without a packet: the agent computes that moment (the kernel's timer
+//! wheel included) and closes the endpoint then. The other timed states
+//! end by conditions only the kernel knows (whether a FIN_WAIT2 socket is
+//! still held by its application, a request's SYN-ACK retries, a connect's
+//! retries): at their deadline the agent asks the kernel about that one
+//! socket ([`Why`], `answers.rs`) and acts on the answer.
+//!
+//! The walk of the flow maps (once a second) files what falls due in the
+//! next seconds ([`Timers`]); a short tick acts on what is due, through the
+//! probe's command program (same compare-and-swap and counter update as
+//! the data path), and deletes entries that no longer hold a local socket.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap},
+    time::Duration,
+};
 
 use tcpstate_common::{FlowEntry, Side, TcpState, Word, command::outcome, machine::expire};
 
 use crate::{
     error::Result,
     kernel::{
-        clock::KernelClock,
-        netns::sysctl_u64,
-        probe::{FlowRef, Probe},
+        clock::KernelClock, maps::FlowRef, nsinfo::sysctl_u64, probe::Probe, sockdiag::SockDiag,
     },
+    tracking::answers::{self, Answer},
 };
 
-/// How long each timed state lasts in the monitored namespace.
+/// How long each timed state lasts in the monitored namespace, as its
+/// sysctls say now.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Timeouts {
     /// TCP_TIMEWAIT_LEN: fixed at 60 s in Linux.
     pub time_wait: Duration,
     /// net.ipv4.tcp_fin_timeout (orphaned FIN_WAIT2 sockets).
     pub fin_wait2: Duration,
-    /// Until the last SYN retransmission (net.ipv4.tcp_syn_retries) times out.
+    /// Until a connect gives up (net.ipv4.tcp_syn_retries and
+    /// tcp_syn_linear_timeouts).
     pub syn_sent: Duration,
-    /// Until the last SYN-ACK retransmission (net.ipv4.tcp_synack_retries) times out.
+    /// Until a request gives up (net.ipv4.tcp_synack_retries).
     pub syn_recv: Duration,
     /// How long a dead entry stays before it is deleted.
     pub dead_grace: Duration,
     /// The kernel's timer wheel, for TIME_WAIT and FIN_WAIT2 (None: exact).
     pub clock: Option<KernelClock>,
+    /// The kernel reports its full sockets' state changes to the probe:
+    /// a connect's end needs no timer of the agent's.
+    pub kernel_reports: bool,
 }
 
 impl Default for Timeouts {
@@ -41,30 +54,56 @@ impl Default for Timeouts {
         Timeouts {
             time_wait: Duration::from_secs(60),
             fin_wait2: Duration::from_secs(60),
-            syn_sent: retries_span(6),
+            syn_sent: syn_sent_span(6, 4),
             syn_recv: retries_span(5),
             dead_grace: Duration::from_secs(1),
             clock: None,
+            kernel_reports: false,
         }
     }
 }
 
 /// Time from the first transmission until the retransmission timer gives up
-/// after `retries` retries, with the initial RTO of 1 s doubling each time.
+/// after `retries` retries, with the initial RTO of 1 s doubling each time
+/// (a request's SYN-ACKs: 1 + 2 + ... + 2^retries).
 pub fn retries_span(retries: u64) -> Duration {
     Duration::from_secs((1u64 << (retries.min(30) + 1)) - 1)
 }
 
+/// When a connect gives up (tcp_retransmit_timer and tcp_write_timeout):
+/// the first `linear` retransmissions keep the 1 s RTO, later ones double
+/// it; it gives up at the timer that finds `retries + linear` retransmissions
+/// done, or the time model of `retries` doublings passed, whichever first.
+pub fn syn_sent_span(retries: u64, linear: u64) -> Duration {
+    let (retries, linear) = (retries.min(30), linear.min(255));
+    let model = (1u64 << (retries + 1)) - 1;
+    let (mut at, mut rto, mut done) = (0u64, 1u64, 0u64);
+    loop {
+        at += rto;
+        if done >= retries + linear || at >= model {
+            return Duration::from_secs(at);
+        }
+        done += 1;
+        if done > linear {
+            rto = (rto * 2).min(120);
+        }
+    }
+}
+
 impl Timeouts {
-    /// Reads the sysctls of the calling thread's network namespace.
-    pub fn from_sysctls() -> Timeouts {
+    /// Reads the sysctls of the calling thread's network namespace; the
+    /// timer wheel's clock is measured once and kept (`clock`).
+    pub fn from_sysctls(clock: Option<KernelClock>, kernel_reports: bool) -> Timeouts {
         let d = Timeouts::default();
+        let linear = sysctl_u64("net/ipv4/tcp_syn_linear_timeouts").unwrap_or(0);
         Timeouts {
             fin_wait2: sysctl_u64("net/ipv4/tcp_fin_timeout")
                 .map_or(d.fin_wait2, Duration::from_secs),
-            syn_sent: sysctl_u64("net/ipv4/tcp_syn_retries").map_or(d.syn_sent, retries_span),
+            syn_sent: sysctl_u64("net/ipv4/tcp_syn_retries")
+                .map_or(d.syn_sent, |r| syn_sent_span(r, linear)),
             syn_recv: sysctl_u64("net/ipv4/tcp_synack_retries").map_or(d.syn_recv, retries_span),
-            clock: KernelClock::read(),
+            clock,
+            kernel_reports,
             ..d
         }
     }
@@ -79,63 +118,168 @@ impl Timeouts {
         }
     }
 
-    /// When the kernel ends a local endpoint that entered `s` at `since_ns`.
+    /// When the kernel's timer for a local endpoint that entered `s` at
+    /// `since_ns` would fire.
     pub fn ends_at(&self, s: TcpState, since_ns: u64) -> Option<u64> {
         let limit = self.for_state(s)?;
-        Some(match (s, self.clock) {
-            // TIME_WAIT and FIN_WAIT2 (time-wait sockets): wheel timers.
+        Some(self.wheel(s, since_ns, limit))
+    }
+
+    /// A timer of `limit` armed at `since_ns`: TIME_WAIT and FIN_WAIT2
+    /// (time-wait sockets) are wheel timers, rounded up to their bucket.
+    pub fn wheel(&self, s: TcpState, since_ns: u64, limit: Duration) -> u64 {
+        match (s, self.clock) {
             (TcpState::TimeWait | TcpState::FinWait2, Some(clock)) => {
                 clock.fire_ns(since_ns, limit)
             }
             _ => since_ns.saturating_add(limit.as_nanos() as u64),
-        })
+        }
     }
 }
 
-/// When [`decide`] first wants to change an entry that changed at
-/// `changed_ns`: the earliest of its local endpoints' timers (or the end of a
-/// dead entry's grace). `None` for an entry no timer ends.
-pub fn deadline(word: Word, changed_ns: u64, t: &Timeouts) -> Option<u64> {
+/// Why the kernel is asked about a socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Why {
+    /// Its FIN_WAIT2 timer would be due: is it held (no timer), an orphan
+    /// on a time-wait timer, or gone?
+    FinWait2,
+    /// A request socket's SYN-ACK timer fires: kept, completed or dropped?
+    Request,
+    /// A connect's retries would be over.
+    Connect,
+    /// The kernel reported a close where a TIME_WAIT socket may take over.
+    Closed,
+}
+
+/// What is due for an entry at some moment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Close the local endpoints whose timers are due, or reap a dead entry.
+    Fire,
+    /// Ask the kernel about `side`'s socket.
+    Ask(Side, Why),
+}
+
+/// What a lookup said about an endpoint's next deadline, kept while the
+/// entry's word stays what it was.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Told {
+    pub word: Word,
+    pub at_ns: u64,
+    pub action: Action,
+}
+
+/// When an entry first needs something, and what: the earliest of its local
+/// endpoints' deadlines (`told` holds what the kernel said of them), or the
+/// end of a dead entry's grace. `None` for an entry nothing is due for.
+pub fn plan(
+    word: Word,
+    changed_ns: u64,
+    t: &Timeouts,
+    told: impl Fn(Side) -> Option<Told>,
+) -> Option<(u64, Action)> {
     if word.is_reaping() {
         return None;
     }
     if word.is_dead() {
-        return Some(changed_ns.saturating_add(t.dead_grace.as_nanos() as u64));
+        let at = changed_ns.saturating_add(t.dead_grace.as_nanos() as u64);
+        return Some((at, Action::Fire));
     }
     [Side::A, Side::B]
         .into_iter()
         .filter(|s| word.is_local(*s))
-        .filter_map(|s| t.ends_at(word.state(s), changed_ns))
-        .min()
+        .filter_map(|side| match told(side) {
+            Some(k) if k.word == word => Some((k.at_ns, k.action)),
+            _ => default_plan(word, side, changed_ns, t),
+        })
+        .min_by_key(|(at, _)| *at)
 }
 
-/// What an entry that changed at `changed_ns` needs at `now_ns`: the word to
-/// swap in, or `None` to leave it.
-pub fn decide(word: Word, changed_ns: u64, now_ns: u64, t: &Timeouts) -> Option<Word> {
+/// How long after a request's SYN-ACK the kernel's request timer first
+/// fires (TCP_TIMEOUT_INIT), plus time for the kernel to act.
+const FIRST_REQUEST_TIMER: Duration = Duration::from_millis(1050);
+
+fn default_plan(word: Word, side: Side, changed_ns: u64, t: &Timeouts) -> Option<(u64, Action)> {
+    let state = word.state(side);
+    let ask = |why| Action::Ask(side, why);
+    match state {
+        TcpState::TimeWait => Some((t.ends_at(state, changed_ns)?, Action::Fire)),
+        TcpState::FinWait2 => Some((t.ends_at(state, changed_ns)?, ask(Why::FinWait2))),
+        TcpState::SynRecv => {
+            let at = changed_ns.saturating_add(FIRST_REQUEST_TIMER.as_nanos() as u64);
+            Some((at, ask(Why::Request)))
+        }
+        // With the kernel's reports a connect's end is reported.
+        TcpState::SynSent if !t.kernel_reports => {
+            Some((t.ends_at(state, changed_ns)?, ask(Why::Connect)))
+        }
+        _ => None,
+    }
+}
+
+/// The word after firing the timers of an entry that changed at
+/// `changed_ns`, at `now_ns`: the TIME_WAIT endpoints due close, a dead
+/// entry past its grace is reaped. `None` to leave it.
+pub fn fire(
+    word: Word,
+    changed_ns: u64,
+    now_ns: u64,
+    t: &Timeouts,
+    told: &TellBook,
+) -> Option<Word> {
     if word.is_reaping() {
         return None;
     }
     if word.is_dead() {
-        return deadline(word, changed_ns, t)
-            .is_some_and(|at| now_ns >= at)
-            .then(|| word.reaping());
+        let at = changed_ns.saturating_add(t.dead_grace.as_nanos() as u64);
+        return (now_ns >= at).then(|| word.reaping());
     }
     let mut new = word;
     for side in [Side::A, Side::B] {
-        if word.is_local(side)
-            && t.ends_at(word.state(side), changed_ns)
-                .is_some_and(|at| now_ns >= at)
-        {
+        if !word.is_local(side) {
+            continue;
+        }
+        let due = match told.get(side) {
+            Some(k) if k.word == word && k.action == Action::Fire => Some(k.at_ns),
+            _ if word.state(side) == TcpState::TimeWait => {
+                t.ends_at(TcpState::TimeWait, changed_ns)
+            }
+            _ => None,
+        };
+        if due.is_some_and(|at| now_ns >= at) {
             new = expire(new, side);
         }
     }
     (new != word).then_some(new)
 }
 
+/// What the kernel said about one flow's endpoints.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TellBook([Option<Told>; 2]);
+
+impl TellBook {
+    pub fn get(&self, side: Side) -> Option<Told> {
+        self.0[side.index()]
+    }
+}
+
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SweepStats {
     pub expired: u64,
     pub reaped: u64,
+    /// Sockets looked up in the kernel's table.
+    pub asked: u64,
+    /// Endpoints set from the answers.
+    pub answered: u64,
+}
+
+impl SweepStats {
+    fn add(&mut self, o: SweepStats) {
+        self.expired += o.expired;
+        self.reaped += o.reaped;
+        self.asked += o.asked;
+        self.answered += o.answered;
+    }
 }
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
@@ -145,14 +289,28 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
 }
 
-/// The kernel's timers, kept to within a fraction of a second: a walk of the
-/// flow maps once a second finds every entry with a timer running and files
-/// it by deadline; a short tick fires what is due. An entry that changed since
-/// the walk is left alone (its swap finds a different word) and filed again
-/// by the next walk.
+/// One filed item: the flow, its word and `changed` stamp when filed, and
+/// what to do.
+#[derive(Clone, Copy, Debug)]
+struct Due {
+    flow: FlowRef,
+    word: Word,
+    changed_ns: u64,
+    action: Action,
+}
+
+/// The kernel's timers and the questions for it, kept to within a fraction
+/// of a second: a walk of the flow maps files every entry with something due
+/// soon; a short tick acts on what is due. An entry that changed since the
+/// walk is left alone (its swap finds a different word) and filed again by
+/// the next walk. What lookups told is kept per endpoint ([`Told`]) until
+/// the entry's word changes; questions the probe put wait in their own
+/// queue, which walks do not clear.
 #[derive(Default)]
 pub struct Timers {
-    due: BTreeMap<u64, Vec<(FlowRef, Word, u64)>>,
+    due: BTreeMap<u64, Vec<Due>>,
+    told: HashMap<FlowRef, TellBook>,
+    questions: BTreeMap<u64, Vec<(FlowRef, Side, Why)>>,
 }
 
 /// How far ahead a walk files timers: ten walk periods when walks are quick,
@@ -163,19 +321,13 @@ pub const FILING_HORIZON: Duration = Duration::from_secs(10);
 const FILING_HORIZON_NS: u64 = FILING_HORIZON.as_nanos() as u64;
 
 impl Timers {
-    /// Walks the flow maps: acts on what is due, files the rest.
-    pub fn walk(&mut self, probe: &Probe, t: &Timeouts) -> Result<SweepStats> {
-        // Collect first: deleting while walking the map would restart the walk.
-        let entries = probe.flow_entries()?;
-        self.file(&entries, probe, t)
-    }
-
     /// Files the timers of `entries` (read from the flow maps just before)
     /// and acts on what is due.
     pub fn file(
         &mut self,
         entries: &[(FlowRef, FlowEntry)],
         probe: &Probe,
+        diag: &mut SockDiag,
         t: &Timeouts,
     ) -> Result<SweepStats> {
         self.due.clear();
@@ -184,147 +336,168 @@ impl Timers {
         // not mean a million timers held in memory.
         let now = monotonic_ns();
         let horizon = now.saturating_add(FILING_HORIZON_NS);
+        let mut told = HashMap::with_capacity(self.told.len());
         for &(flow, entry) in entries {
+            let word = Word(entry.word);
             let changed_ns = entry.changed_ns(now);
-            if let Some(at) = deadline(Word(entry.word), changed_ns, t)
+            let book = self.told.get(&flow).copied().unwrap_or_default();
+            // What the kernel told stays while the word it was told for does.
+            if book.0.iter().flatten().any(|k| k.word == word) {
+                told.insert(flow, book);
+            }
+            if let Some((at, action)) = plan(word, changed_ns, t, |s| book.get(s))
                 && at <= horizon
             {
-                self.due
-                    .entry(at)
-                    .or_default()
-                    .push((flow, Word(entry.word), changed_ns));
+                self.due.entry(at).or_default().push(Due {
+                    flow,
+                    word,
+                    changed_ns,
+                    action,
+                });
             }
         }
-        self.fire(probe, t)
+        self.told = told;
+        self.fire(probe, diag, t)
     }
 
-    /// Fires every filed timer whose deadline has passed.
-    pub fn fire(&mut self, probe: &Probe, t: &Timeouts) -> Result<SweepStats> {
-        let now = monotonic_ns();
-        let later = self.due.split_off(&now.saturating_add(1));
-        let due = std::mem::replace(&mut self.due, later);
-        let mut stats = SweepStats::default();
-        for (flow, word, changed_ns) in due.into_values().flatten() {
-            let Some(new) = decide(word, changed_ns, now, t) else {
-                continue;
-            };
-            // CHANGED: a packet moved the entry first; the next walk files it again.
-            if probe.command(&flow.command(word.0, new.0))? == outcome::DONE {
-                if new.is_reaping() {
-                    stats.reaped += 1;
-                } else {
-                    stats.expired += 1;
-                    // A dead entry is deleted after its grace: file that too.
-                    if let Some(at) = deadline(new, now, t) {
-                        self.due.entry(at).or_default().push((flow, new, now));
-                    }
+    /// A question the probe put (`Closed`), to ask at `at_ns`.
+    pub fn question(&mut self, flow: FlowRef, side: Side, why: Why, at_ns: u64) {
+        self.questions
+            .entry(at_ns)
+            .or_default()
+            .push((flow, side, why));
+    }
+
+    /// Forgets what lookups said of FIN_WAIT2 sockets held by their
+    /// applications: `tcp_fin_timeout` changed, and their next look is
+    /// due by the new value.
+    pub fn forget_held(&mut self) {
+        for book in self.told.values_mut() {
+            for k in book.0.iter_mut() {
+                if matches!(
+                    k,
+                    Some(Told {
+                        action: Action::Ask(_, Why::FinWait2),
+                        ..
+                    })
+                ) {
+                    *k = None;
                 }
             }
+        }
+    }
+
+    /// Acts on every filed timer and question whose moment has come.
+    pub fn fire(&mut self, probe: &Probe, diag: &mut SockDiag, t: &Timeouts) -> Result<SweepStats> {
+        let now = monotonic_ns();
+        let mut stats = SweepStats::default();
+        let later = self.questions.split_off(&now.saturating_add(1));
+        let asked = std::mem::replace(&mut self.questions, later);
+        for (flow, side, why) in asked.into_values().flatten() {
+            if let Some(entry) = probe.flow_entry(&flow)? {
+                let word = Word(entry.word);
+                stats.add(self.ask(probe, diag, t, flow, word, side, why)?);
+            }
+        }
+        let later = self.due.split_off(&now.saturating_add(1));
+        let due = std::mem::replace(&mut self.due, later);
+        for d in due.into_values().flatten() {
+            stats.add(match d.action {
+                Action::Fire => self.fire_one(probe, t, d, now)?,
+                Action::Ask(side, why) => self.ask(probe, diag, t, d.flow, d.word, side, why)?,
+            });
+        }
+        Ok(stats)
+    }
+
+    fn fire_one(&mut self, probe: &Probe, t: &Timeouts, d: Due, now: u64) -> Result<SweepStats> {
+        let mut stats = SweepStats::default();
+        let book = self.told.get(&d.flow).copied().unwrap_or_default();
+        let Some(new) = fire(d.word, d.changed_ns, now, t, &book) else {
+            return Ok(stats);
+        };
+        // CHANGED: a packet moved the entry first; the next walk files it again.
+        if probe.command(&d.flow.command(d.word.0, new.0))? == outcome::DONE {
+            if new.is_reaping() {
+                stats.reaped += 1;
+                self.told.remove(&d.flow);
+            } else {
+                stats.expired += 1;
+                // A dead entry is deleted after its grace: file that too.
+                if new.is_dead() {
+                    let at = now.saturating_add(t.dead_grace.as_nanos() as u64);
+                    self.due.entry(at).or_default().push(Due {
+                        word: new,
+                        changed_ns: now,
+                        ..d
+                    });
+                }
+            }
+        }
+        Ok(stats)
+    }
+
+    /// Looks `side`'s socket of `flow` up and acts on the answer.
+    #[allow(clippy::too_many_arguments)]
+    fn ask(
+        &mut self,
+        probe: &Probe,
+        diag: &mut SockDiag,
+        t: &Timeouts,
+        flow: FlowRef,
+        word: Word,
+        side: Side,
+        why: Why,
+    ) -> Result<SweepStats> {
+        let mut stats = SweepStats {
+            asked: 1,
+            ..SweepStats::default()
+        };
+        if !answers::still_asked(word, side, why) {
+            return Ok(SweepStats::default());
+        }
+        let (local, lport) = flow.endpoint(side);
+        let (remote, rport) = flow.endpoint(side.other());
+        let info = diag.lookup(local, lport, remote, rport)?;
+        let now = monotonic_ns();
+        match answers::decide(word, side, why, info.as_ref(), now, t) {
+            Answer::Set {
+                word: new,
+                changed_ns,
+            } => {
+                let mut cmd = flow.command(word.0, new.0);
+                cmd.changed_ns = changed_ns;
+                if probe.command(&cmd)? == outcome::DONE {
+                    stats.answered += 1;
+                }
+            }
+            Answer::Later(at_ns, action) => {
+                let book = self.told.entry(flow).or_default();
+                book.0[side.index()] = Some(Told {
+                    word,
+                    at_ns,
+                    action,
+                });
+                if at_ns <= now.saturating_add(FILING_HORIZON_NS) {
+                    self.due.entry(at_ns).or_default().push(Due {
+                        flow,
+                        word,
+                        changed_ns: now,
+                        action,
+                    });
+                }
+            }
+            Answer::Nothing => {}
         }
         Ok(stats)
     }
 }
 
 /// One full pass: act on everything due now.
-pub fn sweep(probe: &Probe, t: &Timeouts) -> Result<SweepStats> {
-    Timers::default().walk(probe, t)
+pub fn sweep(probe: &Probe, diag: &mut SockDiag, t: &Timeouts) -> Result<SweepStats> {
+    let entries = probe.flow_entries()?;
+    Timers::default().file(&entries, probe, diag, t)
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn ns(d: Duration) -> u64 {
-        d.as_nanos() as u64
-    }
-
-    fn word(a: TcpState, b: TcpState, a_local: bool) -> Word {
-        let w = Word::EMPTY.with_state(Side::A, a).with_state(Side::B, b);
-        if a_local {
-            w.with_local(Side::A)
-        } else {
-            w.with_local(Side::B)
-        }
-    }
-
-    #[test]
-    fn linux_default_retry_spans() {
-        // tcp_syn_retries=6 gives up after 127 s; tcp_synack_retries=5 after 63 s.
-        assert_eq!(retries_span(6), Duration::from_secs(127));
-        assert_eq!(retries_span(5), Duration::from_secs(63));
-    }
-
-    #[test]
-    fn time_wait_expires_at_sixty_seconds_and_not_before() {
-        let t = Timeouts::default();
-        let w = word(TcpState::TimeWait, TcpState::Close, true).settle();
-        assert_eq!(decide(w, 0, ns(Duration::from_secs(59)), &t), None);
-        let new = decide(w, 0, ns(Duration::from_secs(60)), &t).expect("expired");
-        assert_eq!(new.state(Side::A), TcpState::Close);
-        assert!(new.is_dead());
-    }
-
-    #[test]
-    fn remote_endpoints_and_untimed_states_are_left_alone() {
-        let t = Timeouts::default();
-        let remote_tw = word(TcpState::TimeWait, TcpState::Established, false);
-        assert_eq!(
-            decide(remote_tw, 0, ns(Duration::from_secs(3600)), &t),
-            None
-        );
-        let est = word(TcpState::Established, TcpState::Established, true);
-        assert_eq!(decide(est, 0, ns(Duration::from_secs(3600)), &t), None);
-    }
-
-    #[test]
-    fn with_the_kernels_wheel_time_wait_ends_at_the_bucket_end() {
-        let clock = KernelClock {
-            j0: 1_000_000,
-            t0_ns: 4_000_000_000,
-            hz: 250,
-        };
-        let t = Timeouts {
-            clock: Some(clock),
-            ..Timeouts::default()
-        };
-        let tw = word(TcpState::TimeWait, TcpState::Close, true).settle();
-        let at = deadline(tw, clock.t0_ns, &t).unwrap();
-        // 15,000 jiffies ahead of jiffy 1,000,000: bucket end 1,015,296.
-        assert_eq!(at, clock.t0_ns + (15_296 * 1_000_000_000 / 250));
-        assert_eq!(decide(tw, clock.t0_ns, at - 1, &t), None);
-        assert!(decide(tw, clock.t0_ns, at, &t).is_some());
-        // Handshake timers are retransmission timers: not rounded.
-        let syn = word(TcpState::SynSent, TcpState::SynRecv, true);
-        assert_eq!(deadline(syn, 7, &t), Some(7 + 127_000_000_000));
-    }
-
-    #[test]
-    fn deadlines_are_the_earliest_local_timer() {
-        let t = Timeouts::default();
-        let tw = word(TcpState::TimeWait, TcpState::Close, true).settle();
-        assert_eq!(deadline(tw, 5, &t), Some(5 + 60_000_000_000));
-        let est = word(TcpState::Established, TcpState::Established, true);
-        assert_eq!(deadline(est, 5, &t), None);
-        let remote_tw = word(TcpState::TimeWait, TcpState::Established, false);
-        assert_eq!(deadline(remote_tw, 5, &t), None);
-        let dead = word(TcpState::Close, TcpState::Close, true).settle();
-        assert_eq!(deadline(dead, 5, &t), Some(5 + 1_000_000_000));
-        // The deadline is exactly when `decide` starts acting.
-        let at = deadline(tw, 0, &t).unwrap();
-        assert_eq!(decide(tw, 0, ns(Duration::from_nanos(at - 1)), &t), None);
-        assert!(decide(tw, 0, ns(Duration::from_nanos(at)), &t).is_some());
-    }
-
-    #[test]
-    fn dead_entries_are_reaped_after_the_grace_period() {
-        let t = Timeouts::default();
-        let dead = word(TcpState::Close, TcpState::Close, true).settle();
-        assert!(dead.is_dead());
-        assert_eq!(decide(dead, 0, ns(Duration::ZERO), &t), None);
-        assert_eq!(decide(dead, 0, ns(t.dead_grace), &t), Some(dead.reaping()));
-        assert_eq!(
-            decide(dead.reaping(), 0, ns(Duration::from_secs(100)), &t),
-            None
-        );
-    }
-}
+mod tests;

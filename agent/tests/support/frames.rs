@@ -106,3 +106,51 @@ impl Tcp {
         f
     }
 }
+
+/// An ICMP (or ICMPv6) error from `from` about `quoted`, a segment the
+/// error's receiver sent: the outer header goes back to the segment's
+/// sender, and the error quotes the segment's IP header and the first
+/// `quote` bytes of its TCP header (8 is all a router must quote).
+pub struct IcmpError {
+    pub from: IpAddr,
+    pub icmp_type: u8,
+    pub code: u8,
+    pub quoted: Tcp,
+    pub quote: usize,
+}
+
+impl IcmpError {
+    pub fn frame(&self) -> Vec<u8> {
+        let inner = self.quoted.frame();
+        // The quoted segment's IP header and the start of its TCP header.
+        let ip_len = match self.quoted.src {
+            IpAddr::V4(_) => 20,
+            IpAddr::V6(_) => 40,
+        };
+        let quoted = &inner[14..14 + ip_len + self.quote.min(20)];
+        let mut icmp = vec![self.icmp_type, self.code, 0, 0, 0, 0, 0, 0];
+        icmp.extend_from_slice(quoted);
+        let mut f = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2];
+        match (self.from, self.quoted.src) {
+            (IpAddr::V4(from), IpAddr::V4(to)) => {
+                f.extend(0x0800u16.to_be_bytes());
+                f.extend([0x45, 0]);
+                f.extend(((20 + icmp.len()) as u16).to_be_bytes());
+                f.extend([0, 0, 0, 0, 64, 1, 0, 0]);
+                f.extend(from.octets());
+                f.extend(to.octets());
+            }
+            (IpAddr::V6(from), IpAddr::V6(to)) => {
+                f.extend(0x86ddu16.to_be_bytes());
+                f.extend([0x60, 0, 0, 0]);
+                f.extend((icmp.len() as u16).to_be_bytes());
+                f.extend([58, 64]);
+                f.extend(from.octets());
+                f.extend(to.octets());
+            }
+            _ => panic!("mixed address families"),
+        }
+        f.extend(icmp);
+        f
+    }
+}

@@ -3,6 +3,7 @@
 //! `ss` as the ground truth.
 #![allow(dead_code)]
 
+pub mod crafted;
 pub mod frames;
 pub mod sampler;
 

@@ -1,0 +1,202 @@
+//! Reading and writing the probe's maps: the per-state counters (summed over
+//! CPUs and slots), the flow maps, the namespace's local addresses.
+
+use std::{
+    collections::HashSet,
+    hash::Hash,
+    net::{IpAddr, Ipv6Addr},
+};
+
+use aya::maps::{HashMap, MapData, PerCpuArray};
+use tcpstate_common::{Command, Counters, CpuSlot, FlowEntry, FlowKey4, FlowKey6, command::op};
+
+use crate::{
+    error::{Error, Result},
+    kernel::probe::Probe,
+};
+
+impl Probe {
+    /// The counters summed over CPUs.
+    pub fn counters(&self) -> Result<Counters> {
+        let map = self.ebpf.map("PER_CPU").expect("the probe defines PER_CPU");
+        sum_counters(&PerCpuArray::try_from(map)?)
+    }
+
+    /// Makes `addrs` the set of addresses the probe treats as local (the
+    /// namespace's own): adds the new ones, removes the ones that are gone.
+    pub fn set_local_addresses(&mut self, addrs: &[IpAddr]) -> Result<()> {
+        let (v4, v6): (Vec<IpAddr>, Vec<IpAddr>) = addrs.iter().partition(|a| a.is_ipv4());
+        let v4: HashSet<u32> = v4
+            .iter()
+            .filter_map(|a| match a {
+                IpAddr::V4(a) => Some(u32::from_ne_bytes(a.octets())),
+                _ => None,
+            })
+            .collect();
+        let v6: HashSet<[u32; 4]> = v6
+            .iter()
+            .filter_map(|a| match a {
+                IpAddr::V6(a) => Some(ipv6_words(a)),
+                _ => None,
+            })
+            .collect();
+        sync_set(
+            self.ebpf
+                .map_mut("LOCAL4")
+                .expect("the probe defines LOCAL4"),
+            &v4,
+        )?;
+        sync_set(
+            self.ebpf
+                .map_mut("LOCAL6")
+                .expect("the probe defines LOCAL6"),
+            &v6,
+        )?;
+        Ok(())
+    }
+
+    /// The IPv4 flow map.
+    pub fn flows4(&self) -> Result<HashMap<&MapData, FlowKey4, FlowEntry>> {
+        Ok(HashMap::try_from(
+            self.ebpf.map("FLOWS4").expect("the probe defines FLOWS4"),
+        )?)
+    }
+
+    /// The IPv6 flow map.
+    pub fn flows6(&self) -> Result<HashMap<&MapData, FlowKey6, FlowEntry>> {
+        Ok(HashMap::try_from(
+            self.ebpf.map("FLOWS6").expect("the probe defines FLOWS6"),
+        )?)
+    }
+
+    /// Every flow entry of both families (a walk of the maps: O(flows), read
+    /// in batches).
+    pub fn flow_entries(&self) -> Result<Vec<(FlowRef, FlowEntry)>> {
+        let map = |name: &str| match self.ebpf.map(name) {
+            Some(aya::maps::Map::HashMap(m)) => m,
+            _ => unreachable!("the probe defines {name} as a hash map"),
+        };
+        let mut out: Vec<(FlowRef, FlowEntry)> =
+            crate::kernel::batch::read_all::<FlowKey4, FlowEntry>(map("FLOWS4"))?
+                .into_iter()
+                .map(|(k, e)| (FlowRef::V4(k), e))
+                .collect();
+        out.extend(
+            crate::kernel::batch::read_all::<FlowKey6, FlowEntry>(map("FLOWS6"))?
+                .into_iter()
+                .map(|(k, e)| (FlowRef::V6(k), e)),
+        );
+        Ok(out)
+    }
+
+    /// One flow's entry, if it has one.
+    pub fn flow_entry(&self, flow: &FlowRef) -> Result<Option<FlowEntry>> {
+        let got = match flow {
+            FlowRef::V4(k) => self.flows4()?.get(k, 0),
+            FlowRef::V6(k) => self.flows6()?.get(k, 0),
+        };
+        match got {
+            Ok(e) => Ok(Some(e)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Capacity of each flow map (one per address family).
+    pub fn max_flows(&self) -> Result<u32> {
+        match self.ebpf.map("FLOWS4").expect("the probe defines FLOWS4") {
+            aya::maps::Map::HashMap(m) => Ok(m.info()?.max_entries()),
+            _ => unreachable!("FLOWS4 is a hash map"),
+        }
+    }
+
+    /// The kernel memory a map of the probe takes, as the kernel accounts it
+    /// (`memlock` in the map's fdinfo: preallocated elements included).
+    pub fn map_memory(&self, name: &str) -> Result<u64> {
+        use std::os::fd::{AsFd, AsRawFd};
+        let fd = match self.ebpf.map(name) {
+            Some(aya::maps::Map::HashMap(m)) => m.fd().as_fd().as_raw_fd(),
+            Some(aya::maps::Map::PerCpuArray(m)) => m.fd().as_fd().as_raw_fd(),
+            _ => {
+                return Err(Error::io(
+                    format!("reading map {name}"),
+                    std::io::Error::other("no such hash or per-CPU map"),
+                ));
+            }
+        };
+        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))
+            .map_err(|e| Error::io(format!("reading the fdinfo of {name}"), e))?;
+        info.lines()
+            .find_map(|l| l.strip_prefix("memlock:"))
+            .and_then(|v| v.trim().parse().ok())
+            .ok_or_else(|| {
+                Error::io(
+                    format!("reading the fdinfo of {name}"),
+                    std::io::Error::other("no memlock line"),
+                )
+            })
+    }
+}
+
+/// The counters of every CPU's slots, summed, with the derived counts filled in.
+pub fn sum_counters<T: std::borrow::Borrow<MapData>>(
+    array: &PerCpuArray<T, CpuSlot>,
+) -> Result<Counters> {
+    let mut total = Counters::default();
+    for slot in 0..CpuSlot::COUNT {
+        for cpu in array.get(&slot, 0)?.iter() {
+            total.accumulate(&cpu.counters);
+        }
+    }
+    total.derive();
+    Ok(total)
+}
+
+/// A flow map key of either family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FlowRef {
+    V4(FlowKey4),
+    V6(FlowKey6),
+}
+
+impl FlowRef {
+    /// The command that swaps this flow's word from `expect` to `new`.
+    pub fn command(&self, expect: u32, new: u32) -> Command {
+        let mut cmd = Command {
+            op: op::SWAP,
+            expect,
+            new,
+            ..Command::default()
+        };
+        match self {
+            FlowRef::V4(k) => {
+                cmd.family = 4;
+                cmd.key4 = *k;
+            }
+            FlowRef::V6(k) => {
+                cmd.family = 6;
+                cmd.key6 = *k;
+            }
+        }
+        cmd
+    }
+}
+
+/// An IPv6 address as the probe stores it: four words in wire order.
+pub fn ipv6_words(a: &Ipv6Addr) -> [u32; 4] {
+    let b = a.octets();
+    std::array::from_fn(|i| u32::from_ne_bytes(b[4 * i..4 * i + 4].try_into().unwrap()))
+}
+
+/// Makes the keys of a set-like hash map equal `want`.
+fn sync_set<K: aya::Pod + Eq + Hash>(map: &mut aya::maps::Map, want: &HashSet<K>) -> Result<()> {
+    let mut set: HashMap<&mut MapData, K, u8> = HashMap::try_from(map)?;
+    let have: HashSet<K> = set.keys().filter_map(|k| k.ok()).collect();
+    for gone in have.difference(want) {
+        let _ = set.remove(gone);
+    }
+    for new in want.difference(&have) {
+        set.insert(new, 1, 0)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,43 @@
+//! Where the probe's kernel-report program finds what it reads of a socket:
+//! field offsets in the running kernel's `struct sock` and `struct net`,
+//! which differ between kernel builds. The agent reads them from the
+//! kernel's BTF at start and sets them before loading the probe.
+
+/// Byte offsets, and the namespace whose sockets count. All zero (the
+/// default) leaves the program doing nothing.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SockLayout {
+    /// `sock_common.skc_family` (u16).
+    pub family: u32,
+    /// `inet_sock.inet_sport`: the local port, network order (u16). Not
+    /// `skc_num`, which the kernel zeroes when it unhashes a closing socket,
+    /// before it reports the close.
+    pub sport: u32,
+    /// `sock_common.skc_dport`: the remote port, network order (u16).
+    pub dport: u32,
+    /// `sock_common.skc_rcv_saddr` (IPv4, network order).
+    pub rcv_saddr: u32,
+    /// `sock_common.skc_daddr` (IPv4, network order).
+    pub daddr: u32,
+    /// `sock_common.skc_v6_rcv_saddr` (16 bytes).
+    pub v6_rcv_saddr: u32,
+    /// `sock_common.skc_v6_daddr` (16 bytes).
+    pub v6_daddr: u32,
+    /// `sock_common.skc_net`: a `struct net *`.
+    pub net: u32,
+    /// `sock.sk_protocol` (u16).
+    pub protocol: u32,
+    /// `net.ns.inum` (u32): the namespace's inode number.
+    pub net_inum: u32,
+    /// The inode number of the monitored network namespace.
+    pub netns: u32,
+    /// Non-zero when the offsets above are set.
+    pub enabled: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<SockLayout>() == 48);
+
+#[cfg(feature = "user")]
+// SAFETY: `#[repr(C)]`, twelve u32, no padding.
+unsafe impl aya::Pod for SockLayout {}

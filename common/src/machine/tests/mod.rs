@@ -1,0 +1,5 @@
+//! Host tests of the state machine.
+
+mod answers;
+mod conversations;
+mod sim;

@@ -1,0 +1,255 @@
+//! `tcpstate_kernel`: the kernel's own report of every full socket's state
+//! change (the `inet_sock_set_state` tracepoint, as a raw tracepoint: no
+//! tracefs needed); and `tcpstate_connect`, at `tcp_connect()`, the one
+//! moment a connecting socket's tuple is complete (its SYN_SENT report
+//! comes before the port is chosen), for a connect whose SYN never reaches
+//! the wire (the host's own firewall drops it). It sets the reporting socket's endpoint to the state the
+//! kernel just gave it, through the same compare-and-swap and counter update
+//! as the data path. This is how the counts learn what no segment shows: a
+//! connect given up or refused by an ICMP error, a timeout, a `close()`
+//! whose FIN waits behind queued data, an application that closes a
+//! connecting socket. A close where a TIME_WAIT socket may take over
+//! becomes a question for the agent ([`crate::ask`]).
+//!
+//! The tracepoint fires for every socket of the host: a report is read
+//! only when its socket is TCP and in the monitored namespace, whose inode
+//! number, like the offsets of what is read, the agent sets at load
+//! ([`SockLayout`]).
+
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    helpers::bpf_probe_read_kernel,
+    macros::{fentry, raw_tracepoint},
+    maps::HashMap,
+    programs::{FEntryContext, RawTracePointContext},
+};
+use tcpstate_common::{
+    EndSeq, Event, FlowEntry, FlowKey4, FlowKey6, Side, SockLayout, TcpState, Word,
+    machine::{KernelChange, kernel_change},
+};
+
+use crate::{
+    ask::ask,
+    counts::{Atomic, Tally, move_counts, process_slot},
+    track::{
+        CAS_ATTEMPTS, EEXIST, FLOWS4, FLOWS6, local4, local6, now_stamp, read_word, swap_word,
+    },
+};
+
+/// Set by the agent at load from the kernel's BTF; all zero: do nothing.
+#[unsafe(no_mangle)]
+static SOCK_LAYOUT: SockLayout = SockLayout {
+    family: 0,
+    sport: 0,
+    dport: 0,
+    rcv_saddr: 0,
+    daddr: 0,
+    v6_rcv_saddr: 0,
+    v6_daddr: 0,
+    net: 0,
+    protocol: 0,
+    net_inum: 0,
+    netns: 0,
+    enabled: 0,
+};
+
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+const IPPROTO_TCP: u16 = 6;
+
+/// Why a report was passed over (the tracepoint ignores the result; the
+/// entry point returns it).
+const SKIPPED: i32 = 1;
+
+#[raw_tracepoint(tracepoint = "inet_sock_set_state")]
+pub fn tcpstate_kernel(ctx: RawTracePointContext) -> i32 {
+    match try_report(&ctx) {
+        Ok(()) => 0,
+        Err(code) => code,
+    }
+}
+
+/// A field of the layout (a read-only global: read it, do not let the
+/// compiler fold the all-zero default in).
+#[inline(always)]
+fn at(field: &u32) -> usize {
+    // SAFETY: a plain read of a global.
+    unsafe { core::ptr::read_volatile(field) as usize }
+}
+
+/// Reads a `T` at `base + off` of kernel memory.
+#[inline(always)]
+fn read<T>(base: usize, off: usize) -> Result<T, i32> {
+    // SAFETY: bpf_probe_read_kernel checks the address and copies into a
+    // value of its own; nothing is dereferenced here.
+    unsafe { bpf_probe_read_kernel((base + off) as *const T) }.map_err(|_| SKIPPED)
+}
+
+fn try_report(ctx: &RawTracePointContext) -> Result<(), i32> {
+    let sk: usize = ctx.arg(0);
+    let old = TcpState::from_bits(ctx.arg::<u64>(1) as u8);
+    let new = TcpState::from_bits(ctx.arg::<u64>(2) as u8);
+    // LISTEN is counted from the socket table; nothing to read for it.
+    if new == TcpState::Listen || new == TcpState::None || old == TcpState::Listen {
+        return Err(SKIPPED);
+    }
+    report(sk, old, new)
+}
+
+#[fentry(function = "tcp_connect")]
+pub fn tcpstate_connect(ctx: FEntryContext) -> i32 {
+    match try_connect(&ctx) {
+        Ok(()) => 0,
+        Err(code) => code,
+    }
+}
+
+/// A connect's SYN is about to be sent: the socket is SYN_SENT, its tuple
+/// complete.
+fn try_connect(ctx: &FEntryContext) -> Result<(), i32> {
+    let sk: usize = ctx.arg(0);
+    report(sk, TcpState::Close, TcpState::SynSent)
+}
+
+/// Applies the change `old -> new` of the TCP socket at `sk`, if it is one
+/// of the monitored namespace's.
+#[inline(always)]
+fn report(sk: usize, old: TcpState, new: TcpState) -> Result<(), i32> {
+    let layout = &SOCK_LAYOUT;
+    if at(&layout.enabled) == 0 {
+        return Err(SKIPPED);
+    }
+    if read::<u16>(sk, at(&layout.protocol))? != IPPROTO_TCP {
+        return Err(SKIPPED);
+    }
+    let net: usize = read(sk, at(&layout.net))?;
+    if read::<u32>(net, at(&layout.net_inum))? as usize != at(&layout.netns) {
+        return Err(SKIPPED);
+    }
+    let lport = u16::from_be(read(sk, at(&layout.sport))?);
+    let rport = u16::from_be(read(sk, at(&layout.dport))?);
+    // Not connected (yet): a connect reports SYN_SENT before its port is chosen.
+    if lport == 0 || rport == 0 {
+        return Err(SKIPPED);
+    }
+    let mut c = process_slot().ok_or(SKIPPED)?;
+    match read::<u16>(sk, at(&layout.family))? {
+        AF_INET => {
+            let l: u32 = read(sk, at(&layout.rcv_saddr))?;
+            let r: u32 = read(sk, at(&layout.daddr))?;
+            report4(l, lport, r, rport, old, new, &mut c);
+        }
+        AF_INET6 => {
+            let l: [u32; 4] = read(sk, at(&layout.v6_rcv_saddr))?;
+            let r: [u32; 4] = read(sk, at(&layout.v6_daddr))?;
+            // An IPv4 peer of a dual-stack socket: IPv4 on the wire.
+            if v4_mapped(&l) && v4_mapped(&r) {
+                report4(l[3], lport, r[3], rport, old, new, &mut c);
+            } else {
+                let (key, side) = FlowKey6::new(l, lport, r, rport);
+                let other_local = || local6(&r);
+                let asked = |at_ns| ask(at_ns, &key, &FlowKey4::default(), 6, side, old, new);
+                apply(
+                    &FLOWS6,
+                    &key,
+                    side as u32,
+                    other_local,
+                    old,
+                    new,
+                    asked,
+                    &mut c,
+                );
+            }
+        }
+        _ => return Err(SKIPPED),
+    }
+    Ok(())
+}
+
+#[inline(always)]
+fn v4_mapped(a: &[u32; 4]) -> bool {
+    a[0] == 0 && a[1] == 0 && a[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff])
+}
+
+#[inline(always)]
+fn report4(l: u32, lport: u16, r: u32, rport: u16, old: TcpState, new: TcpState, c: &mut Atomic) {
+    let (key, side) = FlowKey4::new(l, lport, r, rport);
+    let other_local = || local4(r);
+    let asked = |at_ns| ask(at_ns, &FlowKey6::default(), &key, 4, side, old, new);
+    apply(&FLOWS4, &key, side as u32, other_local, old, new, asked, c);
+}
+
+/// Applies the report `old -> new` about endpoint `side_is_b` of `key`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn apply<K>(
+    map: &HashMap<K, FlowEntry>,
+    key: &K,
+    side_is_b: u32,
+    other_local: impl Fn() -> bool,
+    old: TcpState,
+    new: TcpState,
+    asked: impl Fn(u64) -> bool,
+    c: &mut Atomic,
+) {
+    let side = if side_is_b & 1 == 0 { Side::A } else { Side::B };
+    for _ in 0..CAS_ATTEMPTS {
+        match map.get_ptr_mut(key) {
+            Some(p) => {
+                let w = read_word(p);
+                let peer_local = if w.is_dead() {
+                    other_local()
+                } else {
+                    w.is_local(side.other())
+                };
+                match kernel_change(w, side, peer_local, old, new) {
+                    KernelChange::Nothing => return,
+                    KernelChange::Ask => {
+                        // SAFETY: helper without preconditions.
+                        let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
+                        c.event(if asked(now) {
+                            Event::Asked
+                        } else {
+                            Event::AskLost
+                        });
+                        return;
+                    }
+                    KernelChange::Set(nw) => {
+                        if swap_word(p, w, nw) {
+                            // SAFETY: `p` is a live map value.
+                            unsafe { (*p).changed = now_stamp() };
+                            move_counts(c, w, nw);
+                            c.event(Event::KernelReports);
+                            return;
+                        }
+                    }
+                }
+            }
+            None => {
+                let KernelChange::Set(nw) =
+                    kernel_change(Word::EMPTY, side, other_local(), old, new)
+                else {
+                    return;
+                };
+                let entry = FlowEntry {
+                    word: nw.0,
+                    changed: now_stamp(),
+                    ends: [EndSeq::default(); 2],
+                };
+                match map.insert(key, &entry, BPF_NOEXIST as u64) {
+                    Ok(()) => {
+                        move_counts(c, Word::EMPTY, nw);
+                        c.event(Event::KernelReports);
+                        return;
+                    }
+                    Err(e) if e == -EEXIST => continue,
+                    Err(_) => {
+                        c.event(Event::MapFull);
+                        return;
+                    }
+                }
+            }
+        }
+    }
+    c.event(Event::CasConflicts);
+}
