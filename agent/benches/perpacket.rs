@@ -15,7 +15,14 @@ use aya::{
 };
 use frames::{ACK, FIN, SYN, Tcp};
 use serde_json::json;
-use tcpstate::kernel::probe::{Probe, ProbeOptions};
+use tcpstate::kernel::{
+    maps::FlowRef,
+    probe::{Probe, ProbeOptions},
+};
+use tcpstate_common::{
+    FlowKey4,
+    nat::{NatTarget4, flip_of},
+};
 
 /// Runs per case for the repeated (steady-state) cases.
 const REPEAT: u32 = 2_000_000;
@@ -82,6 +89,18 @@ fn load(opts: &ProbeOptions) -> Probe {
     probe
 }
 
+/// The CPU's model name (ratios differ between CPU kinds of the same VM).
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
 fn main() {
     assert!(
         nix::unistd::geteuid().is_root(),
@@ -97,18 +116,24 @@ fn main() {
     let mut refs = Refs::load();
 
     // One established flow (server local: client segments arrive via XDP).
-    let client = |sport: u16, flags: u8, seq: u32, ack: u32| {
-        Tcp::new("10.0.0.9", sport, "10.0.0.1", 443, flags).seq(seq, ack)
+    let client_at = |sport: u16, dport: u16, flags: u8, seq: u32, ack: u32| {
+        Tcp::new("10.0.0.9", sport, "10.0.0.1", dport, flags).seq(seq, ack)
     };
-    let server = |sport: u16, flags: u8, seq: u32, ack: u32| {
-        Tcp::new("10.0.0.1", 443, "10.0.0.9", sport, flags).seq(seq, ack)
+    let server_at = |sport: u16, dport: u16, flags: u8, seq: u32, ack: u32| {
+        Tcp::new("10.0.0.1", dport, "10.0.0.9", sport, flags).seq(seq, ack)
     };
-    let establish = |p: &Probe, sport: u16| {
-        p.run_xdp(&client(sport, SYN, 100, 0).frame()).unwrap();
-        p.run_tc(&server(sport, SYN | ACK, 900, 101).frame())
+    let client = |sport, flags, seq, ack| client_at(sport, 443, flags, seq, ack);
+    let server = |sport, flags, seq, ack| server_at(sport, 443, flags, seq, ack);
+    let establish_at = |p: &Probe, sport: u16, dport: u16| {
+        p.run_xdp(&client_at(sport, dport, SYN, 100, 0).frame())
             .unwrap();
-        p.run_xdp(&client(sport, ACK, 101, 901).frame()).unwrap();
+        p.run_tc(&server_at(sport, dport, SYN | ACK, 900, 101).frame())
+            .unwrap();
+        p.run_xdp(&client_at(sport, dport, ACK, 101, 901).frame())
+            .unwrap();
     };
+    let establish = |p: &Probe, sport: u16| establish_at(p, sport, 443);
+    let ip4 = |s: &str| u32::from_ne_bytes(s.parse::<std::net::Ipv4Addr>().unwrap().octets());
     let ack = Tcp {
         payload: 0,
         ..client(1, ACK, 101, 901)
@@ -122,8 +147,11 @@ fn main() {
     refs.seed(&ack);
 
     let mut rows: Vec<(&str, Vec<f64>)> = [
-        "syn_new",
+        "syn_to_host",
+        "syn_out_new",
+        "synack_new",
         "ack_established",
+        "ack_translated",
         "fin",
         "non_tcp",
         "ref_pass",
@@ -151,11 +179,46 @@ fn main() {
             "non_tcp",
             probe.time_program("tcpstate_xdp", &udp, REPEAT).unwrap(),
         );
+        // Local NAT: the wire says port 443, the socket (a REDIRECT) 8443.
+        // An untranslated flow never looks at the translations (the fast
+        // path finds it first); a translated one misses, translates, and
+        // takes the fast path on the socket's tuple.
+        let mut probe = probe;
+        establish_at(&probe, 2, 8443);
+        let (wire, wire_side) = FlowKey4::new(ip4("10.0.0.9"), 2, ip4("10.0.0.1"), 443);
+        let (key, sock_side) = FlowKey4::new(ip4("10.0.0.9"), 2, ip4("10.0.0.1"), 8443);
+        probe
+            .keep_translation4(
+                wire,
+                NatTarget4 {
+                    key,
+                    flip: flip_of(wire_side, sock_side),
+                },
+            )
+            .unwrap();
+        let translated = Tcp {
+            payload: 0,
+            ..client(2, ACK, 101, 901)
+        }
+        .frame();
+        push(
+            "ack_translated",
+            probe
+                .time_program("tcpstate_xdp", &translated, REPEAT)
+                .unwrap(),
+        );
+        // The case measures what it says: the wire's tuple made no entry.
+        assert!(
+            probe.flow_entry(&FlowRef::V4(wire)).unwrap().is_none()
+                && probe.flow_entry(&FlowRef::V4(key)).unwrap().is_some(),
+            "the translated ACK did not reach the socket's entry"
+        );
         push("ref_pass", refs.time("ref_pass", &ack, REPEAT));
         push("ref_lookup", refs.time("ref_lookup", &ack, REPEAT));
         push("ref_lookup36", refs.time("ref_lookup36", &ack, REPEAT));
 
-        // A new flow per run: one run per distinct SYN (the kernel times the run alone).
+        // One run per distinct SYN (the kernel times the run alone). A SYN
+        // to this host keeps nothing until the host answers: a lookup.
         let syns: Vec<Vec<u8>> = (0..FLOWS)
             .map(|i| client(10_000 + i, SYN, 100, 0).frame())
             .collect();
@@ -163,7 +226,21 @@ fn main() {
         for f in &syns {
             t += probe.time_program("tcpstate_xdp", f, 1).unwrap();
         }
-        push("syn_new", t / FLOWS as f64);
+        push("syn_to_host", t / FLOWS as f64);
+        // The host's answer creates the flow: its SYN-ACK, through TC.
+        let mut t = 0.0;
+        for i in 0..FLOWS {
+            let f = server(10_000 + i, SYN | ACK, 900, 101).frame();
+            t += probe.time_program("tcpstate_tc", &f, 1).unwrap();
+        }
+        push("synack_new", t / FLOWS as f64);
+        // A connect of the host's own: its SYN creates the flow.
+        let mut t = 0.0;
+        for i in 0..FLOWS {
+            let f = server(30_000 + i, SYN, 900, 0).frame();
+            t += probe.time_program("tcpstate_tc", &f, 1).unwrap();
+        }
+        push("syn_out_new", t / FLOWS as f64);
         let mut t = 0.0;
         for f in &syns {
             t += refs.time("ref_insert", f, 1);
@@ -213,26 +290,47 @@ fn main() {
             r[r.len() - 1]
         )
     };
+    let cpu = cpu_model();
+    println!("CPU: {cpu}");
     println!("per-packet cost, BPF_PROG_TEST_RUN, median of {ROUNDS} rounds");
     println!("{:<16} {:>8}  ratio", "case", "ns");
     let mut out = Vec::new();
     for (name, _) in &rows {
         let v = ns(name);
         let ratio = match *name {
-            "ack_established" | "non_tcp" => ratio(name, "ref_lookup"),
-            "syn_new" | "fin" => ratio(name, "ref_insert"),
+            "ack_established" | "ack_translated" | "non_tcp" => ratio(name, "ref_lookup"),
+            // One run per frame, like the insert reference.
+            "syn_to_host" | "synack_new" | "syn_out_new" | "fin" => ratio(name, "ref_insert"),
             "ref_lookup" | "ref_lookup36" => ratio(name, "ref_pass"),
             "ref_insert" => ratio(name, "ref_pass_single"),
             _ => String::new(),
         };
         println!("{name:<16} {v:>8.1}  {ratio}");
-        out.push(json!({ "case": name, "ns": (v * 10.0).round() / 10.0 }));
+        out.push(
+            json!({ "case": name, "ns": (v * 10.0).round() / 10.0, "ratio": ratio, "cpu": cpu }),
+        );
     }
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     std::fs::create_dir_all(&dir).unwrap();
     let mut f = std::fs::File::create(dir.join("perpacket.json")).unwrap();
     writeln!(f, "{}", serde_json::to_string_pretty(&out).unwrap()).unwrap();
     println!("wrote target/bench/perpacket.json");
+
+    // What the verifier walks for each program, with the kernel's reports
+    // as a running agent loads them (the offsets from this kernel's BTF).
+    println!();
+    println!("verifier: instructions processed per program (limit 1,000,000)");
+    let layout = tcpstate::kernel::btf::Btf::kernel()
+        .and_then(|btf| tcpstate::kernel::btf::sock_layout(&btf, 1))
+        .ok();
+    let full = Probe::load(&probe_opts, layout).expect("load the probe with its reports");
+    let counts = full.verifier_counts();
+    for (name, n) in &counts {
+        println!("{name:<20} {n:>9}");
+    }
+    let mut f = std::fs::File::create(dir.join("verifier.json")).unwrap();
+    writeln!(f, "{}", serde_json::to_string_pretty(&counts).unwrap()).unwrap();
+    drop(full);
 
     // Kernel memory per tracked flow: the flow maps are preallocated, so
     // what the kernel accounts for them divided by their capacity.

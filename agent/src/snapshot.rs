@@ -182,6 +182,10 @@ pub struct Snapshot {
     /// The kernel reports its sockets' state changes to the probe.
     #[serde(default)]
     pub kernel_reports: bool,
+    /// Kernel reports the kernel skipped (the program was running on that
+    /// CPU already); each sends the agent to the socket table.
+    #[serde(default)]
+    pub kernel_reports_missed: u64,
     /// ...and its connects as they start (where the kernel allows fentry
     /// programs): a connect whose SYN never leaves is counted too.
     #[serde(default)]
@@ -222,6 +226,7 @@ impl Snapshot {
             asked: [0; 2],
             kernel_reports: false,
             connect_reports: false,
+            kernel_reports_missed: 0,
             uptime_ms: 0,
             version: env!("CARGO_PKG_VERSION").to_owned(),
         }

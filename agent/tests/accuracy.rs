@@ -18,7 +18,11 @@ use std::{
 };
 
 use serde_json::json;
-use support::{Agent, Netns, VethPair, require_root, sockaddr};
+use support::{
+    Agent, Netns, VethPair, require_root,
+    sampler::{Gate, Sampler, Samples},
+    sockaddr,
+};
 use tcpstate::snapshot::StateCounts;
 use tcpstate_common::TcpState;
 
@@ -27,6 +31,7 @@ fn report(
     settle: Duration,
     ours: &StateCounts,
     truth: &StateCounts,
+    samples: &Samples,
     extra: serde_json::Value,
 ) {
     let states: serde_json::Map<String, serde_json::Value> = TcpState::REPORTED
@@ -38,6 +43,15 @@ fn report(
     let row = json!({
         "scenario": scenario,
         "settle_s": (settle.as_secs_f64() * 100.0).round() / 100.0,
+        "longest_s": (samples.longest.as_secs_f64() * 100.0).round() / 100.0,
+        "equal_share": samples.share_equal(),
+        "samples": samples.taken,
+        "widest": samples.widest_text(),
+        "quiet": samples.quiet.as_ref().map(|q| json!({
+            "samples": q.taken,
+            "equal": q.equal,
+            "widest": q.widest_text(),
+        })),
         "states": states,
         "extra": extra,
     });
@@ -46,8 +60,12 @@ fn report(
         serde_json::to_string_pretty(&row).unwrap(),
     )
     .unwrap();
+    let quiet = samples.quiet.as_ref().map_or(String::new(), |q| {
+        format!("; while the traffic was held: {}", q.describe())
+    });
     println!(
-        "{scenario}: settled in {settle:?}\n{}",
+        "{scenario}: settled in {settle:?}; sampled against ss: {}{quiet}\n{}",
+        samples.describe(),
         support::table(ours, truth)
     );
 }
@@ -84,21 +102,26 @@ fn clients(
     threads: usize,
     stop: Arc<AtomicBool>,
     done: Arc<AtomicU64>,
+    gate: Arc<Gate>,
 ) -> Vec<std::thread::JoinHandle<()>> {
     (0..threads)
         .map(|_| {
-            let (stop, done) = (stop.clone(), done.clone());
+            let (stop, done, gate) = (stop.clone(), done.clone(), gate.clone());
             let file = std::fs::File::open(format!("/run/netns/{}", ns.name)).unwrap();
             std::thread::spawn(move || {
                 nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
                 let mut buf = [0u8; 16];
                 while !stop.load(Ordering::Relaxed) {
-                    if let Ok(mut c) =
-                        std::net::TcpStream::connect_timeout(&to, Duration::from_secs(2))
-                    {
-                        let _ = c.read(&mut buf);
-                        done.fetch_add(1, Ordering::Relaxed);
-                    }
+                    // One cycle, closed by the time it returns (the server
+                    // closed first: the read saw its FIN).
+                    gate.pass(|| {
+                        if let Ok(mut c) =
+                            std::net::TcpStream::connect_timeout(&to, Duration::from_secs(2))
+                        {
+                            let _ = c.read(&mut buf);
+                            done.fetch_add(1, Ordering::Relaxed);
+                        }
+                    });
                 }
             })
         })
@@ -113,11 +136,19 @@ fn time_wait_drain() {
     require_root();
     let net = VethPair::new();
     let agent = Agent::start(&net.left, &[]);
+    let sampler = Sampler::start(&agent, &net.left);
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
     let server = closing_server(net.left.listen(&sockaddr(&net.left_v4, 9000)), stop.clone());
     let to: SocketAddr = sockaddr(&net.left_v4, 9000).parse().unwrap();
-    let workers = clients(&net.right, to, 4, stop.clone(), done.clone());
+    let workers = clients(
+        &net.right,
+        to,
+        4,
+        stop.clone(),
+        done.clone(),
+        Arc::new(Gate::default()),
+    );
     sleep(Duration::from_secs(3));
     stop.store(true, Ordering::Relaxed);
     workers.into_iter().for_each(|w| w.join().unwrap());
@@ -140,7 +171,7 @@ fn time_wait_drain() {
     // each of tcpstate's samples is bracketed by an ss read before and after
     // it; in step means within the bracket (the count only falls here).
     let start = Instant::now();
-    let (mut worst, mut samples) = (0i64, 0);
+    let (mut worst, mut reads) = (0i64, 0);
     // The worst sample: seconds into the drain, ss before, tcpstate, ss after.
     let mut worst_at = (0.0f64, 0i64, 0i64, 0i64);
     loop {
@@ -152,7 +183,7 @@ fn time_wait_drain() {
             worst = outside;
             worst_at = (start.elapsed().as_secs_f64(), before, ours, after);
         }
-        samples += 1;
+        reads += 1;
         if before == 0 && ours == 0 || start.elapsed() > Duration::from_secs(75) {
             break;
         }
@@ -160,12 +191,14 @@ fn time_wait_drain() {
     }
     let drained = start.elapsed();
     let (_, ours, truth) = settle(&agent, &net.left, Duration::from_secs(5));
+    let samples = sampler.finish();
     report(
         "time_wait_drain",
         settled,
         &ours,
         &truth,
-        json!({"connections": made, "time_wait_peak": peak, "samples": samples, "worst_outside_ss_bracket": worst, "worst_sample_s_before_ours_after": worst_at, "drained_after_s": drained.as_secs_f64()}),
+        &samples,
+        json!({"connections": made, "time_wait_peak": peak, "bracket_reads": reads, "worst_outside_ss_bracket": worst, "worst_sample_s_before_ours_after": worst_at, "drained_after_s": drained.as_secs_f64()}),
     );
     assert_eq!(ours, truth);
     // A timer armed within a jiffy of a bucket edge may land either side of
@@ -179,6 +212,8 @@ fn time_wait_drain() {
 /// At least 5,000 connection open/close cycles a second for 60 s (the
 /// server closes first, so TIME_WAIT piles up and ports are reused while their
 /// old connection is still in TIME_WAIT), then equal to ss after settling.
+/// While it runs, every quiet sample (the clients held for a moment) is
+/// equal to ss.
 #[test]
 #[ignore = "long: run through `cargo xtask accuracy`"]
 fn churn_60s() {
@@ -186,11 +221,13 @@ fn churn_60s() {
     let net = VethPair::new();
     net.right.sysctl("net.ipv4.ip_local_port_range=1024 65535");
     let agent = Agent::start(&net.left, &["--max-flows", "1048576"]);
+    let gate = Arc::new(Gate::default());
+    let sampler = Sampler::start_gated(&agent, &net.left, gate.clone());
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
     let server = closing_server(net.left.listen(&sockaddr(&net.left_v4, 9001)), stop.clone());
     let to: SocketAddr = sockaddr(&net.left_v4, 9001).parse().unwrap();
-    let workers = clients(&net.right, to, 6, stop.clone(), done.clone());
+    let workers = clients(&net.right, to, 6, stop.clone(), done.clone(), gate);
     let start = Instant::now();
     sleep(Duration::from_secs(60));
     stop.store(true, Ordering::Relaxed);
@@ -200,12 +237,14 @@ fn churn_60s() {
     let cycles = done.load(Ordering::Relaxed);
     let rate = cycles as f64 / ran.as_secs_f64();
     let (settled, ours, truth) = settle(&agent, &net.left, Duration::from_secs(10));
+    let samples = sampler.finish();
     let snap = agent.snapshot();
     report(
         "churn_60s",
         settled,
         &ours,
         &truth,
+        &samples,
         json!({"cycles": cycles, "cycles_per_s": rate.round(), "events": snap.events}),
     );
     assert_eq!(
@@ -215,6 +254,7 @@ fn churn_60s() {
         support::table(&ours, &truth)
     );
     assert!(rate >= 5000.0, "churn rate {rate:.0}/s below 5,000/s");
+    samples.assert_quiet_exact("churn");
 }
 
 /// Python helper: opens `n` connections to `addr` and holds them until its
@@ -247,6 +287,7 @@ fn connections_100k() {
     net.left.sysctl("net.ipv4.tcp_max_syn_backlog=65535");
     net.right.sysctl("net.ipv4.ip_local_port_range=1024 65535");
     let agent = Agent::start(&net.left, &[]);
+    let sampler = Sampler::start(&agent, &net.left);
     let listeners: Vec<TcpListener> = (0..2)
         .map(|i| {
             let addr: SocketAddr = sockaddr(&net.left_v4, 9100 + i).parse().unwrap();
@@ -311,12 +352,14 @@ fn connections_100k() {
     let opened = start.elapsed();
     let (settled, ours, truth) = settle(&agent, &net.left, Duration::from_secs(20));
     let established = truth.get(TcpState::Established);
+    let samples = sampler.finish();
     let snap = agent.snapshot();
     report(
         "connections_100k",
         settled,
         &ours,
         &truth,
+        &samples,
         json!({"opened_in_s": opened.as_secs_f64(), "map_full": snap.events["map_full"]}),
     );
     assert_eq!(

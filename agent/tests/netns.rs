@@ -1,5 +1,7 @@
 //! Real TCP connections in network namespaces, driven into each state; the
-//! agent's eleven counts must equal `ss -tan` of the monitored namespace.
+//! agent's eleven counts must equal `ss -tan` of the monitored namespace,
+//! at each step and, sampled every 100 ms while the scenarios run, with no
+//! difference lasting more than a second.
 //! Needs root: `cargo xtask test` runs these.
 
 mod support;
@@ -12,7 +14,8 @@ use std::{
 };
 
 use support::{
-    Agent, Netns, VethPair, abort, connect_nonblocking, nft, require_root, sockaddr, tcpstate,
+    Agent, Netns, VethPair, abort, connect_nonblocking, nft, require_root, sampler::Sampler,
+    sockaddr, tcpstate,
 };
 use tcpstate_common::TcpState;
 
@@ -26,6 +29,14 @@ fn accept(l: &TcpListener) -> TcpStream {
 /// that can be held, checking against ss after each step. `mon` and `peer`
 /// may be the same namespace (loopback).
 fn drive_states(agent: &Agent, mon: &Netns, peer: &Netns, mon_ip: &str, peer_ip: &str) {
+    let what = format!("every state, {mon_ip} in {}", mon.name);
+    let ((), samples) = Sampler::during(agent, mon, || {
+        drive_states_sampled(agent, mon, peer, mon_ip, peer_ip)
+    });
+    samples.assert_exact(&what);
+}
+
+fn drive_states_sampled(agent: &Agent, mon: &Netns, peer: &Netns, mon_ip: &str, peer_ip: &str) {
     let truth = agent.assert_matches_ss(mon, "before any socket");
     assert_eq!(
         truth,
@@ -174,6 +185,7 @@ fn many_connections_on_veth_match_ss() {
     require_root();
     let net = VethPair::new();
     let agent = Agent::start(&net.left, &[]);
+    let sampler = Sampler::start(&agent, &net.left);
     let addr: SocketAddr = format!("{}:7100", net.left_v4).parse().unwrap();
     let listener = net.left.listen(&addr.to_string());
     let mut conns = Vec::new();
@@ -196,6 +208,9 @@ fn many_connections_on_veth_match_ss() {
     sleep(PAUSE);
     let truth = agent.assert_matches_ss(&net.left, "300 connections");
     assert_eq!(truth.get(TcpState::Established), 100);
+    // Sampled a while longer: the TIME_WAITs made above stay in step.
+    sleep(Duration::from_secs(1));
+    sampler.finish().assert_exact("300 connections");
 }
 
 #[test]
@@ -373,6 +388,7 @@ fn seeded_then_tracked(mon: &Netns, peer: &Netns, mon_ip: &str, peer_ip: &str) {
     );
 
     let agent = Agent::start(mon, &[]);
+    let sampler = Sampler::start(&agent, mon);
     agent.assert_matches_ss(mon, "seeded from the socket table");
 
     // Packets take over: close the seeded connections every way.
@@ -396,6 +412,9 @@ fn seeded_then_tracked(mon: &Netns, peer: &Netns, mon_ip: &str, peer_ip: &str) {
     drop(outbound);
     sleep(PAUSE);
     agent.assert_matches_ss(mon, "all closed");
+    sampler
+        .finish()
+        .assert_exact(&format!("seeded, then tracked, {mon_ip} in {}", mon.name));
 }
 
 #[test]
@@ -653,6 +672,7 @@ fn time_wait_overflow_follows_the_kernel() {
     let (mon, peer) = (&net.left, &net.right);
     mon.sysctl("net.ipv4.tcp_max_tw_buckets=5");
     let agent = Agent::start(mon, &[]);
+    let sampler = Sampler::start(&agent, mon);
     let listener = peer.listen(&sockaddr(&net.right_v4, 7950));
     let addr = listener.local_addr().unwrap();
     let pairs: Vec<(TcpStream, TcpStream)> = (0..40)
@@ -679,9 +699,17 @@ fn time_wait_overflow_follows_the_kernel() {
     );
     let t = agent.assert_matches_ss(mon, "after TIME_WAIT overflow");
     assert_eq!(t.get(TcpState::TimeWait), 5, "{t:?}");
-    let snap = agent.snapshot();
+    // And it stays so.
+    sleep(Duration::from_secs(1));
+    sampler.finish().assert_exact("TIME_WAIT overflow");
+    // The agent reads the kernel's counter once a second.
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while agent.snapshot().time_wait_overflow != overflow && std::time::Instant::now() < deadline {
+        sleep(Duration::from_millis(100));
+    }
     assert_eq!(
-        snap.time_wait_overflow, overflow,
+        agent.snapshot().time_wait_overflow,
+        overflow,
         "exported as seen by the kernel"
     );
 }
@@ -866,6 +894,7 @@ fn held_states(v6: bool) {
     };
     let (mon, peer) = (&net.left, &net.right);
     let agent = Agent::start(mon, &[]);
+    let sampler = Sampler::start(&agent, mon);
     nft(peer, "add table inet t");
     nft(
         peer,
@@ -931,6 +960,10 @@ fn held_states(v6: bool) {
     assert_eq!(t.get(TcpState::Closing), 1, "{t:?}");
     drop(s3);
     drop((l2, l3, l4, l5));
+    sleep(PAUSE);
+    sampler
+        .finish()
+        .assert_exact(&format!("states held by lost packets, {mon_ip}"));
 }
 
 #[test]
@@ -1018,6 +1051,7 @@ fn loss_duplication_and_reordering_settle_equal_to_ss() {
     let net = VethPair::new();
     let (mon, peer) = (&net.left, &net.right);
     let agent = Agent::start(mon, &[]);
+    let sampler = Sampler::start(&agent, mon);
     impair(peer, "veth0", true);
     impair(mon, "veth0", false);
     let listener = mon.listen(&sockaddr(&net.left_v4, 7800));
@@ -1089,6 +1123,9 @@ fn loss_duplication_and_reordering_settle_equal_to_ss() {
         }
         sleep(Duration::from_millis(250));
     }
+    sampler
+        .finish()
+        .assert_exact("5 % loss, duplication and reordering");
     let t = agent.assert_matches_ss(mon, "after 5 % loss, duplication and reordering");
     assert_eq!(t.get(TcpState::CloseWait), kept.len() as u64, "{t:?}");
     let (ooo, dups) = (

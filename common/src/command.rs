@@ -12,6 +12,11 @@ use crate::flow::{FlowKey4, FlowKey6};
 ///   is marked reaping deletes the entry.
 /// - [`op::SEED`]: create the entry with word `new`, last changed at
 ///   `changed_ns`, unless packets created it first; count it.
+/// - [`op::CLOCK`]: touch no entry; write the kernel's clocks, read at one
+///   moment, into the command (returned as BPF_PROG_TEST_RUN's data out):
+///   CLOCK_MONOTONIC into `changed_ns`, jiffies into `expect` (low half)
+///   and `new` (high half). The agent pairs them to know which jiffy the
+///   kernel's timers were armed in ([`Command::jiffies`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Command {
@@ -31,6 +36,7 @@ const _: () = assert!(core::mem::size_of::<Command>() == 72);
 pub mod op {
     pub const SWAP: u32 = 0;
     pub const SEED: u32 = 1;
+    pub const CLOCK: u32 = 2;
 }
 
 /// What the command program returns (XDP action codes, since it is an XDP program).
@@ -44,6 +50,11 @@ pub mod outcome {
 }
 
 impl Command {
+    /// The jiffies an [`op::CLOCK`] command came back with.
+    pub const fn jiffies(&self) -> u64 {
+        (self.new as u64) << 32 | self.expect as u64
+    }
+
     pub fn as_bytes(&self) -> &[u8] {
         // SAFETY: `#[repr(C)]` without padding (asserted above).
         unsafe {

@@ -185,7 +185,7 @@ impl Counters {
 pub struct CpuSlot {
     pub counters: Counters,
     /// Scratch for the probe's parsed segment; meaningless to userspace.
-    pub scratch: [u32; 16],
+    pub scratch: [u32; 32],
 }
 
 impl CpuSlot {
@@ -194,7 +194,7 @@ impl CpuSlot {
     pub const COUNT: u32 = 2;
 }
 
-const _: () = assert!(core::mem::size_of::<CpuSlot>() == 448);
+const _: () = assert!(core::mem::size_of::<CpuSlot>() == 512);
 
 #[cfg(feature = "user")]
 // SAFETY: `#[repr(C)]`, no padding (sizes asserted above).

@@ -30,14 +30,27 @@ pub struct SockLayout {
     pub protocol: u32,
     /// `net.ns.inum` (u32): the namespace's inode number.
     pub net_inum: u32,
+    /// `sock_common.skc_flags` (`sk_flags`, unsigned long): bit [`SOCK_DONE`]
+    /// says a FIN arrived.
+    pub flags: u32,
+    /// `net.ipv4.tcp_death_row.tw_refcount` (u32): one more than the
+    /// namespace's TIME_WAIT sockets. At a close from FIN_WAIT2 or CLOSING
+    /// it tells whether the kernel had room for a timewait socket.
+    pub tw_count: u32,
+    /// `net.ipv4.tcp_death_row.sysctl_max_tw_buckets` (i32).
+    pub tw_max: u32,
     /// The inode number of the monitored network namespace.
     pub netns: u32,
     /// Non-zero when the offsets above are set.
     pub enabled: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<SockLayout>() == 48);
+const _: () = assert!(core::mem::size_of::<SockLayout>() == 60);
+
+/// `enum sock_flags`: SOCK_DEAD is bit 0, SOCK_DONE bit 1 (stable since
+/// 2.6; set when the peer's FIN is received).
+pub const SOCK_DONE: u32 = 1;
 
 #[cfg(feature = "user")]
-// SAFETY: `#[repr(C)]`, twelve u32, no padding.
+// SAFETY: `#[repr(C)]`, fifteen u32, no padding.
 unsafe impl aya::Pod for SockLayout {}

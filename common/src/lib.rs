@@ -11,6 +11,7 @@ pub mod counters;
 pub mod flow;
 pub mod layout;
 pub mod machine;
+pub mod nat;
 pub mod state;
 
 pub use ask::Ask;

@@ -77,6 +77,11 @@ impl Segment {
     /// agent's tracepoint): a local passive open becomes ESTABLISHED by that
     /// report, not by the ACK, which the kernel may drop.
     pub const KERNEL_EVENTS: u8 = 4;
+    /// A pass for the receiving socket only: both sockets are this host's
+    /// and a local NAT gives each its own tuple, so each has its own entry,
+    /// and the sender's is moved by its own pass. A local sender's endpoint
+    /// in the receiver's entry stays as it is (it is not that socket).
+    pub const FOR_RECEIVER: u8 = 8;
 
     #[inline(always)]
     const fn has(&self, f: u8) -> bool {
@@ -246,6 +251,7 @@ pub fn step(
             fresh_receiver = true;
         }
     }
+    let sender_before = ss;
     // A fresh connection remembers nothing of the old one.
     out.reset_receiver = fresh_receiver;
     out.restarted = fresh;
@@ -366,6 +372,9 @@ pub fn step(
         }
     }
 
+    if sender_local && seg.meta(Segment::FOR_RECEIVER) {
+        ss = sender_before;
+    }
     out.sender = sf.stored();
     out.word = w
         .with_state(sender, ss)
@@ -513,7 +522,7 @@ mod icmp;
 mod kernel;
 
 pub use icmp::{IcmpEffect, icmp_error};
-pub use kernel::{KernelChange, kernel_change};
+pub use kernel::{Handover, KernelChange, kernel_change, kernel_report};
 
 #[cfg(test)]
 mod tests;

@@ -21,7 +21,7 @@ use crate::parse::Packet;
 #[map]
 pub static PER_CPU: PerCpuArray<CpuSlot> = PerCpuArray::with_max_entries(CpuSlot::COUNT, 0);
 
-const _: () = assert!(core::mem::size_of::<Packet>() <= core::mem::size_of::<[u32; 16]>());
+const _: () = assert!(core::mem::size_of::<Packet>() <= core::mem::size_of::<[u32; 32]>());
 
 /// Something the counters can be moved through.
 pub trait Tally {

@@ -3,12 +3,13 @@
 //! tracefs needed); and `tcpstate_connect`, at `tcp_connect()`, the one
 //! moment a connecting socket's tuple is complete (its SYN_SENT report
 //! comes before the port is chosen), for a connect whose SYN never reaches
-//! the wire (the host's own firewall drops it). It sets the reporting socket's endpoint to the state the
-//! kernel just gave it, through the same compare-and-swap and counter update
-//! as the data path. This is how the counts learn what no segment shows: a
+//! the wire (the host's own firewall drops it). It sets the reporting
+//! socket's endpoint to the state the kernel just gave it, through the same
+//! compare-and-swap and counter update as the data path. This is how the counts learn what no segment shows: a
 //! connect given up or refused by an ICMP error, a timeout, a `close()`
 //! whose FIN waits behind queued data, an application that closes a
-//! connecting socket. A close where a TIME_WAIT socket may take over
+//! connecting socket. A close where a timewait socket may take over is
+//! decided by the namespace's death row ([`handover`]), or, at its limit,
 //! becomes a question for the agent ([`crate::ask`]).
 //!
 //! The tracepoint fires for every socket of the host: a report is read
@@ -25,7 +26,8 @@ use aya_ebpf::{
 };
 use tcpstate_common::{
     EndSeq, Event, FlowEntry, FlowKey4, FlowKey6, Side, SockLayout, TcpState, Word,
-    machine::{KernelChange, kernel_change},
+    layout::SOCK_DONE,
+    machine::{Handover, KernelChange, kernel_report},
 };
 
 use crate::{
@@ -49,9 +51,55 @@ static SOCK_LAYOUT: SockLayout = SockLayout {
     net: 0,
     protocol: 0,
     net_inum: 0,
+    flags: 0,
+    tw_count: 0,
+    tw_max: 0,
     netns: 0,
     enabled: 0,
 };
+
+/// One report: the socket's old and new state, and for a close from
+/// FIN_WAIT2 or CLOSING what the socket shows of its successor.
+#[derive(Clone, Copy)]
+struct Change {
+    old: TcpState,
+    new: TcpState,
+    handover: Handover,
+}
+
+/// What became of a socket closing from FIN_WAIT2 or CLOSING. The kernel
+/// makes the timewait socket first (counting it in the namespace's death
+/// row) and closes the full one after, so at this report a count at or one
+/// short of `tcp_max_tw_buckets` leaves it open whether there was room;
+/// below, there was: a FIN received (SOCK_DONE) makes it a TIME_WAIT, else
+/// an orphan's FIN_WAIT2. (The socket's own hash link cannot tell: the
+/// close unhashes it before it reports.)
+#[inline(always)]
+fn handover(sk: usize, net: usize, layout: &SockLayout, old: TcpState, new: TcpState) -> Handover {
+    if new != TcpState::Close || !matches!(old, TcpState::FinWait2 | TcpState::Closing) {
+        return Handover::Unknown;
+    }
+    if at(&layout.tw_count) == 0 || at(&layout.tw_max) == 0 {
+        return Handover::Unknown;
+    }
+    let (Ok(count), Ok(max), Ok(flags)) = (
+        read::<u32>(net, at(&layout.tw_count)),
+        read::<i32>(net, at(&layout.tw_max)),
+        read::<u64>(sk, at(&layout.flags)),
+    ) else {
+        return Handover::Unknown;
+    };
+    // The kernel refused a successor when `count - 1 >= max` before making
+    // it, and a successor made adds one: above `max` here may be either.
+    // At `max` too, for a concurrent close elsewhere in the namespace.
+    if count as i64 >= max as i64 {
+        Handover::AtLimit
+    } else if old == TcpState::Closing || flags & (1 << SOCK_DONE) != 0 {
+        Handover::TimeWait
+    } else {
+        Handover::FinWait2
+    }
+}
 
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
@@ -133,18 +181,23 @@ fn report(sk: usize, old: TcpState, new: TcpState) -> Result<(), i32> {
         return Err(SKIPPED);
     }
     let mut c = process_slot().ok_or(SKIPPED)?;
+    let change = Change {
+        old,
+        new,
+        handover: handover(sk, net, layout, old, new),
+    };
     match read::<u16>(sk, at(&layout.family))? {
         AF_INET => {
             let l: u32 = read(sk, at(&layout.rcv_saddr))?;
             let r: u32 = read(sk, at(&layout.daddr))?;
-            report4(l, lport, r, rport, old, new, &mut c);
+            report4(l, lport, r, rport, change, &mut c);
         }
         AF_INET6 => {
             let l: [u32; 4] = read(sk, at(&layout.v6_rcv_saddr))?;
             let r: [u32; 4] = read(sk, at(&layout.v6_daddr))?;
             // An IPv4 peer of a dual-stack socket: IPv4 on the wire.
             if v4_mapped(&l) && v4_mapped(&r) {
-                report4(l[3], lport, r[3], rport, old, new, &mut c);
+                report4(l[3], lport, r[3], rport, change, &mut c);
             } else {
                 let (key, side) = FlowKey6::new(l, lport, r, rport);
                 let other_local = || local6(&r);
@@ -154,8 +207,7 @@ fn report(sk: usize, old: TcpState, new: TcpState) -> Result<(), i32> {
                     &key,
                     side as u32,
                     other_local,
-                    old,
-                    new,
+                    change,
                     asked,
                     &mut c,
                 );
@@ -172,26 +224,26 @@ fn v4_mapped(a: &[u32; 4]) -> bool {
 }
 
 #[inline(always)]
-fn report4(l: u32, lport: u16, r: u32, rport: u16, old: TcpState, new: TcpState, c: &mut Atomic) {
+fn report4(l: u32, lport: u16, r: u32, rport: u16, change: Change, c: &mut Atomic) {
     let (key, side) = FlowKey4::new(l, lport, r, rport);
     let other_local = || local4(r);
+    let (old, new) = (change.old, change.new);
     let asked = |at_ns| ask(at_ns, &FlowKey6::default(), &key, 4, side, old, new);
-    apply(&FLOWS4, &key, side as u32, other_local, old, new, asked, c);
+    apply(&FLOWS4, &key, side as u32, other_local, change, asked, c);
 }
 
 /// Applies the report `old -> new` about endpoint `side_is_b` of `key`.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 fn apply<K>(
     map: &HashMap<K, FlowEntry>,
     key: &K,
     side_is_b: u32,
     other_local: impl Fn() -> bool,
-    old: TcpState,
-    new: TcpState,
+    change: Change,
     asked: impl Fn(u64) -> bool,
     c: &mut Atomic,
 ) {
+    let Change { old, new, handover } = change;
     let side = if side_is_b & 1 == 0 { Side::A } else { Side::B };
     for _ in 0..CAS_ATTEMPTS {
         match map.get_ptr_mut(key) {
@@ -202,7 +254,7 @@ fn apply<K>(
                 } else {
                     w.is_local(side.other())
                 };
-                match kernel_change(w, side, peer_local, old, new) {
+                match kernel_report(w, side, peer_local, old, new, handover) {
                     KernelChange::Nothing => return,
                     KernelChange::Ask => {
                         // SAFETY: helper without preconditions.
@@ -227,7 +279,7 @@ fn apply<K>(
             }
             None => {
                 let KernelChange::Set(nw) =
-                    kernel_change(Word::EMPTY, side, other_local(), old, new)
+                    kernel_report(Word::EMPTY, side, other_local(), old, new, handover)
                 else {
                     return;
                 };

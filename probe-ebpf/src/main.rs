@@ -23,6 +23,7 @@ mod ask;
 mod command;
 mod counts;
 mod kernel;
+mod nat;
 mod parse;
 mod track;
 
@@ -36,6 +37,7 @@ use tcpstate_common::{Counters, Event, Segment};
 
 use crate::{
     counts::{Tally, cpu_slot},
+    nat::{SockTuple, Wire, note_receiver, sock_tuple, to_socket_view},
     parse::{Packet, ParseError, Parsed, parse},
     track::{Attempt, SLOW_ATTEMPTS, fast, icmp, track},
 };
@@ -58,7 +60,7 @@ pub fn tcpstate_xdp(ctx: XdpContext) -> u32 {
 fn try_xdp(ctx: &XdpContext) -> Result<u32, u32> {
     let (c, pkt) = cpu_slot().ok_or(XDP_PASS)?;
     c.event(Event::PacketsIn);
-    if observe(ctx.data(), ctx.data_end(), c, pkt, || 0) {
+    if observe(ctx.data(), ctx.data_end(), c, pkt, || 0, |_| {}) {
         slow_path(ctx, &SLOW_XDP, c);
     }
     Ok(XDP_PASS)
@@ -88,8 +90,9 @@ pub fn tcpstate_tc_in(ctx: TcContext) -> i32 {
 fn try_tc(ctx: &TcContext, direction: Event) -> Result<i32, i32> {
     let (c, pkt) = cpu_slot().ok_or(TC_ACT_UNSPEC)?;
     c.event(direction);
+    let egress = direction as u32 == Event::PacketsOut as u32;
     let meta = || {
-        if direction as u32 != Event::PacketsOut as u32 {
+        if !egress {
             return 0;
         }
         // SAFETY: reading the context's socket pointer (the verifier
@@ -97,7 +100,13 @@ fn try_tc(ctx: &TcContext, direction: Event) -> Result<i32, i32> {
         let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
         Segment::EGRESS | if sk.is_null() { Segment::NO_SOCKET } else { 0 }
     };
-    if observe(ctx.data(), ctx.data_end(), c, pkt, meta) {
+    // What arrives has no socket yet (the stack finds it after this hook).
+    let sock = |out: &mut SockTuple| {
+        if egress {
+            sock_tuple(ctx.skb.skb, out)
+        }
+    };
+    if observe(ctx.data(), ctx.data_end(), c, pkt, meta, sock) {
         slow_path(ctx, &SLOW_TC, c);
     }
     Ok(TC_ACT_UNSPEC)
@@ -105,8 +114,8 @@ fn try_tc(ctx: &TcContext, direction: Event) -> Result<i32, i32> {
 
 /// Parses and takes the fast path; true when the slow path must run on
 /// what is now in `pkt`. `meta` says how the segment was seen
-/// ([`Segment::EGRESS`], ...); it is asked only for a segment that may
-/// change a state.
+/// ([`Segment::EGRESS`], ...), `sock` the sending socket's own tuple; both
+/// are asked only for a segment the fast path did not take.
 #[inline(always)]
 fn observe(
     start: usize,
@@ -114,6 +123,7 @@ fn observe(
     c: &mut Counters,
     pkt: &mut Packet,
     meta: impl Fn() -> u8,
+    sock: impl Fn(&mut SockTuple),
 ) -> bool {
     match parse(start, end, pkt) {
         // TCP segments are not counted here: every frame is counted once as
@@ -122,6 +132,18 @@ fn observe(
         Ok(Parsed::Tcp) => {
             if fast(pkt) {
                 return false;
+            }
+            // Local NAT: the sockets' own tuple, then the fast path again.
+            let mut own = SockTuple::default();
+            sock(&mut own);
+            let wire = Wire::of(pkt);
+            let translated = to_socket_view(pkt, &own);
+            if translated && fast(pkt) {
+                return false;
+            }
+            pkt.other_family = 0;
+            if own.family != 0 {
+                note_receiver(pkt, &wire, translated);
             }
             pkt.seg.meta = meta();
             pkt.kind = Packet::SEGMENT;
@@ -132,6 +154,7 @@ fn observe(
         Ok(Parsed::IcmpError) => {
             c.event(Event::NotTcp);
             pkt.kind = Packet::ICMP_ERROR;
+            pkt.other_family = 0;
             true
         }
         Ok(Parsed::NotTcp) => {
@@ -191,6 +214,13 @@ fn slow<C: aya_ebpf::EbpfContext>(ctx: &C, table: &ProgramArray) {
     }
     let attempt = pkt.attempt;
     if track(pkt, c, attempt == 0) == Attempt::Done {
+        // The receiving socket's own entry, where a local NAT gives it one.
+        if pkt.take_receiver() {
+            pkt.attempt = 0;
+            // SAFETY: as in `slow_path`: this program again, on the same scratch.
+            unsafe { table.tail_call(ctx, 0) };
+            c.event(Event::SlowPathMissing);
+        }
         return;
     }
     if u32::from(attempt) + 1 >= SLOW_ATTEMPTS {

@@ -36,11 +36,35 @@ pub struct Packet {
     pub kind: u16,
     /// The slow path's attempts so far for this segment.
     pub attempt: u16,
+    /// Where the segment also belongs: the receiving socket's own view of
+    /// it, when both sockets are this host's and a local NAT gives them
+    /// different tuples (`nat::note_receiver`). `other_family` 0: nowhere.
+    pub other_src: [u32; 4],
+    pub other_dst: [u32; 4],
+    pub other_family: u32,
+    pub other_sport: u16,
+    pub other_dport: u16,
 }
 
 impl Packet {
     pub const SEGMENT: u16 = 0;
     pub const ICMP_ERROR: u16 = 1;
+
+    /// Turns the segment into its receiver's pass, if it has one.
+    #[inline(always)]
+    pub fn take_receiver(&mut self) -> bool {
+        if self.other_family == 0 {
+            return false;
+        }
+        self.src = self.other_src;
+        self.dst = self.other_dst;
+        self.sport = self.other_sport;
+        self.dport = self.other_dport;
+        self.family = self.other_family;
+        self.other_family = 0;
+        self.seg.meta = (self.seg.meta & Segment::KERNEL_EVENTS) | Segment::FOR_RECEIVER;
+        true
+    }
 }
 
 pub enum Parsed {

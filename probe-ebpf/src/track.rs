@@ -16,6 +16,7 @@ use tcpstate_common::{
 
 use crate::{
     counts::{Tally, move_counts},
+    nat::{SockTuple, translate4, translate6},
     parse::Packet,
 };
 
@@ -104,8 +105,14 @@ pub enum Attempt {
 
 /// The slow path, in the tail-called program: one attempt to create the
 /// entry or move its state word. `first` is the first attempt for this
-/// segment (the caller retries by running the program again).
-#[inline(always)]
+/// segment (the caller retries by running the program again). The segment
+/// is in its sockets' view already (`nat.rs`).
+///
+/// A BPF subprogram, not inlined: the verifier then continues after it once
+/// per distinct result instead of once per path through the state machine
+/// (inlined, the receiver's pass that follows nearly doubled the slow
+/// path's verified instructions, to 850k of the kernel's 1M).
+#[inline(never)]
 pub fn track(pkt: &mut Packet, c: &mut Counters, first: bool) -> Attempt {
     if pkt.family == 6 {
         let (key, sender) = FlowKey6::new(pkt.src, pkt.sport, pkt.dst, pkt.dport);
@@ -195,12 +202,18 @@ fn transition<K>(
             receiver: bits & 2 != 0,
         }
     };
-    // A SYN without ACK from this host usually opens a new flow: create it
-    // without looking first (the insert says EEXIST when the tuple has an
-    // entry, and the next attempt looks it up). Where the kernel reports
-    // its connects, their entries exist already, and a SYN to this host
-    // makes none: look first.
-    let assumed = first && seg.opens_a_flow() && reports == 0;
+    // A SYN-ACK leaving this host (the SYN before it made nothing) and,
+    // where the kernel does not report its connects, a SYN: usually a new
+    // flow. Create it without looking first (the insert says EEXIST when the
+    // tuple has an entry, and the next attempt looks it up).
+    let leaving = seg.meta & Segment::EGRESS != 0;
+    let assumed = first
+        && seg.may_open()
+        && if seg.opens_a_flow() {
+            reports == 0
+        } else {
+            leaving
+        };
     let found = if assumed { None } else { map.get_ptr_mut(key) };
     let Some(p) = found else {
         if !seg.may_open() {
@@ -307,15 +320,18 @@ fn count_once(seg: &mut Segment, word: Word, sender: Side, sender_local: bool, c
 }
 
 /// An ICMP error quoting a segment this host sent: ends a connect or a
-/// request as the kernel does when it receives it.
+/// request as the kernel does when it receives it. The quote is the wire's
+/// tuple (translated, where local NAT applies).
 #[inline(always)]
 pub fn icmp(pkt: &Packet, c: &mut Counters) {
     let effect = IcmpEffect::from_u32(pkt.icmp);
     if pkt.family == 6 {
-        let (key, sender) = FlowKey6::new(pkt.src, pkt.sport, pkt.dst, pkt.dport);
+        let (wire, side) = FlowKey6::new(pkt.src, pkt.sport, pkt.dst, pkt.dport);
+        let (key, sender) = translate6(wire, side, &SockTuple::default());
         icmp_on(&FLOWS6, &key, sender as u32, effect, pkt.seg.seq, c);
     } else {
-        let (key, sender) = FlowKey4::new(pkt.src[0], pkt.sport, pkt.dst[0], pkt.dport);
+        let (wire, side) = FlowKey4::new(pkt.src[0], pkt.sport, pkt.dst[0], pkt.dport);
+        let (key, sender) = translate4(wire, side, &SockTuple::default());
         icmp_on(&FLOWS4, &key, sender as u32, effect, pkt.seg.seq, c);
     }
 }

@@ -134,11 +134,27 @@ fn run(task: Task) -> Result<()> {
                     "--nocapture",
                 ],
             );
+            // The scenarios of exactness at every moment, sampled against ss:
+            // they record themselves under target/accuracy/exact/.
+            let exact = cargo(
+                &root,
+                &probe,
+                &[
+                    "test",
+                    "-p",
+                    "tcpstate",
+                    "--test",
+                    "exact",
+                    "--",
+                    "--ignored",
+                    "--test-threads=1",
+                ],
+            );
             // The report covers what ran, also when a scenario failed.
             let report = accuracy_report(&dir)?;
             print!("{report}");
             std::fs::write(dir.join("report.md"), &report)?;
-            run
+            run.and(exact)
         }
         Task::Bench => {
             let probe = build_probe(&root)?;
@@ -222,33 +238,57 @@ fn status(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
-/// A markdown table from target/accuracy/*.json: scenario x state,
-/// tcpstate/ss, with the settle time.
+/// "n of m" quiet samples equal, or "—" for a scenario without them.
+fn held(quiet: &serde_json::Value) -> String {
+    match (quiet["equal"].as_u64(), quiet["samples"].as_u64()) {
+        (Some(equal), Some(taken)) => format!("{equal} of {taken}"),
+        _ => "—".to_owned(),
+    }
+}
+
+/// Markdown tables from target/accuracy: the long scenarios (*.json):
+/// scenario x state, tcpstate/ss, with the settle time and the longest
+/// difference from ss while it ran; and the exactness scenarios (exact/),
+/// with the share of samples equal to ss and the longest difference.
 fn accuracy_report(dir: &Path) -> Result<String> {
-    let mut rows: Vec<serde_json::Value> = Vec::new();
-    for entry in
-        std::fs::read_dir(dir).with_context(|| format!("no results in {}", dir.display()))?
-    {
-        let path = entry?.path();
-        if path.extension().is_some_and(|e| e == "json") {
-            rows.push(serde_json::from_str(&std::fs::read_to_string(&path)?)?);
+    let read = |dir: &Path| -> Result<Vec<serde_json::Value>> {
+        let mut rows = Vec::new();
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return Ok(rows);
+        };
+        for entry in entries {
+            let path = entry?.path();
+            if path.extension().is_some_and(|e| e == "json") {
+                rows.push(serde_json::from_str(&std::fs::read_to_string(&path)?)?);
+            }
         }
+        Ok(rows)
+    };
+    let mut rows = read(dir)?;
+    if rows.is_empty() && !dir.join("exact").exists() {
+        bail!("no results in {}", dir.display());
     }
     rows.sort_by_key(|r| r["scenario"].as_str().unwrap_or_default().to_owned());
     // The states in the order `tcpstate count` prints them.
     let states = TcpState::REPORTED.map(TcpState::name);
-    let mut out = String::from("| scenario | settle (s) |");
+    let mut out = String::from(
+        "| scenario | settle (s) | longest difference (s) | equal to ss | widest difference | equal while held |",
+    );
     for s in states {
         out += &format!(" {s} |");
     }
-    out += "\n|---|---|";
+    out += "\n|---|---|---|---|---|---|";
     out += &"---|".repeat(states.len());
     out += "\n";
     for r in &rows {
         out += &format!(
-            "| {} | {} |",
+            "| {} | {} | {} | {} | {} | {} |",
             r["scenario"].as_str().unwrap_or("?"),
-            r["settle_s"]
+            r["settle_s"],
+            r["longest_s"],
+            share(r),
+            r["widest"].as_str().unwrap_or("?"),
+            held(&r["quiet"]),
         );
         for s in states {
             let pair = &r["states"][s];
@@ -261,7 +301,13 @@ fn accuracy_report(dir: &Path) -> Result<String> {
         }
         out += "\n";
     }
-    out += "\nCells are tcpstate's count; a bold cell is tcpstate / ss where they differ.\n\n";
+    out += "\nCells are tcpstate's count at the end; a bold cell is tcpstate / ss where they differ. \
+            The longest difference is the longest stretch of samples (every 100 ms, or as fast as \
+            ss answers) in which ss's counts fell outside tcpstate's before and after it; the \
+            widest difference is, per state, the farthest ss's count ever fell outside them. \
+            Equal while held: of the samples taken with the scenario's traffic held still for \
+            20 ms (every fifth, where the scenario lets the sampler hold it), how many were \
+            equal.\n\n";
     for r in &rows {
         out += &format!(
             "- {}: {}\n",
@@ -269,7 +315,45 @@ fn accuracy_report(dir: &Path) -> Result<String> {
             r["extra"]
         );
     }
+    let mut exact = read(&dir.join("exact"))?;
+    if !exact.is_empty() {
+        exact.sort_by_key(|r| {
+            (
+                r["scenario"].as_str().unwrap_or_default().to_owned(),
+                r["family"].as_str().unwrap_or_default().to_owned(),
+                r["reconcile"].as_bool(),
+            )
+        });
+        out += "\n| exactness scenario | family | reconciliation | samples | equal to ss | longest difference (s) | widest difference |\n";
+        out += "|---|---|---|---|---|---|---|\n";
+        for r in &exact {
+            let longest = r["longest_s"].as_f64().unwrap_or(f64::NAN);
+            let mark = if longest > 1.0 { " **over 1 s**" } else { "" };
+            out += &format!(
+                "| {} | {} | {} | {} | {} | {:.2}{mark} | {} |\n",
+                r["scenario"].as_str().unwrap_or("?"),
+                r["family"].as_str().unwrap_or("?"),
+                if r["reconcile"].as_bool() == Some(true) {
+                    "every 2 s"
+                } else {
+                    "off"
+                },
+                r["samples"],
+                share(r),
+                longest,
+                r["widest"].as_str().unwrap_or("?"),
+            );
+        }
+    }
     Ok(out)
+}
+
+/// A row's share of samples equal to ss, as a percentage.
+fn share(r: &serde_json::Value) -> String {
+    match r["equal_share"].as_f64() {
+        Some(v) => format!("{:.1} %", 100.0 * v),
+        None => "?".to_owned(),
+    }
 }
 
 #[cfg(test)]
@@ -285,8 +369,8 @@ mod tests {
             states.insert(s.name().into(), serde_json::json!([0, 0]));
         }
         states.insert("TIME_WAIT".into(), serde_json::json!([5, 7]));
-        let row =
-            serde_json::json!({"scenario": "x", "settle_s": 0.5, "states": states, "extra": {}});
+        let row = serde_json::json!({"scenario": "x", "settle_s": 0.5, "longest_s": 0.3, "states": states, "extra": {},
+            "quiet": {"samples": 12, "equal": 11}});
         std::fs::write(dir.join("x.json"), row.to_string()).unwrap();
         let report = accuracy_report(&dir).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
@@ -294,6 +378,8 @@ mod tests {
         assert!(header.find("LISTEN").unwrap() < header.find("CLOSE |").unwrap());
         let line = report.lines().find(|l| l.starts_with("| x |")).unwrap();
         assert!(line.contains("**5 / 7**"), "{line}");
+        assert!(line.contains("| 0.5 | 0.3 |"), "{line}");
         assert_eq!(line.matches(" 0 |").count(), 10, "{line}");
+        assert!(line.contains("| 11 of 12 |"), "{line}");
     }
 }

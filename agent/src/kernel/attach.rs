@@ -18,14 +18,16 @@ use crate::{
     kernel::probe::{Ingress, Probe, TC_IN_PROGRAM, TC_PROGRAM, XDP_PROGRAM, program},
 };
 
-/// ifindex of loopback in every namespace (only the ingress hook there: it
-/// sees each loopback segment exactly once).
+/// ifindex of loopback in every namespace. Only the egress hook there: every
+/// loopback segment passes it exactly once, and still carries its socket,
+/// which local NAT needs (a REDIRECT to a proxy on 127.0.0.1 gives the two
+/// ends of one connection different tuples).
 pub const LOOPBACK_IFINDEX: u32 = 1;
 
 /// The links that hang the probe on one interface.
 pub struct Attachment {
     pub name: String,
-    ingress: IngressLink,
+    ingress: Option<IngressLink>,
     egress: Option<SchedClassifierLinkId>,
 }
 
@@ -55,61 +57,56 @@ impl Attachments {
 impl Probe {
     /// Attaches to interface `iface` (`ifindex`) in the calling thread's
     /// namespace: the ingress hook for what arrives, TC egress for what
-    /// leaves. On loopback the ingress hook alone sees every segment exactly
-    /// once, so no egress program is attached there.
+    /// leaves. On loopback the egress hook alone sees every segment exactly
+    /// once (see [`LOOPBACK_IFINDEX`]).
     pub fn attach(&mut self, iface: &str, ifindex: u32, ingress: Ingress) -> Result<()> {
         let loopback = ifindex == LOOPBACK_IFINDEX;
         let xdp_mode = match ingress {
             Ingress::Tc => None,
             Ingress::XdpGeneric => Some(XdpMode::Skb),
-            // Loopback has no driver XDP.
-            Ingress::XdpNative if loopback => Some(XdpMode::Skb),
             Ingress::XdpNative => Some(XdpMode::Driver),
         };
         let ingress = match xdp_mode {
+            _ if loopback => None,
             Some(mode) => {
                 let xdp: &mut Xdp = program(&mut self.ebpf, XDP_PROGRAM)?.try_into()?;
-                IngressLink::Xdp(
+                Some(IngressLink::Xdp(
                     xdp.attach(iface, mode)
                         .map_err(|e| attach_error(XDP_PROGRAM, iface, e))?,
-                )
+                ))
             }
             None => {
                 let tc: &mut SchedClassifier =
                     program(&mut self.ebpf, TC_IN_PROGRAM)?.try_into()?;
-                IngressLink::Tc(
+                Some(IngressLink::Tc(
                     tc.attach_with_options(
                         iface,
                         TcAttachType::Ingress,
                         TcAttachOptions::TcxOrder(LinkOrder::first()),
                     )
                     .map_err(|e| attach_error(TC_IN_PROGRAM, iface, e))?,
-                )
+                ))
             }
         };
-        let egress = if loopback {
-            None
-        } else {
-            let tc: &mut SchedClassifier = program(&mut self.ebpf, TC_PROGRAM)?.try_into()?;
-            // First in the chain, so the monitor sees every packet before any
-            // other program may redirect or drop it.
-            let attached = tc.attach_with_options(
-                iface,
-                TcAttachType::Egress,
-                TcAttachOptions::TcxOrder(LinkOrder::first()),
-            );
-            match attached {
-                Ok(id) => Some(id),
-                Err(e) => {
-                    // Leave nothing half attached.
-                    let half = Attachment {
-                        name: iface.to_owned(),
-                        ingress,
-                        egress: None,
-                    };
-                    let _ = self.detach_links(half);
-                    return Err(attach_error(TC_PROGRAM, iface, e));
-                }
+        let tc: &mut SchedClassifier = program(&mut self.ebpf, TC_PROGRAM)?.try_into()?;
+        // First in the chain, so the monitor sees every packet before any
+        // other program may redirect or drop it.
+        let attached = tc.attach_with_options(
+            iface,
+            TcAttachType::Egress,
+            TcAttachOptions::TcxOrder(LinkOrder::first()),
+        );
+        let egress = match attached {
+            Ok(id) => Some(id),
+            Err(e) => {
+                // Leave nothing half attached.
+                let half = Attachment {
+                    name: iface.to_owned(),
+                    ingress,
+                    egress: None,
+                };
+                let _ = self.detach_links(half);
+                return Err(attach_error(TC_PROGRAM, iface, e));
             }
         };
         self.attached.0.insert(
@@ -137,15 +134,16 @@ impl Probe {
 
     fn detach_links(&mut self, a: Attachment) -> Result<()> {
         match a.ingress {
-            IngressLink::Xdp(id) => {
+            Some(IngressLink::Xdp(id)) => {
                 let xdp: &mut Xdp = program(&mut self.ebpf, XDP_PROGRAM)?.try_into()?;
                 xdp.detach(id)?;
             }
-            IngressLink::Tc(id) => {
+            Some(IngressLink::Tc(id)) => {
                 let tc: &mut SchedClassifier =
                     program(&mut self.ebpf, TC_IN_PROGRAM)?.try_into()?;
                 tc.detach(id)?;
             }
+            None => {}
         }
         if let Some(id) = a.egress {
             let tc: &mut SchedClassifier = program(&mut self.ebpf, TC_PROGRAM)?.try_into()?;

@@ -234,6 +234,15 @@ pub fn sock_layout(btf: &Btf, netns: u32) -> Result<tcpstate_common::SockLayout>
         net: common("skc_net")?,
         protocol: btf.offset("sock", "sk_protocol")?,
         net_inum: btf.offset("net", "ns.inum")?,
+        flags: common("skc_flags")?,
+        // Optional: without them a close from FIN_WAIT2 or CLOSING is a
+        // question for the agent.
+        tw_count: btf
+            .offset("net", "ipv4.tcp_death_row.tw_refcount.refs.counter")
+            .unwrap_or(0),
+        tw_max: btf
+            .offset("net", "ipv4.tcp_death_row.sysctl_max_tw_buckets")
+            .unwrap_or(0),
         netns,
         enabled: 1,
     })
@@ -263,6 +272,9 @@ mod tests {
         );
         assert!(l.protocol > l.net && l.net > l.family, "{l:?}");
         assert_eq!((l.netns, l.enabled), (42, 1));
+        assert!(l.flags > l.net && l.flags.is_multiple_of(8), "{l:?}");
+        // This kernel has the per-namespace TIME_WAIT death row.
+        assert!(l.tw_count > l.net_inum && l.tw_max > l.tw_count, "{l:?}");
         assert!(btf.offset("sock", "no_such_member").is_err());
         assert!(btf.offset("no_such_struct", "x").is_err());
     }

@@ -22,13 +22,42 @@ const LVL_CLK_SHIFT: u32 = 3;
 const LVL_SIZE: u64 = 64;
 
 impl KernelClock {
+    /// Pairs jiffies with CLOCK_MONOTONIC as read by the probe at one moment
+    /// (`clocks`), at a jiffy's start: sampled back to back until jiffies
+    /// move, so the tick is known within one sample (microseconds). A timer
+    /// armed near a bucket edge is then filed in the kernel's own bucket;
+    /// with /proc/timer_list's pairing (up to a jiffy off) about one in a
+    /// thousand landed a bucket (2 s) off. `None` if jiffies never move.
+    pub fn from_clocks(mut clocks: impl FnMut() -> Option<(u64, u64)>) -> Option<KernelClock> {
+        let tick = |clocks: &mut dyn FnMut() -> Option<(u64, u64)>| {
+            let (j, mut before) = clocks()?;
+            // A jiffy is at most 10 ms (HZ=100); give it 50.
+            for _ in 0..200_000 {
+                let (jn, t) = clocks()?;
+                if jn != j {
+                    return Some((jn, before + (t - before) / 2));
+                }
+                before = t;
+            }
+            None
+        };
+        let first = tick(&mut clocks)?;
+        std::thread::sleep(Duration::from_millis(200));
+        KernelClock::from_pairs(first, tick(&mut clocks)?)
+    }
+
     /// Reads /proc/timer_list twice (200 ms apart) for the jiffies/monotonic
     /// pairing and HZ. `None` where it cannot be read (then timers are taken
     /// as exact).
     pub fn read() -> Option<KernelClock> {
-        let (j1, t1) = sample()?;
+        let first = sample()?;
         std::thread::sleep(Duration::from_millis(200));
-        let (j2, t2) = sample()?;
+        KernelClock::from_pairs(first, sample()?)
+    }
+
+    /// The clock from two (jiffies, CLOCK_MONOTONIC ns) pairs some time
+    /// apart: HZ is the standard value nearest to the rate they show.
+    fn from_pairs((j1, t1): (u64, u64), (j2, t2): (u64, u64)) -> Option<KernelClock> {
         let measured = (j2 - j1) as f64 * 1e9 / (t2 - t1) as f64;
         let hz = [100u64, 250, 300, 1000]
             .into_iter()
@@ -41,13 +70,14 @@ impl KernelClock {
     }
 
     fn jiffies_at(&self, ns: u64) -> u64 {
+        // Floor, also for moments before the pairing (seeded timers).
         let dt = ns as i128 - self.t0_ns as i128;
-        (self.j0 as i128 + dt * self.hz as i128 / 1_000_000_000) as u64
+        (self.j0 as i128 + (dt * self.hz as i128).div_euclid(1_000_000_000)) as u64
     }
 
     fn ns_at(&self, jiffies: u64) -> u64 {
         let dj = jiffies as i128 - self.j0 as i128;
-        (self.t0_ns as i128 + dj * 1_000_000_000 / self.hz as i128) as u64
+        (self.t0_ns as i128 + (dj * 1_000_000_000).div_euclid(self.hz as i128)) as u64
     }
 
     /// When a timer armed at `armed_ns` for `timeout` fires.
@@ -109,6 +139,35 @@ mod tests {
         assert_eq!(bucket_end(1_000_000, 60_000), 1_003_520);
         // Near timers are exact.
         assert_eq!(bucket_end(500, 10), 500);
+    }
+
+    #[test]
+    fn the_pairing_finds_the_tick() {
+        // A 250 Hz kernel whose jiffy 1000 began at 7,000,001,234 ns.
+        const BASE: i64 = 7_000_001_234;
+        let jiffy = |ns: i64| 1000 + (ns - BASE).div_euclid(4_000_000);
+        // Its time runs with the real one (the pairing really sleeps),
+        // plus 3 µs a call.
+        let start = std::time::Instant::now();
+        let mut calls = 0i64;
+        let clocks = || {
+            calls += 1;
+            let now = 7_000_000_000 + start.elapsed().as_nanos() as i64 + calls * 3_000;
+            Some((jiffy(now) as u64, now as u64))
+        };
+        let c = KernelClock::from_clocks(clocks).unwrap();
+        assert_eq!(c.hz, 250);
+        // Moments 2 µs either side of tick edges, before and after the
+        // pairing, map to the kernel's jiffy.
+        for edge in [
+            BASE - 40_000_000,
+            BASE + 4_000_000 * 3,
+            BASE + 60_000_000_000,
+        ] {
+            for ns in [edge - 2_000, edge + 2_000] {
+                assert_eq!(c.jiffies_at(ns as u64) as i64, jiffy(ns), "at {ns}");
+            }
+        }
     }
 
     #[test]

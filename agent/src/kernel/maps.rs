@@ -8,7 +8,11 @@ use std::{
 };
 
 use aya::maps::{HashMap, MapData, PerCpuArray};
-use tcpstate_common::{Command, Counters, CpuSlot, FlowEntry, FlowKey4, FlowKey6, command::op};
+use tcpstate_common::{
+    Command, Counters, CpuSlot, FlowEntry, FlowKey4, FlowKey6,
+    command::op,
+    nat::{NatTarget4, NatTarget6},
+};
 
 use crate::{
     error::{Error, Result},
@@ -98,6 +102,61 @@ impl Probe {
         match got {
             Ok(e) => Ok(Some(e)),
             Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The local-NAT translations the probe keeps: (wire tuple, socket tuple).
+    pub fn translations(&self) -> Result<Vec<(FlowRef, FlowRef)>> {
+        let map = |name: &str| match self.ebpf.map(name) {
+            Some(aya::maps::Map::HashMap(m)) => m,
+            _ => unreachable!("the probe defines {name} as a hash map"),
+        };
+        let mut out: Vec<(FlowRef, FlowRef)> =
+            crate::kernel::batch::read_all::<FlowKey4, NatTarget4>(map("NAT4"))?
+                .into_iter()
+                .map(|(w, t)| (FlowRef::V4(w), FlowRef::V4(t.key)))
+                .collect();
+        out.extend(
+            crate::kernel::batch::read_all::<FlowKey6, NatTarget6>(map("NAT6"))?
+                .into_iter()
+                .map(|(w, t)| (FlowRef::V6(w), FlowRef::V6(t.key))),
+        );
+        Ok(out)
+    }
+
+    /// Keeps a translation as the probe's TC egress does when a socket's
+    /// tuple differs from the wire's (for benchmarks and tests, whose
+    /// BPF_PROG_TEST_RUN segments carry no socket).
+    pub fn keep_translation4(&mut self, wire: FlowKey4, target: NatTarget4) -> Result<()> {
+        let mut m: HashMap<&mut MapData, FlowKey4, NatTarget4> =
+            HashMap::try_from(self.ebpf.map_mut("NAT4").expect("the probe defines NAT4"))?;
+        m.insert(wire, target, 0)?;
+        let mut seen: aya::maps::Array<&mut MapData, u32> = aya::maps::Array::try_from(
+            self.ebpf
+                .map_mut("NAT_SEEN")
+                .expect("the probe defines NAT_SEEN"),
+        )?;
+        seen.set(0, 1, 0)?;
+        Ok(())
+    }
+
+    /// Forgets the translation of wire tuple `wire`.
+    pub fn forget_translation(&mut self, wire: &FlowRef) -> Result<()> {
+        let res = match wire {
+            FlowRef::V4(k) => {
+                let mut m: HashMap<&mut MapData, FlowKey4, NatTarget4> =
+                    HashMap::try_from(self.ebpf.map_mut("NAT4").expect("the probe defines NAT4"))?;
+                m.remove(k)
+            }
+            FlowRef::V6(k) => {
+                let mut m: HashMap<&mut MapData, FlowKey6, NatTarget6> =
+                    HashMap::try_from(self.ebpf.map_mut("NAT6").expect("the probe defines NAT6"))?;
+                m.remove(k)
+            }
+        };
+        match res {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
             Err(e) => Err(e.into()),
         }
     }

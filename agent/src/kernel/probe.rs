@@ -208,9 +208,73 @@ impl Probe {
         })
     }
 
+    /// Instructions the verifier processed for each loaded program (its
+    /// cost at load, and a measure of how many paths it walks).
+    pub fn verifier_counts(&self) -> Vec<(String, u32)> {
+        let mut out: Vec<(String, u32)> = self
+            .ebpf
+            .programs()
+            .filter_map(|(name, p)| {
+                let n = p.info().ok()?.verified_instruction_count()?;
+                Some((name.to_owned(), n))
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
     /// Whether the kernel reports its sockets' state changes to the probe.
     pub fn kernel_reports(&self) -> bool {
         self.kernel_reports
+    }
+
+    /// Reports the kernel's tracepoint skipped: it runs the program at most
+    /// once at a time on a CPU, and skips (and counts) a report that comes
+    /// while the program runs there (a packet's report interrupting an
+    /// application's). Each is a change that only a socket-table check can
+    /// catch.
+    pub fn kernel_reports_missed(&self) -> Result<u64> {
+        use std::os::fd::{AsFd, AsRawFd};
+        if !self.kernel_reports {
+            return Ok(0);
+        }
+        let prog = self
+            .ebpf
+            .program(KERNEL_PROGRAM)
+            .unwrap_or_else(|| panic!("the probe defines {KERNEL_PROGRAM}"));
+        let fd = prog.fd()?.as_fd().as_raw_fd();
+        // SAFETY: a plain C struct of integers: all zeros is a valid value.
+        let mut info: aya_obj::generated::bpf_prog_info = unsafe { std::mem::zeroed() };
+        // The `info` member of `union bpf_attr`.
+        #[repr(C)]
+        struct InfoAttr {
+            bpf_fd: u32,
+            info_len: u32,
+            info: u64,
+        }
+        let mut attr = InfoAttr {
+            bpf_fd: fd as u32,
+            info_len: std::mem::size_of_val(&info) as u32,
+            info: (&raw mut info) as u64,
+        };
+        const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+        // SAFETY: the attribute points at a `bpf_prog_info` of the size given,
+        // alive for the call.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_OBJ_GET_INFO_BY_FD,
+                &raw mut attr,
+                std::mem::size_of::<InfoAttr>(),
+            )
+        };
+        if rc != 0 {
+            return Err(Error::io(
+                "reading the kernel-report program's statistics",
+                std::io::Error::last_os_error(),
+            ));
+        }
+        Ok(info.recursion_misses)
     }
 
     /// Whether the kernel reports connects at `tcp_connect()` (where fentry
@@ -241,6 +305,25 @@ impl Probe {
     /// (`tcpstate_common::command::outcome`).
     pub fn command(&self, cmd: &Command) -> Result<u32> {
         self.test_run(COMMAND_PROGRAM, cmd.as_bytes())
+    }
+
+    /// The kernel's jiffies and CLOCK_MONOTONIC nanoseconds, read by the
+    /// probe at one moment ([`op::CLOCK`](tcpstate_common::command::op::CLOCK)).
+    pub fn clocks(&self) -> Result<(u64, u64)> {
+        let cmd = Command {
+            op: tcpstate_common::command::op::CLOCK,
+            ..Command::default()
+        };
+        let mut out = [0u8; std::mem::size_of::<Command>()];
+        let opts = TestRunOptions {
+            data_in: Some(cmd.as_bytes()),
+            data_out: Some(&mut out),
+            ..TestRunOptions::new()
+        };
+        self.test_run_with(COMMAND_PROGRAM, opts)?;
+        // SAFETY: `out` holds a whole `#[repr(C)]` Command, as written back.
+        let back: Command = unsafe { std::ptr::read_unaligned(out.as_ptr().cast()) };
+        Ok((back.jiffies(), back.changed_ns))
     }
 
     /// Runs the XDP program on one frame with BPF_PROG_TEST_RUN (packet tests
@@ -310,12 +393,16 @@ fn attach_connect(ebpf: &mut Ebpf) -> Result<()> {
         )
     })?;
     let connect: &mut FEntry = program(ebpf, CONNECT_PROGRAM)?.try_into()?;
-    connect
-        .load(CONNECT_FUNCTION, &btf)
-        .map_err(|e| Error::Io {
-            context: format!("loading {CONNECT_PROGRAM} at {CONNECT_FUNCTION}()"),
-            source: std::io::Error::other(e.to_string()),
-        })?;
+    connect.load(CONNECT_FUNCTION, &btf).map_err(|e| {
+        let why = match e {
+            ProgramError::LoadError { io_error, .. } => io_error,
+            other => std::io::Error::other(other.to_string()),
+        };
+        Error::io(
+            format!("the kernel refuses a hook at {CONNECT_FUNCTION}() (fentry)"),
+            why,
+        )
+    })?;
     connect
         .attach()
         .map_err(|e| trace_error(CONNECT_PROGRAM, CONNECT_FUNCTION, e))?;

@@ -15,6 +15,7 @@ use tokio::{
     io::{Interest, unix::AsyncFd},
     net::UnixListener,
     signal::unix::{SignalKind, signal},
+    sync::Notify,
 };
 
 use crate::{
@@ -145,7 +146,9 @@ pub async fn run(
             }
         }))
     };
-    let _questions = asks.map(|ring| questions(ring, Arc::clone(&agent)));
+    // A question is due within milliseconds: filing one wakes the timers.
+    let asked = Arc::new(Notify::new());
+    let _questions = asks.map(|ring| questions(ring, Arc::clone(&agent), Arc::clone(&asked)));
     let _links = links.map(|watch| follow(watch, Arc::clone(&agent)));
     let stop = async move {
         match stop {
@@ -161,54 +164,40 @@ pub async fn run(
     let mut sigterm = signal(SignalKind::terminate())?;
     // A closed terminal stops the agent as cleanly as Ctrl-C does.
     let mut sighup = signal(SignalKind::hangup())?;
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    // Timers fire within this of the kernel's.
-    let mut timer_tick = tokio::time::interval(Duration::from_millis(50));
-    let print = cfg.print && std::io::stdout().is_terminal();
-    let mut walks = Pacer::new(Duration::from_secs(1), PACING, Some(MAX_WALK_GAP));
-    let mut checks = cfg.reconcile_every.map(|every| {
-        let mut p = Pacer::new(every, PACING, None);
-        // The first check one period after the start (seeding just read the table).
-        p.ran(std::time::Instant::now(), Duration::ZERO);
-        p
-    });
+    // The once-a-second maintenance runs as its own task: a tick that waits
+    // (a netlink dump behind the kernel's rtnl lock while another namespace
+    // is torn down) must not hold the timers back.
+    let _maintenance = AbortOnDrop(tokio::spawn(maintain(
+        Arc::clone(&agent),
+        Arc::clone(&reader),
+        cfg.reconcile_every,
+        cfg.print && std::io::stdout().is_terminal(),
+    )));
+    // Timers fire when the kernel's do (their batch draining as the
+    // kernel's does), and what a walk or the probe filed meanwhile is
+    // looked at within TIMER_LOOK.
+    let mut next_fire = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
             _ = sighup.recv() => break,
             _ = &mut stop => break,
-            _ = timer_tick.tick() => {
+            _ = asked.notified() => next_fire = tokio::time::Instant::now(),
+            _ = tokio::time::sleep_until(next_fire) => {
                 let agent = Arc::clone(&agent);
                 let fired = tokio::task::spawn_blocking(move || {
                     agent.lock().expect("agent lock").fire_timers()
                 });
-                if let Ok(Err(e)) = fired.await {
-                    tracing::warn!("timers: {e}");
-                }
-            }
-            _ = tick.tick() => {
-                let (agent, publish_to) = (Arc::clone(&agent), Arc::clone(&reader));
-                let now = std::time::Instant::now();
-                let walk_due = walks.due(now);
-                let reconcile_due = checks.as_ref().is_some_and(|p| p.due(now));
-                let ran = tokio::task::spawn_blocking(move || {
-                    tick::tick(&agent, &publish_to, walk_due, reconcile_due)
-                });
-                if let Ok(ran) = ran.await {
-                    if let Some(took) = ran.walked {
-                        walks.ran(now, took);
+                let next = match fired.await {
+                    Ok(Ok(next)) => next,
+                    Ok(Err(e)) => {
+                        tracing::warn!("timers: {e}");
+                        None
                     }
-                    if let (Some(took), Some(p)) = (ran.checked, checks.as_mut()) {
-                        p.ran(now, took);
-                    }
-                }
-                if print {
-                    match reader.snapshot() {
-                        Ok(s) => print_line(&s),
-                        Err(e) => tracing::warn!("reading counts failed: {e}"),
-                    }
-                }
+                    Err(_) => None,
+                };
+                next_fire = next_timer(next);
             }
         }
     }
@@ -218,7 +207,11 @@ pub async fn run(
 }
 
 /// Reads the probe's questions as they come and files them with the agent.
-fn questions(ring: RingBuf<MapData>, agent: Arc<Mutex<Agent>>) -> Option<AbortOnDrop<()>> {
+fn questions(
+    ring: RingBuf<MapData>,
+    agent: Arc<Mutex<Agent>>,
+    asked: Arc<Notify>,
+) -> Option<AbortOnDrop<()>> {
     // SAFETY: the ring owns its descriptor, which stays open and the same
     // until the ring (moved into the AsyncFd) drops.
     let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
@@ -237,6 +230,7 @@ fn questions(ring: RingBuf<MapData>, agent: Arc<Mutex<Agent>>) -> Option<AbortOn
             ready.clear_ready();
             if !got.is_empty() {
                 agent.lock().expect("agent lock").questions(got);
+                asked.notify_one();
             }
         }
     })))
@@ -265,6 +259,65 @@ fn follow(watch: LinkWatch, agent: Arc<Mutex<Agent>>) -> Option<AbortOnDrop<()>>
     })))
 }
 
+/// Once a second: the namespace's addresses and sysctls, the walk of the
+/// flow maps and the socket-table check when their pacers allow, and the
+/// counts printed when asked.
+async fn maintain(
+    agent: Arc<Mutex<Agent>>,
+    reader: Arc<crate::serve::reader::Reader>,
+    reconcile_every: Option<Duration>,
+    print: bool,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut walks = Pacer::new(Duration::from_secs(1), PACING, Some(MAX_WALK_GAP));
+    let mut checks = reconcile_every.map(|every| {
+        let mut p = Pacer::new(every, PACING, None);
+        // The first check one period after the start (seeding just read the table).
+        p.ran(std::time::Instant::now(), Duration::ZERO);
+        p
+    });
+    let mut stood_aside = 0u32;
+    loop {
+        tick.tick().await;
+        let (agent, publish_to) = (Arc::clone(&agent), Arc::clone(&reader));
+        let now = std::time::Instant::now();
+        // The walk and the check hold the agent's lock for tens of
+        // milliseconds: not while a timer (a TIME_WAIT batch draining with
+        // the kernel's) is about to fire. They run at the next tick, or the
+        // one after: where timers are always due, they never wait longer.
+        let timer_soon = agent
+            .lock()
+            .expect("agent lock")
+            .next_timer_ns()
+            .is_some_and(|at| at < crate::tracking::timers::monotonic_ns() + TIMER_CLEARANCE_NS);
+        let aside = timer_soon && stood_aside < 2;
+        stood_aside = if aside { stood_aside + 1 } else { 0 };
+        let walk_due = walks.due(now) && !aside;
+        let reconcile_due = checks.as_ref().is_some_and(|p| p.due(now)) && !aside;
+        let ran = tokio::task::spawn_blocking(move || {
+            tick::tick(&agent, &publish_to, walk_due, reconcile_due)
+        });
+        let ran = ran.await;
+        if now.elapsed() > Duration::from_millis(500) {
+            tracing::debug!("maintenance took {:?}", now.elapsed());
+        }
+        if let Ok(ran) = ran {
+            if let Some(took) = ran.walked {
+                walks.ran(now, took);
+            }
+            if let (Some(took), Some(p)) = (ran.checked, checks.as_mut()) {
+                p.ran(now, took);
+            }
+        }
+        if print {
+            match reader.snapshot() {
+                Ok(s) => print_line(&s),
+                Err(e) => tracing::warn!("reading counts failed: {e}"),
+            }
+        }
+    }
+}
+
 fn print_line(s: &Snapshot) {
     let Some(counts) = s.state_counts() else {
         return;
@@ -291,4 +344,21 @@ impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
     }
+}
+
+/// How far ahead of a due timer the walk and the check stand aside.
+const TIMER_CLEARANCE_NS: u64 = 300_000_000;
+
+/// The longest the timer task sleeps: a walk files new deadlines, the probe
+/// puts questions, without waking it.
+const TIMER_LOOK: Duration = Duration::from_millis(50);
+
+/// When the timer task wakes next: at the next deadline (CLOCK_MONOTONIC
+/// ns), at most [`TIMER_LOOK`] from now.
+fn next_timer(next_ns: Option<u64>) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    let wait = next_ns.map_or(TIMER_LOOK, |at| {
+        Duration::from_nanos(at.saturating_sub(crate::tracking::timers::monotonic_ns()))
+    });
+    now + wait.min(TIMER_LOOK)
 }

@@ -47,8 +47,9 @@ pub fn tick(agent: &Mutex<Agent>, reader: &Reader, walk_due: bool, reconcile_due
         took
     });
     match a.losses_since_last() {
-        Ok([0, 0]) | Err(_) => {}
-        Ok([full, lost]) => {
+        Ok([0, 0, 0]) => {}
+        Err(e) => tracing::warn!("reading the probe's losses failed: {e}"),
+        Ok([full, lost, missed]) => {
             if full > 0 {
                 tracing::warn!(
                     "flow map full: {full} new connections not tracked in the last second (capacity {} per address family; raise --max-flows)",
@@ -58,6 +59,11 @@ pub fn tick(agent: &Mutex<Agent>, reader: &Reader, walk_due: bool, reconcile_due
             if lost > 0 {
                 tracing::warn!(
                     "{lost} questions about sockets lost (the agent fell behind the probe): checking the socket table"
+                );
+            }
+            if missed > 0 {
+                tracing::info!(
+                    "{missed} socket state reports skipped by the kernel (they came while the report program ran on that CPU): checking the socket table"
                 );
             }
         }

@@ -5,7 +5,7 @@
 use std::{sync::Arc, time::Duration};
 
 use netlink_packet_sock_diag::inet::StateFlags;
-use tcpstate_common::{Ask, Event, Side, TcpState};
+use tcpstate_common::{Ask, Event, FlowEntry, Side, TcpState};
 
 use crate::{
     error::{Error, Result},
@@ -64,6 +64,9 @@ pub struct Agent {
     /// The probe's map_full and ask_lost counts at the last look.
     map_full_seen: u64,
     ask_lost_seen: u64,
+    reports_missed_seen: u64,
+    /// Kernel reports the kernel skipped (its count for the program).
+    reports_missed: u64,
     /// Connections by port and by peer, as of the last walk.
     breakdown: Breakdown,
     /// Entries in the IPv4 and IPv6 flow maps at the last walk.
@@ -73,9 +76,13 @@ pub struct Agent {
 }
 
 /// How long after the kernel reported a close in FIN_WAIT2 or CLOSING the
-/// agent asks whether a TIME_WAIT socket took over: the peer's FIN usually
-/// comes first, which the segments show, and the question is then moot.
-const CLOSE_QUESTION_DELAY: Duration = Duration::from_millis(200);
+/// agent asks whether a TIME_WAIT socket took over. The kernel hashes the
+/// successor before it reports the close (the probe asks only when it could
+/// not tell: the namespace at `tcp_max_tw_buckets`, a FIN the segments
+/// showed but the socket may have dropped, or a kernel whose layout it does
+/// not know); this leaves the close, and a FIN handled on another CPU at
+/// the same moment, time to finish.
+const CLOSE_QUESTION_DELAY: Duration = Duration::from_millis(5);
 
 impl Agent {
     /// Loads the probe and attaches it in the configured namespace.
@@ -109,7 +116,8 @@ impl Agent {
             probe.set_local_addresses(&nsinfo::local_addresses()?)?;
             interfaces.attach_all(&mut probe, &present)?;
             let mut diag = SockDiag::open()?;
-            let timeouts = Timeouts::from_sysctls(KernelClock::read(), probe.kernel_reports());
+            let clock = KernelClock::from_clocks(|| probe.clocks().ok()).or_else(KernelClock::read);
+            let timeouts = Timeouts::from_sysctls(clock, probe.kernel_reports());
             // After attaching: from here on packets are seen, so every
             // connection is either seeded now or tracked from its packets.
             let seeded = seed::seed(&probe, &mut diag, &timeouts)?;
@@ -137,6 +145,8 @@ impl Agent {
             checks_due: 0,
             map_full_seen: 0,
             ask_lost_seen: 0,
+            reports_missed_seen: 0,
+            reports_missed: 0,
             breakdown: Breakdown::default(),
             flows_in_map: [0; 2],
             top_k: cfg.top_k,
@@ -245,19 +255,24 @@ impl Agent {
         self.probe.set_local_addresses(addrs)
     }
 
-    /// New connections the full flow map refused, and questions lost to a
-    /// full ring, since the last call. A lost question makes a socket-table
-    /// check owed: it would have been about a socket the packets cannot tell.
-    pub fn losses_since_last(&mut self) -> Result<[u64; 2]> {
+    /// Since the last call: new connections the full flow map refused,
+    /// questions lost to a full ring, and kernel reports the kernel skipped.
+    /// A lost question or report makes a socket-table check owed: it was
+    /// about a change the packets cannot tell.
+    pub fn losses_since_last(&mut self) -> Result<[u64; 3]> {
         let events = self.probe.counters()?.events;
         let full = events[Event::MapFull as usize];
         let lost = events[Event::AskLost as usize];
+        let missed = self.probe.kernel_reports_missed()?;
         let grew = [
             full.saturating_sub(self.map_full_seen),
             lost.saturating_sub(self.ask_lost_seen),
+            missed.saturating_sub(self.reports_missed_seen),
         ];
         (self.map_full_seen, self.ask_lost_seen) = (full, lost);
-        if grew[1] > 0 {
+        self.reports_missed_seen = missed;
+        self.reports_missed = missed;
+        if grew[1] > 0 || grew[2] > 0 {
             self.checks_due = self.checks_due.max(2);
         }
         Ok(grew)
@@ -292,6 +307,7 @@ impl Agent {
         snap.asked = self.asked;
         snap.kernel_reports = self.probe.kernel_reports();
         snap.connect_reports = self.probe.connect_reports();
+        snap.kernel_reports_missed = self.reports_missed;
         snap.uptime_ms = self.started.elapsed().as_millis() as u64;
         Ok(snap)
     }
@@ -332,6 +348,10 @@ impl Agent {
     /// Once a second: reads the flow maps once to apply the kernel's timers
     /// and to break the connections down by port and by peer.
     pub fn sweep(&mut self) -> Result<()> {
+        // Translations first: each one read now already has its connection's
+        // entry (made in the same moment), so an entry the walk does not find
+        // is really gone.
+        let translations = self.probe.translations()?;
         let entries = self.probe.flow_entries()?;
         let mut b = Breakdown::default();
         for (flow, e) in &entries {
@@ -351,6 +371,29 @@ impl Agent {
             .timers
             .file(&entries, &self.probe, &mut self.diag, &self.timeouts)?;
         self.count(stats);
+        self.forget_translations(translations, &entries)
+    }
+
+    /// Local NAT: translations whose connection the flow maps no longer
+    /// hold (or hold dead) are forgotten.
+    fn forget_translations(
+        &mut self,
+        translations: Vec<(FlowRef, FlowRef)>,
+        entries: &[(FlowRef, FlowEntry)],
+    ) -> Result<()> {
+        if translations.is_empty() {
+            return Ok(());
+        }
+        let live: std::collections::HashSet<FlowRef> = entries
+            .iter()
+            .filter(|(_, e)| !tcpstate_common::Word(e.word).is_dead())
+            .map(|(f, _)| *f)
+            .collect();
+        for (wire, socket) in translations {
+            if !live.contains(&socket) {
+                self.probe.forget_translation(&wire)?;
+            }
+        }
         Ok(())
     }
 
@@ -378,12 +421,19 @@ impl Agent {
 
     /// Fires the timers filed by the last walk that are due now, and asks
     /// the questions whose moment has come.
-    pub fn fire_timers(&mut self) -> Result<()> {
+    /// Acts on the timers and questions that are due; returns when the next
+    /// one is (CLOCK_MONOTONIC ns).
+    pub fn fire_timers(&mut self) -> Result<Option<u64>> {
         let stats = self
             .timers
             .fire(&self.probe, &mut self.diag, &self.timeouts)?;
         self.count(stats);
-        Ok(())
+        Ok(self.timers.next_ns())
+    }
+
+    /// When the next timer is due (CLOCK_MONOTONIC ns), if any is filed.
+    pub fn next_timer_ns(&self) -> Option<u64> {
+        self.timers.next_ns()
     }
 
     fn count(&mut self, stats: SweepStats) {

@@ -45,7 +45,12 @@ pub fn still_asked(word: Word, side: Side, why: Why) -> bool {
         Why::FinWait2 => s == TcpState::FinWait2,
         Why::Request => s == TcpState::SynRecv,
         Why::Connect => s == TcpState::SynSent,
-        Why::Closed => matches!(s, TcpState::FinWait2 | TcpState::Closing),
+        // TIME_WAIT too: the segments show it, the kernel may have had no
+        // room for it (`tcp_max_tw_buckets`).
+        Why::Closed => matches!(
+            s,
+            TcpState::FinWait2 | TcpState::Closing | TcpState::TimeWait
+        ),
     }
 }
 

@@ -387,6 +387,13 @@ impl Timers {
         }
     }
 
+    /// When the next filed timer or question is due (CLOCK_MONOTONIC ns).
+    pub fn next_ns(&self) -> Option<u64> {
+        let due = self.due.keys().next().copied();
+        let asked = self.questions.keys().next().copied();
+        due.into_iter().chain(asked).min()
+    }
+
     /// Acts on every filed timer and question whose moment has come.
     pub fn fire(&mut self, probe: &Probe, diag: &mut SockDiag, t: &Timeouts) -> Result<SweepStats> {
         let now = monotonic_ns();

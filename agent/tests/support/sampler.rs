@@ -8,6 +8,13 @@
 //! lies between the agent's two. While connections open and close, ss reads
 //! a table that changes under it; the bracket accepts what either moment of
 //! the agent could have shown, and nothing outside it.
+//!
+//! Under thousands of connections a second that is not enough: ss's walk of
+//! a large table takes long enough for thousands of sockets to change under
+//! it, so its total is no moment's count and may lie outside any bracket. A
+//! scenario that drives its traffic through a [`Gate`] lets the sampler
+//! pause it: every [`QUIET_EVERY`]th sample is taken once the traffic has
+//! stopped for [`QUIET`], when ss's table stands still, and must be equal.
 
 use std::{
     fs::File,
@@ -15,7 +22,7 @@ use std::{
     process::Command,
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     thread::JoinHandle,
     time::{Duration, Instant},
@@ -32,6 +39,58 @@ pub const PERIOD: Duration = Duration::from_millis(100);
 /// The longest a difference may last.
 pub const LIMIT: Duration = Duration::from_secs(1);
 
+/// How long a gated scenario's traffic has stood still before a quiet
+/// sample (segments between two namespaces of one host take microseconds).
+pub const QUIET: Duration = Duration::from_millis(20);
+/// Every how many samples one is quiet.
+pub const QUIET_EVERY: usize = 5;
+
+/// A scenario's traffic, in units the sampler can hold back: each unit (a
+/// connection opened and closed) runs through [`Gate::pass`].
+#[derive(Default)]
+pub struct Gate {
+    paused: AtomicBool,
+    active: AtomicUsize,
+}
+
+impl Gate {
+    /// Runs one unit of traffic, once the sampler is not holding the gate.
+    pub fn pass<T>(&self, unit: impl FnOnce() -> T) -> T {
+        loop {
+            while self.paused.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            self.active.fetch_add(1, Ordering::SeqCst);
+            if !self.paused.load(Ordering::SeqCst) {
+                break;
+            }
+            self.active.fetch_sub(1, Ordering::SeqCst);
+        }
+        let out = unit();
+        self.active.fetch_sub(1, Ordering::SeqCst);
+        out
+    }
+
+    /// Stops new units and waits for the running ones to end (at most 5 s:
+    /// a unit stuck longer is the scenario's problem, and the sample says
+    /// so). Returns whether the traffic stopped.
+    fn hold(&self) -> bool {
+        self.paused.store(true, Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.active.load(Ordering::SeqCst) > 0 {
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        true
+    }
+
+    fn release(&self) {
+        self.paused.store(false, Ordering::SeqCst);
+    }
+}
+
 /// One sample: when (since the start), the agent before, ss, the agent after.
 #[derive(Clone, Debug)]
 pub struct Sample {
@@ -44,10 +103,14 @@ pub struct Sample {
 impl Sample {
     /// ss's count lies between the agent's two reads, for every state.
     pub fn equal(&self) -> bool {
-        TcpState::REPORTED.iter().all(|s| {
-            let (a, b) = (self.before.get(*s), self.after.get(*s));
-            (a.min(b)..=a.max(b)).contains(&self.ss.get(*s))
-        })
+        TcpState::REPORTED.iter().all(|s| self.outside(*s) == 0)
+    }
+
+    /// How far ss's count of `state` lies outside the agent's two reads.
+    pub fn outside(&self, state: TcpState) -> u64 {
+        let (a, b) = (self.before.get(state), self.after.get(state));
+        let ss = self.ss.get(state);
+        ss.saturating_sub(a.max(b)).max(a.min(b).saturating_sub(ss))
     }
 }
 
@@ -61,6 +124,12 @@ pub struct Samples {
     pub longest: Duration,
     /// The first sample of that stretch, and the last unequal one in it.
     pub worst: Option<(Sample, Sample)>,
+    /// Per state, the farthest ss's count lay outside the agent's bracket
+    /// in any sample (while thousands of connections a second change, ss's
+    /// walk of the table is itself no snapshot: this says by how much).
+    pub widest: StateCounts,
+    /// With a [`Gate`]: the samples taken while the traffic stood still.
+    pub quiet: Option<Box<Samples>>,
 }
 
 impl Samples {
@@ -72,6 +141,32 @@ impl Samples {
         self.equal as f64 / self.taken as f64
     }
 
+    /// Writes this run into target/accuracy/exact/ for `cargo xtask
+    /// accuracy`'s report (scenario, family, reconciliation on or off).
+    pub fn record(&self, scenario: &str, family: &str, reconcile: bool) {
+        let dir =
+            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/accuracy/exact");
+        let _ = std::fs::create_dir_all(&dir);
+        let slug: String = scenario
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+            .collect();
+        let name = format!(
+            "{slug}-{family}-{}.json",
+            if reconcile { "on" } else { "off" }
+        );
+        let row = serde_json::json!({
+            "scenario": scenario,
+            "family": family,
+            "reconcile": reconcile,
+            "samples": self.taken,
+            "equal_share": self.share_equal(),
+            "longest_s": self.longest.as_secs_f64(),
+            "widest": self.widest_text(),
+        });
+        let _ = std::fs::write(dir.join(name), row.to_string());
+    }
+
     pub fn describe(&self) -> String {
         let mut s = format!(
             "{} samples, {:.1} % equal, longest difference {:?}",
@@ -79,6 +174,9 @@ impl Samples {
             100.0 * self.share_equal(),
             self.longest
         );
+        if self.widest != StateCounts::default() {
+            s += &format!(", widest per state {}", self.widest_text());
+        }
         if let Some((first, last)) = &self.worst {
             s += &format!(
                 "\nit began at {:?}: tcpstate (before, after) vs ss\n{}\nand at {:?} it was\n{}",
@@ -89,6 +187,21 @@ impl Samples {
             );
         }
         s
+    }
+
+    /// The states ss's count ever lay outside the bracket, and by how much
+    /// at most: "TIME_WAIT 3, ESTABLISHED 1".
+    pub fn widest_text(&self) -> String {
+        let parts: Vec<String> = TcpState::REPORTED
+            .iter()
+            .filter(|s| self.widest.get(**s) > 0)
+            .map(|s| format!("{} {}", s.name(), self.widest.get(*s)))
+            .collect();
+        if parts.is_empty() {
+            "none".to_owned()
+        } else {
+            parts.join(", ")
+        }
     }
 
     /// No difference from ss lasted longer than [`LIMIT`], and enough
@@ -103,6 +216,28 @@ impl Samples {
             self.describe()
         );
         eprintln!("{what}: {}", self.describe());
+    }
+}
+
+impl Samples {
+    /// Every quiet sample was equal: with the traffic stopped for [`QUIET`],
+    /// nothing excuses a difference.
+    #[track_caller]
+    pub fn assert_quiet_exact(&self, what: &str) {
+        let quiet = self.quiet.as_deref().expect("a gated sampler");
+        assert!(
+            quiet.taken >= 5,
+            "{what}: too few quiet samples ({})",
+            quiet.taken
+        );
+        assert!(
+            quiet.equal == quiet.taken,
+            "{what}: {} of {} quiet samples differed from ss: {}",
+            quiet.taken - quiet.equal,
+            quiet.taken,
+            quiet.describe()
+        );
+        eprintln!("{what}, quiet: {}", quiet.describe());
     }
 }
 
@@ -123,6 +258,15 @@ pub struct Sampler {
 impl Sampler {
     /// Starts sampling `agent` against `ss` of `ns`.
     pub fn start(agent: &Agent, ns: &Netns) -> Sampler {
+        Sampler::start_with(agent, ns, None)
+    }
+
+    /// Starts sampling, holding `gate`'s traffic for every quiet sample.
+    pub fn start_gated(agent: &Agent, ns: &Netns, gate: Arc<Gate>) -> Sampler {
+        Sampler::start_with(agent, ns, Some(gate))
+    }
+
+    fn start_with(agent: &Agent, ns: &Netns, gate: Option<Arc<Gate>>) -> Sampler {
         let stop = Arc::new(AtomicBool::new(false));
         let socket = agent.socket.clone();
         let netns = File::open(format!("/run/netns/{}", ns.name)).expect("namespace file");
@@ -131,7 +275,7 @@ impl Sampler {
             // `ss` started from this thread runs in the namespace, without
             // the mount-namespace work of `ip netns exec` (milliseconds).
             setns(netns.as_fd(), CloneFlags::CLONE_NEWNET).expect("setns");
-            run(&socket, &flag)
+            run(&socket, &flag, gate.as_deref())
         });
         Sampler {
             stop,
@@ -186,34 +330,79 @@ pub fn ss_here() -> StateCounts {
     counts
 }
 
-fn run(socket: &std::path::Path, stop: &AtomicBool) -> Samples {
+/// Samples of one kind, and the stretch of unequal ones still open.
+#[derive(Default)]
+struct Tally {
+    out: Samples,
+    since: Option<Sample>,
+    last_unequal: Option<Sample>,
+}
+
+impl Tally {
+    fn add(&mut self, s: Sample) {
+        let out = &mut self.out;
+        out.taken += 1;
+        for state in TcpState::REPORTED {
+            let far = s.outside(state).max(out.widest.get(state));
+            out.widest.set(state, far);
+        }
+        if s.equal() {
+            out.equal += 1;
+            if let Some(first) = self.since.take() {
+                close_run(out, first, self.last_unequal.take(), s.at);
+            }
+        } else {
+            if self.since.is_none() {
+                self.since = Some(s.clone());
+            }
+            self.last_unequal = Some(s);
+        }
+    }
+
+    fn end(mut self, at: Duration) -> Samples {
+        if let Some(first) = self.since.take() {
+            close_run(&mut self.out, first, self.last_unequal.take(), at);
+        }
+        self.out
+    }
+}
+
+fn run(socket: &std::path::Path, stop: &AtomicBool, gate: Option<&Gate>) -> Samples {
     let start = Instant::now();
-    let mut out = Samples::default();
-    let mut since: Option<Sample> = None;
-    let mut last_unequal: Option<Sample> = None;
-    loop {
+    let mut all = Tally::default();
+    let mut quiet = Tally::default();
+    for n in 1.. {
         let tick = Instant::now();
         let stopping = stop.load(Ordering::Relaxed);
-        if let (Some(before), ss, Some(after)) =
-            (agent_counts(socket), ss_here(), agent_counts(socket))
-        {
+        // A quiet sample: the traffic held, and stood still for QUIET.
+        let held = match gate {
+            Some(g) if n % QUIET_EVERY == 0 && !stopping => {
+                let stopped = g.hold();
+                std::thread::sleep(QUIET);
+                Some((g, stopped))
+            }
+            _ => None,
+        };
+        let read = (agent_counts(socket), ss_here(), agent_counts(socket));
+        if let Some((g, _)) = held {
+            g.release();
+        }
+        if let (Some(before), ss, Some(after)) = read {
             let s = Sample {
                 at: start.elapsed(),
                 before,
                 ss,
                 after,
             };
-            out.taken += 1;
-            if s.equal() {
-                out.equal += 1;
-                if let Some(first) = since.take() {
-                    close_run(&mut out, first, last_unequal.take(), s.at);
+            match held {
+                Some((_, true)) => quiet.add(s),
+                // Traffic that would not stop: a quiet sample that is not
+                // equal, whatever it read.
+                Some((_, false)) => {
+                    eprintln!("sampler: the traffic did not stop within 5 s");
+                    quiet.out.taken += 1;
                 }
-            } else {
-                if since.is_none() {
-                    since = Some(s.clone());
-                }
-                last_unequal = Some(s);
+                None => all.add(s),
             }
         }
         if stopping {
@@ -221,8 +410,9 @@ fn run(socket: &std::path::Path, stop: &AtomicBool) -> Samples {
         }
         std::thread::sleep(PERIOD.saturating_sub(tick.elapsed()));
     }
-    if let Some(first) = since.take() {
-        close_run(&mut out, first, last_unequal.take(), start.elapsed());
+    let mut out = all.end(start.elapsed());
+    if gate.is_some() {
+        out.quiet = Some(Box::new(quiet.end(start.elapsed())));
     }
     out
 }

@@ -292,6 +292,80 @@ fn kernel_reports_set_the_reporting_endpoint_and_nothing_else() {
     );
 }
 
+/// Applies the kernel's report `old -> new` about `side`'s socket, as the
+/// probe does (a question changes nothing until answered).
+fn report(sim: &mut Sim, side: Side, old: TcpState, new: TcpState) {
+    if let KernelChange::Set(w) = kernel_change(sim.word, side, false, old, new) {
+        sim.word = w;
+    }
+}
+
+/// The probe sees an arriving segment before the kernel acts on it; the
+/// kernel's reports come after. A FIN+ACK takes a local FIN_WAIT1 straight
+/// to TIME_WAIT, then the kernel reports FIN_WAIT1 -> FIN_WAIT2 and, as the
+/// TIME_WAIT socket takes over, FIN_WAIT2 -> CLOSE: neither may take the
+/// endpoint back (under churn that left thousands in FIN_WAIT2 for seconds).
+#[test]
+fn reports_that_follow_the_segment_do_not_take_it_back() {
+    for client_local in [false, true] {
+        let mut sim = Sim::new(client_local, true);
+        sim.handshake();
+        report(&mut sim, S, Established, FinWait1);
+        sim.send(S, FIN | ACK, 0);
+        let fin = sim.send(C, FIN | ACK, 0);
+        assert_eq!(sim.word.counted(S), TimeWait);
+        report(&mut sim, S, FinWait1, FinWait2);
+        assert_eq!(sim.word.counted(S), TimeWait, "FIN_WAIT2 reported late");
+        assert_eq!(
+            kernel_change(sim.word, S, false, FinWait2, Close),
+            KernelChange::Nothing,
+            "no question about a TIME_WAIT the segments showed"
+        );
+        // Its ACK of the peer's FIN, and the peer's retransmitted FIN.
+        sim.send(S, ACK, 0);
+        sim.deliver(C, &fin);
+        assert_eq!(sim.word.counted(S), TimeWait);
+    }
+}
+
+/// The ACK of our FIN and the peer's FIN handled on two CPUs at once: the
+/// ACK hands the orphan over to a FIN_WAIT2 timewait socket while the FIN,
+/// already seen on the wire, waits on the full socket and is dropped with
+/// it. The report asks; the table says FIN_WAIT2; the resent FIN ends it.
+#[test]
+fn a_fin_the_closing_socket_dropped_is_asked_about_and_its_resend_counts() {
+    for client_local in [false, true] {
+        let mut sim = Sim::new(client_local, true);
+        sim.handshake();
+        report(&mut sim, S, Established, FinWait1);
+        sim.send(S, FIN | ACK, 0);
+        sim.send(C, ACK, 0);
+        let fin = sim.send(C, FIN | ACK, 0);
+        assert_eq!(
+            sim.word.counted(S),
+            TimeWait,
+            "the FIN, as the wire shows it"
+        );
+        report(&mut sim, S, FinWait1, FinWait2);
+        assert_eq!(
+            kernel_report(
+                sim.word,
+                S,
+                client_local,
+                FinWait2,
+                Close,
+                Handover::FinWait2
+            ),
+            KernelChange::Ask,
+            "the successor is a FIN_WAIT2: the FIN did not reach it"
+        );
+        // The kernel's table answers FIN_WAIT2.
+        sim.word = sim.word.with_state(S, FinWait2);
+        sim.deliver(C, &fin);
+        assert_eq!(sim.word.counted(S), TimeWait, "the resent FIN");
+    }
+}
+
 #[test]
 fn a_kernel_report_about_a_socket_without_an_entry_makes_one() {
     // A connection completed from a SYN cookie, or on an interface the probe
@@ -338,4 +412,169 @@ fn nothing_asks_about_a_reaping_entry() {
     }
     let _ = EndSeq::default();
     let _: TcpState = None;
+}
+
+/// Item 4 of the exactness work: once the agent set an endpoint to the
+/// kernel's state (a check, a lookup, a report), the segments the peer goes
+/// on resending (its SYN, SYN-ACK, data, FIN, ACKs) must not bring a state
+/// back that the kernel does not have. The rule that guarantees it: a
+/// received segment never makes a local socket the kernel has not made
+/// (no SYN_RECV without a SYN-ACK sent, no ESTABLISHED out of anything but
+/// SYN_SENT, a closed endpoint reopens only by what it sends itself), and
+/// every rule fires only from the state before its transition.
+#[test]
+fn the_kernels_word_is_not_undone_by_what_the_peer_resends() {
+    for mode in [0, Segment::KERNEL_EVENTS] {
+        // The peer's whole repertoire, as the segments of a handshake, some
+        // data and a close would be resent.
+        let resend = |sim: &mut Sim, from: Side| {
+            let mut out = Vec::new();
+            for flags in [SYN, SYN | ACK, ACK, FIN | ACK] {
+                for len in [0, 100] {
+                    let mut seg = sim.seg(from, flags, len);
+                    seg.seq = seg.seq.wrapping_sub(len);
+                    out.push(seg);
+                }
+            }
+            out
+        };
+        // A request the kernel dropped (timeout, closed listener): closed.
+        // A connect the kernel gave up: closed. An established socket the
+        // kernel ended silently: closed.
+        for (client_local, setup) in [(false, "request"), (true, "connect"), (true, "established")]
+        {
+            let mut sim = Sim::new(client_local, !client_local);
+            sim.mode = mode;
+            let local = if client_local { C } else { S };
+            let peer = local.other();
+            sim.send(C, SYN, 0);
+            if setup != "connect" {
+                sim.send(S, SYN | ACK, 0);
+            }
+            if setup == "established" {
+                sim.send(C, ACK, 0);
+                sim.word = sim.word.with_state(local, Established);
+            }
+            sim.word = expire(sim.word, local);
+            for seg in resend(&mut sim, peer) {
+                sim.deliver(peer, &seg);
+                assert_eq!(
+                    sim.word.counted(local),
+                    None,
+                    "{setup}, mode {mode}: {seg:?} brought a socket back"
+                );
+            }
+        }
+        // A request the kernel holds (its accept queue full): the client's
+        // resent ACKs and data do not complete it where the kernel reports
+        // completions.
+        if mode != 0 {
+            let mut sim = Sim::new(false, true);
+            sim.mode = mode;
+            sim.send(C, SYN, 0);
+            sim.send(S, SYN | ACK, 0);
+            for _ in 0..3 {
+                sim.send(C, ACK, 0);
+                sim.send(C, ACK, 100);
+                assert_eq!(sim.word.counted(S), SynRecv);
+            }
+        }
+        // A FIN_WAIT2 its application holds: data and ACKs resent keep it.
+        let mut sim = Sim::new(true, false);
+        sim.mode = mode;
+        sim.handshake();
+        sim.send(C, FIN | ACK, 0);
+        sim.send(S, ACK, 0);
+        assert_eq!(sim.word.counted(C), FinWait2);
+        for seg in resend(&mut sim, S)
+            .into_iter()
+            .filter(|s| s.flags & (SYN | FIN) == 0)
+        {
+            sim.deliver(S, &seg);
+            assert_eq!(sim.word.counted(C), FinWait2, "{seg:?}");
+        }
+    }
+    let _: TcpState = None;
+    let _ = EndSeq::default();
+    let _ = Word::EMPTY;
+}
+
+/// A sidecar proxy on loopback: the application's socket and the proxy's
+/// have different tuples (a redirect), so each has an entry of its own, and
+/// each segment also passes through its receiver's entry
+/// ([`Segment::FOR_RECEIVER`]). In the proxy's entry the application's
+/// address is local but is not that entry's socket: it never moves, or the
+/// application would be counted twice.
+#[test]
+fn a_pass_for_the_receiver_moves_the_receiver_only() {
+    fn to_proxy(sim: &mut Sim, flags: u8) {
+        let mut seg = sim.seg(C, flags, 0);
+        seg.meta |= Segment::FOR_RECEIVER;
+        sim.deliver(C, &seg);
+        let end = seg.seq.wrapping_add(((flags & (SYN | FIN)) != 0) as u32);
+        sim.seq[C.index()] = end;
+        sim.rcv[S.index()] = end;
+    }
+    let mut sim = Sim::new(true, true);
+    to_proxy(&mut sim, SYN);
+    assert_eq!(sim.word.counted(C), None, "not the application's entry");
+    assert_eq!(sim.word.counted(S), None, "no request before the SYN-ACK");
+    sim.send(S, SYN | ACK, 0);
+    to_proxy(&mut sim, ACK);
+    assert_eq!(
+        (sim.word.counted(C), sim.word.counted(S)),
+        (None, Established)
+    );
+    to_proxy(&mut sim, FIN | ACK);
+    assert_eq!(
+        (sim.word.counted(C), sim.word.counted(S)),
+        (None, CloseWait)
+    );
+    sim.send(S, FIN | ACK, 0);
+    to_proxy(&mut sim, ACK);
+    assert_eq!((sim.word.counted(C), sim.word.counted(S)), (None, None));
+}
+
+/// A full socket that reports its close from FIN_WAIT2 or CLOSING shows
+/// what took its place: nothing (still hashed: `tcp_max_tw_buckets`
+/// reached, a reset), a TIME_WAIT socket, or an orphan's FIN_WAIT2. The
+/// probe reads it and asks the agent nothing.
+#[test]
+fn a_close_from_fin_wait2_or_closing_says_what_took_over() {
+    let w = established([true, false]);
+    let counted = |c: KernelChange| match c {
+        KernelChange::Set(n) => n.counted(C),
+        other => panic!("a set, not {other:?}"),
+    };
+    for from in [FinWait2, Closing] {
+        let w = w.with_state(C, from);
+        let report = |h| kernel_report(w, C, false, from, Close, h);
+        assert_eq!(report(Handover::Unknown), KernelChange::Ask);
+        assert_eq!(report(Handover::AtLimit), KernelChange::Ask);
+        assert_eq!(counted(report(Handover::TimeWait)), TimeWait);
+    }
+    let fw2 = w.with_state(C, FinWait2);
+    assert_eq!(
+        kernel_report(fw2, C, false, FinWait2, Close, Handover::FinWait2),
+        KernelChange::Set(fw2.settle()),
+        "the same state, stamped now: its timer starts"
+    );
+    // The segments showed a TIME_WAIT the kernel may have had no room for.
+    let tw = w.with_state(C, TimeWait);
+    for (h, then) in [
+        (Handover::AtLimit, KernelChange::Ask),
+        (Handover::Unknown, KernelChange::Nothing),
+        // The peer's FIN, seen on the wire, had not reached the socket.
+        (Handover::FinWait2, KernelChange::Ask),
+    ] {
+        assert_eq!(
+            kernel_report(tw, C, false, FinWait2, Close, h),
+            then,
+            "{h:?}"
+        );
+    }
+    assert_eq!(
+        kernel_report(tw, C, false, FinWait2, Close, Handover::TimeWait),
+        KernelChange::Nothing
+    );
 }
