@@ -83,6 +83,16 @@ impl FlowKey6 {
             side,
         )
     }
+
+    /// The inverse of [`FlowKey6::new`]: (src, sport, dst, dport) of a
+    /// segment `sender` sends.
+    #[inline(always)]
+    pub fn sent_by(&self, sender: Side) -> ([u32; 4], u16, [u32; 4], u16) {
+        match sender {
+            Side::A => (self.addr_a, self.port_a, self.addr_b, self.port_b),
+            Side::B => (self.addr_b, self.port_b, self.addr_a, self.port_a),
+        }
+    }
 }
 
 impl FlowKey4 {
@@ -109,6 +119,16 @@ impl FlowKey4 {
                 },
                 Side::B,
             )
+        }
+    }
+
+    /// The inverse of [`FlowKey4::new`]: (src, sport, dst, dport) of a
+    /// segment `sender` sends.
+    #[inline(always)]
+    pub fn sent_by(&self, sender: Side) -> (u32, u16, u32, u16) {
+        match sender {
+            Side::A => (self.addr_a, self.port_a, self.addr_b, self.port_b),
+            Side::B => (self.addr_b, self.port_b, self.addr_a, self.port_a),
         }
     }
 }
@@ -318,6 +338,18 @@ mod user {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sent_by_gives_back_the_segment_a_key_was_made_of() {
+        for (src, sport, dst, dport) in [(1, 80, 2, 5000), (2, 5000, 1, 80), (7, 9, 7, 3)] {
+            let (k, side) = FlowKey4::new(src, sport, dst, dport);
+            assert_eq!(k.sent_by(side), (src, sport, dst, dport));
+            assert_eq!(k.sent_by(side.other()), (dst, dport, src, sport));
+            let (a, b) = ([0, 0, 0, src], [0, 0, 0, dst]);
+            let (k, side) = FlowKey6::new(a, sport, b, dport);
+            assert_eq!(k.sent_by(side), (a, sport, b, dport));
+        }
+    }
 
     #[test]
     fn both_directions_share_one_key() {

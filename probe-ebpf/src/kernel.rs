@@ -5,10 +5,10 @@
 //! comes before the port is chosen), for a connect whose SYN never reaches
 //! the wire (the host's own firewall drops it). It sets the reporting
 //! socket's endpoint to the state the kernel just gave it, through the same
-//! compare-and-swap and counter update as the data path. This is how the counts learn what no segment shows: a
-//! connect given up or refused by an ICMP error, a timeout, a `close()`
-//! whose FIN waits behind queued data, an application that closes a
-//! connecting socket. A close where a timewait socket may take over is
+//! compare-and-swap and counter update as the data path. This is how the
+//! counts learn what no segment shows: a connect given up or refused by an
+//! ICMP error, a timeout, a `close()` whose FIN waits behind queued data,
+//! an application that closes a connecting socket. A close where a timewait socket may take over is
 //! decided by the namespace's death row ([`handover`]), or, at its limit,
 //! becomes a question for the agent ([`crate::ask`]).
 //!
@@ -218,8 +218,9 @@ fn report(sk: usize, old: TcpState, new: TcpState) -> Result<(), i32> {
     Ok(())
 }
 
+/// An IPv4 address mapped into IPv6 (`::ffff:a.b.c.d`).
 #[inline(always)]
-fn v4_mapped(a: &[u32; 4]) -> bool {
+pub fn v4_mapped(a: &[u32; 4]) -> bool {
     a[0] == 0 && a[1] == 0 && a[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff])
 }
 

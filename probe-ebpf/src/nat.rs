@@ -15,6 +15,7 @@ use tcpstate_common::{
 };
 
 use crate::{
+    kernel::v4_mapped,
     parse::Packet,
     track::{local4, local6},
 };
@@ -42,11 +43,6 @@ pub struct SockTuple {
     pub dst: [u32; 4],
     pub sport: u16,
     pub dport: u16,
-}
-
-#[inline(always)]
-fn v4_mapped(a: &[u32; 4]) -> bool {
-    a[0] == 0 && a[1] == 0 && a[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff])
 }
 
 /// Fills `out` with the tuple of the socket a TC egress skb belongs to, if
@@ -168,20 +164,14 @@ pub fn to_socket_view(pkt: &mut Packet, sock: &SockTuple) -> bool {
         if key == wire {
             return false;
         }
-        let a = (key.addr_a, key.port_a);
-        let b = (key.addr_b, key.port_b);
-        let ((src, sport), (dst, dport)) = if sender == Side::A { (a, b) } else { (b, a) };
-        (pkt.src, pkt.sport, pkt.dst, pkt.dport) = (src, sport, dst, dport);
+        (pkt.src, pkt.sport, pkt.dst, pkt.dport) = key.sent_by(sender);
     } else {
         let (wire, side) = FlowKey4::new(pkt.src[0], pkt.sport, pkt.dst[0], pkt.dport);
         let (key, sender) = translate4(wire, side, sock);
         if key == wire {
             return false;
         }
-        let a = (key.addr_a, key.port_a);
-        let b = (key.addr_b, key.port_b);
-        let ((src, sport), (dst, dport)) = if sender == Side::A { (a, b) } else { (b, a) };
-        (pkt.src[0], pkt.sport, pkt.dst[0], pkt.dport) = (src, sport, dst, dport);
+        (pkt.src[0], pkt.sport, pkt.dst[0], pkt.dport) = key.sent_by(sender);
     }
     true
 }
@@ -216,7 +206,7 @@ impl Wire {
 /// the sender's own tuple is not the wire's.
 #[inline(always)]
 pub fn note_receiver(pkt: &mut Packet, wire: &Wire, translated: bool) {
-    pkt.other_family = 0;
+    // `pkt.other_family` is 0 here (the caller cleared it).
     if translated {
         // The receiver's tuple is the wire's, if the receiver is here.
         let here = if pkt.family == 6 {
@@ -241,14 +231,12 @@ pub fn note_receiver(pkt: &mut Packet, wire: &Wire, translated: bool) {
         if let Some(t) = NAT6.get_ptr(&key) {
             // SAFETY: a live map value.
             let t = unsafe { *t };
-            let (a, b) = ((t.key.addr_a, t.key.port_a), (t.key.addr_b, t.key.port_b));
-            let ((src, sport), (dst, dport)) = if through(t.flip, side) == Side::A {
-                (a, b)
-            } else {
-                (b, a)
-            };
-            (pkt.other_src, pkt.other_dst) = (src, dst);
-            (pkt.other_sport, pkt.other_dport) = (sport, dport);
+            (
+                pkt.other_src,
+                pkt.other_sport,
+                pkt.other_dst,
+                pkt.other_dport,
+            ) = t.key.sent_by(through(t.flip, side));
             pkt.other_family = 6;
         }
     } else {
@@ -256,14 +244,8 @@ pub fn note_receiver(pkt: &mut Packet, wire: &Wire, translated: bool) {
         if let Some(t) = NAT4.get_ptr(&key) {
             // SAFETY: a live map value.
             let t = unsafe { *t };
-            let (a, b) = ((t.key.addr_a, t.key.port_a), (t.key.addr_b, t.key.port_b));
-            let ((src, sport), (dst, dport)) = if through(t.flip, side) == Side::A {
-                (a, b)
-            } else {
-                (b, a)
-            };
-            pkt.other_src = [src, 0, 0, 0];
-            pkt.other_dst = [dst, 0, 0, 0];
+            let (src, sport, dst, dport) = t.key.sent_by(through(t.flip, side));
+            (pkt.other_src, pkt.other_dst) = ([src, 0, 0, 0], [dst, 0, 0, 0]);
             (pkt.other_sport, pkt.other_dport) = (sport, dport);
             pkt.other_family = 4;
         }
