@@ -17,6 +17,14 @@ pub enum Error {
     #[error("no interface is up in {0}; bring one up or name it with --iface")]
     NoInterfaces(String),
     #[error(
+        "the probe has room for {max} network namespaces and all are in use; raise --max-netns"
+    )]
+    TooManyNamespaces { max: u32 },
+    #[error(
+        "no monitored network namespace {0:?} (`tcpstate count --by-netns` lists them; give an `ip netns` name, an inode number or pid:PID)"
+    )]
+    UnknownNetns(String),
+    #[error(
         "permission denied while {action}: run as root, or with CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON (and CAP_SYS_ADMIN for --netns)"
     )]
     NotPermitted { action: String },

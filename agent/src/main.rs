@@ -4,7 +4,7 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use tcpstate::{
-    client::{control, view, watch},
+    client::{control, count, view, watch},
     error::Error,
     kernel::probe::{Ingress, ProbeOptions},
     serve::{
@@ -12,7 +12,7 @@ use tcpstate::{
         metrics,
     },
     snapshot::{PortFilter, PortSide, Snapshot, verify_table},
-    tracking::agent,
+    tracking::host::{self, Scope},
 };
 
 #[derive(Parser)]
@@ -29,15 +29,24 @@ struct Cli {
 enum Cmd {
     /// Attach the probe and run in the foreground (prints the counts once a second on a terminal).
     Run(RunArgs),
-    /// Print the eleven state counts of the running agent, one `STATE N` line each.
+    /// Print the eleven state counts of the running agent, one `STATE N` line
+    /// each (with `run -A`: summed over every namespace of the host).
     Count {
         /// One JSON object mapping the state names to counts.
         #[arg(long)]
         json: bool,
         /// Print the socket table's counts beside tcpstate's and the
         /// difference; exit with status 1 when they differ.
-        #[arg(long, conflicts_with_all = ["json", "port"])]
+        #[arg(long, conflicts_with_all = ["json", "port", "netns", "by_netns"])]
         verify: bool,
+        /// One namespace's counts: an `ip netns` name, an inode number
+        /// (`lsns -t net`), or pid:PID of a process in it.
+        #[arg(long, value_name = "SEL")]
+        netns: Option<String>,
+        /// One row per namespace: inode, name, the eleven counts (with
+        /// --json: an array of {netns, name, pid, states}).
+        #[arg(long, conflicts_with_all = ["netns", "port"])]
+        by_netns: bool,
         /// Only connections with this port (either end; see --local, --remote), like `ss '( sport = :N or dport = :N )'`.
         #[arg(long, value_name = "N")]
         port: Option<u16>,
@@ -80,8 +89,20 @@ struct RunArgs {
     #[arg(long = "iface", value_name = "IF")]
     interfaces: Vec<String>,
     /// Monitor the network namespace `ip netns add NAME` made; the agent itself stays where it is.
-    #[arg(long, value_name = "NAME")]
+    #[arg(long, value_name = "NAME", conflicts_with = "all_namespaces")]
     netns: Option<String>,
+    /// Monitor every network namespace of the host (the agent's own, `ip
+    /// netns`, containers', those only a process holds), as they come and go.
+    #[arg(short = 'A', long)]
+    all_namespaces: bool,
+    /// Namespaces the probe has room for with --all-namespaces.
+    #[arg(long, default_value_t = 1024, value_name = "N")]
+    max_netns: u32,
+    /// Flow-map entries one namespace may hold with --all-namespaces, so a
+    /// flood in one cannot refuse another's connections (0: no share; the
+    /// default is a quarter of --max-flows).
+    #[arg(long, value_name = "N")]
+    max_flows_per_netns: Option<u32>,
     /// Control socket that `tcpstate count`, `watch` and `top` ask.
     #[arg(long, default_value = control::DEFAULT_SOCKET)]
     socket: PathBuf,
@@ -130,6 +151,8 @@ fn main() -> ExitCode {
         Cmd::Count {
             json,
             verify,
+            netns,
+            by_netns,
             port,
             local,
             remote,
@@ -138,7 +161,7 @@ fn main() -> ExitCode {
             logging(None);
             let result = if verify {
                 control::verify(&socket).map(|snap| print_verify(&snap))
-            } else if port.is_some() {
+            } else {
                 let filter = PortFilter {
                     port,
                     side: match (local, remote) {
@@ -146,30 +169,15 @@ fn main() -> ExitCode {
                         (_, true) => PortSide::Remote,
                         _ => PortSide::Any,
                     },
+                    netns: None,
                 };
-                control::count(&socket, &filter).map(|counts| {
-                    if json {
-                        println!("{}", counts.json());
-                    } else {
-                        print!("{}", counts.lines());
-                    }
-                    ExitCode::SUCCESS
-                })
-            } else {
-                control::query(&socket).map(|snap| match snap.state_counts() {
-                    Some(counts) => {
-                        if json {
-                            println!("{}", counts.json());
-                        } else {
-                            print!("{}", counts.lines());
-                        }
-                        ExitCode::SUCCESS
-                    }
-                    None => {
-                        eprintln!("tcpstate: the agent's answer has no state counts");
-                        ExitCode::FAILURE
-                    }
-                })
+                let ask = count::Ask {
+                    json,
+                    filter,
+                    netns,
+                    by_netns,
+                };
+                count::run(&socket, &ask)
             };
             result.unwrap_or_else(|e| client_error(&e))
         }
@@ -267,8 +275,12 @@ fn run(args: RunArgs) -> ExitCode {
     }
     logging(log_file.as_deref());
     let cfg = Config {
-        agent: agent::Config {
-            netns: args.netns,
+        agent: host::Config {
+            scope: if args.all_namespaces {
+                Scope::All
+            } else {
+                Scope::One(args.netns)
+            },
             interfaces: args.interfaces,
             probe: ProbeOptions {
                 max_flows: args.max_flows,
@@ -276,6 +288,12 @@ fn run(args: RunArgs) -> ExitCode {
                     Mode::Tc => Ingress::Tc,
                     Mode::Xdp => Ingress::XdpGeneric,
                     Mode::XdpNative => Ingress::XdpNative,
+                },
+                max_netns: args.max_netns,
+                flows_per_netns: if args.all_namespaces {
+                    args.max_flows_per_netns.unwrap_or(args.max_flows / 4)
+                } else {
+                    0
                 },
             },
             top_k: args.top_k,

@@ -41,6 +41,15 @@ impl StateCounts {
             .collect()
     }
 
+    /// Both counts, state by state.
+    pub fn plus(&self, o: &StateCounts) -> StateCounts {
+        let mut c = *self;
+        for (a, b) in c.0.iter_mut().zip(o.0) {
+            *a += b;
+        }
+        c
+    }
+
     /// One JSON object mapping the eleven names to numbers, in the fixed order.
     pub fn json(&self) -> serde_json::Value {
         let map: serde_json::Map<String, serde_json::Value> = TcpState::REPORTED
@@ -115,11 +124,14 @@ pub enum PortSide {
     Any,
 }
 
-/// A filter on connections by port.
+/// A filter on connections by port (and, with every namespace watched, by
+/// namespace: its inode).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PortFilter {
     pub port: Option<u16>,
     pub side: PortSide,
+    #[serde(default)]
+    pub netns: Option<u64>,
 }
 
 impl PortFilter {
@@ -196,6 +208,101 @@ pub struct Snapshot {
     /// The agent's version.
     #[serde(default)]
     pub version: String,
+    /// The agent watches every namespace of the host (`run -A`): the counts
+    /// above are their sum.
+    #[serde(default)]
+    pub all_namespaces: bool,
+    /// Each monitored namespace's counts (one entry when the agent watches
+    /// one namespace).
+    #[serde(default)]
+    pub namespaces: Vec<NetnsCounts>,
+}
+
+/// One namespace's counts, and how to name it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetnsCounts {
+    /// Its inode number (`lsns -t net`, `readlink /proc/PID/ns/net`).
+    pub netns: u64,
+    /// Its `ip netns` name.
+    pub name: Option<String>,
+    /// One process in it, and that process's comm.
+    pub pid: Option<u32>,
+    #[serde(default)]
+    pub comm: Option<String>,
+    pub states: StateCounts,
+    /// New connections not tracked: flow map full, or the namespace's share
+    /// of it used up.
+    #[serde(default)]
+    pub refused: u64,
+    /// At the last reconciliation: tcpstate's count minus the socket
+    /// table's, per state.
+    #[serde(default)]
+    pub drift: serde_json::Map<String, serde_json::Value>,
+    /// The probe's slot for it (internal; the reader's key).
+    #[serde(default)]
+    pub slot: u32,
+}
+
+impl NetnsCounts {
+    pub fn of(id: &crate::tracking::host::Identity, slot: u32, snap: &Snapshot) -> NetnsCounts {
+        let event = |e: Event| {
+            snap.events
+                .get(e.name())
+                .and_then(|v| v.as_u64())
+                .unwrap_or(0)
+        };
+        NetnsCounts {
+            netns: id.inode,
+            name: id.name.clone(),
+            pid: id.pid,
+            comm: id.comm.clone(),
+            states: snap.state_counts().unwrap_or_default(),
+            refused: event(Event::MapFull) + event(Event::NetnsShareFull),
+            drift: snap.drift.clone(),
+            slot,
+        }
+    }
+
+    /// Whether `sel` names this namespace: its `ip netns` name, its inode
+    /// number, or `pid:PID` of a process in it (as the reader's `in_ns`
+    /// says).
+    pub fn selected_by(&self, sel: &Selector) -> bool {
+        match sel {
+            Selector::Inode(i) => self.netns == *i,
+            Selector::Name(n) => self.name.as_deref() == Some(n.as_str()),
+            Selector::Pid(_, inode) => *inode == Some(self.netns),
+        }
+    }
+}
+
+/// How `count --netns SEL` names a namespace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Selector {
+    Name(String),
+    Inode(u64),
+    /// `pid:PID`, with the inode of that process's namespace where it was
+    /// readable.
+    Pid(u32, Option<u64>),
+}
+
+impl Selector {
+    pub fn parse(s: &str) -> Selector {
+        if let Some(pid) = s.strip_prefix("pid:").and_then(|p| p.parse::<u32>().ok()) {
+            let inode = std::fs::read_link(format!("/proc/{pid}/ns/net"))
+                .ok()
+                .and_then(|t| crate::kernel::discover::net_inode(t.to_str()?));
+            return Selector::Pid(pid, inode);
+        }
+        if let Ok(i) = s
+            .strip_prefix("net:[")
+            .and_then(|r| r.strip_suffix(']'))
+            .unwrap_or(s)
+            .parse::<u64>()
+        {
+            return Selector::Inode(i);
+        }
+        Selector::Name(s.to_owned())
+    }
 }
 
 impl Snapshot {
@@ -229,7 +336,41 @@ impl Snapshot {
             kernel_reports_missed: 0,
             uptime_ms: 0,
             version: env!("CARGO_PKG_VERSION").to_owned(),
+            all_namespaces: false,
+            namespaces: Vec::new(),
         }
+    }
+
+    /// This snapshot and another of another namespace, summed: counts,
+    /// events, breakdowns, losses.
+    pub fn plus(mut self, o: &Snapshot) -> Snapshot {
+        let sum_counts = |a: &serde_json::Value, b: &serde_json::Value| match (
+            StateCounts::from_json(a),
+            StateCounts::from_json(b),
+        ) {
+            (Some(x), Some(y)) => x.plus(&y).json(),
+            _ => a.clone(),
+        };
+        self.states = sum_counts(&self.states, &o.states);
+        if let (Some(a), Some(b)) = (&self.kernel, &o.kernel) {
+            self.kernel = Some(sum_counts(a, b));
+        }
+        if let (Some(a), Some(b)) = (&self.entries, &o.entries) {
+            self.entries = Some(sum_counts(a, b));
+        }
+        add_maps(&mut self.events, &o.events);
+        add_maps(&mut self.drift, &o.drift);
+        add_maps(&mut self.corrections, &o.corrections);
+        self.interfaces.extend(o.interfaces.iter().cloned());
+        self.expired += o.expired;
+        self.time_wait_overflow += o.time_wait_overflow;
+        self.ports = merge_keyed(&self.ports, &o.ports);
+        self.peers = merge_keyed(&self.peers, &o.peers);
+        for i in 0..2 {
+            self.flows_in_map[i] += o.flows_in_map[i];
+            self.asked[i] += o.asked[i];
+        }
+        self
     }
 
     pub fn state_counts(&self) -> Option<StateCounts> {
@@ -243,6 +384,44 @@ impl Snapshot {
     pub fn entry_counts(&self) -> Option<StateCounts> {
         StateCounts::from_json(self.entries.as_ref()?)
     }
+}
+
+/// Adds the numbers of `b` into `a`, key by key.
+fn add_maps(
+    a: &mut serde_json::Map<String, serde_json::Value>,
+    b: &serde_json::Map<String, serde_json::Value>,
+) {
+    for (k, v) in b {
+        let sum = match (a.get(k), v) {
+            (Some(x), y) if x.is_u64() && y.is_u64() => {
+                (x.as_u64().unwrap_or(0) + y.as_u64().unwrap_or(0)).into()
+            }
+            (Some(x), y) => (x.as_i64().unwrap_or(0) + y.as_i64().unwrap_or(0)).into(),
+            (None, y) => y.clone(),
+        };
+        a.insert(k.clone(), sum);
+    }
+}
+
+/// Two breakdowns summed key by key, the largest first, "other" last.
+fn merge_keyed(a: &[Keyed], b: &[Keyed]) -> Vec<Keyed> {
+    let mut out: Vec<Keyed> = a.to_vec();
+    for k in b {
+        match out.iter_mut().find(|o| o.key == k.key) {
+            Some(o) => {
+                o.total += k.total;
+                o.states = o.states.plus(&k.states);
+            }
+            None => out.push(k.clone()),
+        }
+    }
+    out.sort_by(|x, y| {
+        (x.key == OTHER)
+            .cmp(&(y.key == OTHER))
+            .then(y.total.cmp(&x.total))
+            .then(x.key.cmp(&y.key))
+    });
+    out
 }
 
 /// Per-state values by name; `None` (slot 0) is named NONE.
@@ -277,8 +456,19 @@ pub fn verify_table(ours: &StateCounts, kernel: &StateCounts) -> (String, bool) 
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    pub(crate) fn empty() -> Snapshot {
+        Snapshot::new(
+            None,
+            Vec::new(),
+            StateCounts::default(),
+            &Counters::default(),
+            0,
+            0,
+        )
+    }
 
     #[test]
     fn lines_list_all_eleven_states_in_fixed_order_with_zeros() {

@@ -225,7 +225,7 @@ fn a_million_frames_all_pass_and_every_one_is_accounted_for() {
     )
     .expect("load the probe");
     let local: Vec<IpAddr> = LOCAL.iter().map(|a| a.parse().unwrap()).collect();
-    p.set_local_addresses(&local).unwrap();
+    p.set_local_addresses(0, &local).unwrap();
     let mut r = Rng(0x7c9_5eed_u64 ^ frames);
     let mut sent = std::collections::HashMap::<Kind, u64>::new();
     let (mut xdp_runs, mut tc_runs) = (0u64, 0u64);
@@ -253,7 +253,7 @@ fn a_million_frames_all_pass_and_every_one_is_accounted_for() {
         run(&mut p, &f, &mut r);
         *sent.entry(kind).or_default() += 1;
     }
-    let c = p.counters().unwrap();
+    let c = p.counters(0).unwrap();
     let ev = |e: Event| c.events[e as usize];
     let got = |k: Kind| sent.get(&k).copied().unwrap_or(0);
     assert_eq!(ev(Event::PacketsIn) + ev(Event::PacketsOut), known_frames);
@@ -268,7 +268,7 @@ fn a_million_frames_all_pass_and_every_one_is_accounted_for() {
         let f = unknown(&mut r);
         run(&mut p, &f, &mut r);
     }
-    let c = p.counters().unwrap();
+    let c = p.counters(0).unwrap();
     assert_eq!(c.events[Event::PacketsIn as usize], xdp_runs);
     assert_eq!(c.events[Event::PacketsOut as usize], tc_runs);
     assert_eq!(xdp_runs + tc_runs, frames);

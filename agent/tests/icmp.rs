@@ -39,7 +39,7 @@ fn send(p: &Probe, e: &IcmpError) {
 }
 
 fn counts(p: &Probe) -> (i64, i64, u64, u64) {
-    let c = p.counters().unwrap();
+    let c = p.counters(0).unwrap();
     (
         state_count(&c, TcpState::SynSent),
         state_count(&c, TcpState::SynRecv),
@@ -77,7 +77,7 @@ fn an_icmp_error_quoting_a_syn_ends_the_connect() {
         }
         let (syn_sent, _, errors, ended) = counts(&p);
         assert_eq!((syn_sent, errors, ended), (0, 10, 5), "{client}");
-        let c = p.counters().unwrap();
+        let c = p.counters(0).unwrap();
         assert_eq!(
             event(&c, Event::HandshakesFailed),
             5,
@@ -102,7 +102,7 @@ fn path_mtu_and_redirect_messages_end_nothing() {
         send(&p, &f);
     }
     assert_eq!(counts(&p), (2, 0, 0, 0));
-    let c = p.counters().unwrap();
+    let c = p.counters(0).unwrap();
     assert_eq!(event(&c, Event::NotTcp), 4);
 }
 
@@ -157,12 +157,12 @@ fn a_quote_too_short_for_the_tcp_ports_is_a_parse_error() {
     let mut short = error("10.0.0.1", 3, 3, &syn);
     short.quote = 4;
     send(&p, &short);
-    let c = p.counters().unwrap();
+    let c = p.counters(0).unwrap();
     assert_eq!(event(&c, Event::ParseErrors), 1);
     assert_eq!(state_count(&c, TcpState::SynSent), 1);
     // An ICMP error about a connection nobody tracks is counted nowhere.
     let other = Tcp::new("10.0.0.2", 1, "10.0.0.9", 2, SYN);
     send(&p, &error("10.0.0.9", 3, 3, &other));
-    assert_eq!(event(&p.counters().unwrap(), Event::IcmpErrors), 0);
+    assert_eq!(event(&p.counters(0).unwrap(), Event::IcmpErrors), 0);
     let _: IpAddr = "10.0.0.2".parse().unwrap();
 }

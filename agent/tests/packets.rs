@@ -93,7 +93,7 @@ fn a_syn_in_every_encapsulation_opens_one_flow() {
             "{name}: a SYN alone keeps nothing"
         );
     }
-    let c = p.counters().unwrap();
+    let c = p.counters(0).unwrap();
     assert_eq!(event(&c, Event::TcpSegments), cases.len() as u64);
     assert_eq!(event(&c, Event::SynsReceived), cases.len() as u64);
     assert_eq!(event(&c, Event::ParseErrors), 0);
@@ -115,7 +115,7 @@ fn a_syn_in_every_encapsulation_opens_one_flow() {
             "{name}: only the sender (10.0.0.2 or fd00::2) is local"
         );
     }
-    let c = p.counters().unwrap();
+    let c = p.counters(0).unwrap();
     assert_eq!(state_count(&c, TcpState::SynRecv), cases.len() as i64);
     assert_eq!(flow_count(&p), cases.len());
     assert_eq!(event(&c, Event::PacketsOut), cases.len() as u64);
@@ -187,7 +187,7 @@ fn malformed_and_foreign_frames_pass_untouched_and_are_counted() {
     for f in [&fragment4, &fragment6, &udp, &arp, &too_deep] {
         assert_eq!(p.run_xdp(f).unwrap(), XDP_PASS);
     }
-    let c = p.counters().unwrap();
+    let c = p.counters(0).unwrap();
     assert_eq!(event(&c, Event::ParseErrors), malformed);
     assert_eq!(event(&c, Event::Fragments), 2);
     assert_eq!(event(&c, Event::NotTcp), 2);
@@ -211,7 +211,7 @@ fn a_whole_connection_through_both_hooks() {
     let (cip, sip) = ("fd00::9", "fd00::5"); // the server is local
     let client = |flags, seq, ack| Tcp::new(cip, 50_000, sip, 443, flags).seq(seq, ack);
     let server = |flags, seq, ack| Tcp::new(sip, 443, cip, 50_000, flags).seq(seq, ack);
-    let local = |p: &Probe, s: TcpState| state_count(&p.counters().unwrap(), s);
+    let local = |p: &Probe, s: TcpState| state_count(&p.counters(0).unwrap(), s);
 
     xdp(&p, &client(SYN, 100, 0));
     assert_eq!(
@@ -243,7 +243,7 @@ fn a_whole_connection_through_both_hooks() {
     // A blind RST far outside the window leaves the connection alone.
     xdp(&p, &client(RST, 7_000_000, 0));
     assert_eq!(local(&p, TcpState::Established), 1);
-    assert_eq!(event(&p.counters().unwrap(), Event::RstIgnored), 1);
+    assert_eq!(event(&p.counters(0).unwrap(), Event::RstIgnored), 1);
     xdp(&p, &client(FIN | ACK, 301, 901));
     assert_eq!(
         (
@@ -258,7 +258,7 @@ fn a_whole_connection_through_both_hooks() {
         (0, 1)
     );
     xdp(&p, &client(ACK, 302, 902));
-    let c = p.counters().unwrap();
+    let c = p.counters(0).unwrap();
     assert!(
         c.states.iter().all(|n| *n == 0),
         "the server's socket is gone: {:?}",
@@ -298,18 +298,18 @@ fn time_wait_expires_through_the_command_program() {
     tc(&p, &local_client(FIN | ACK, 2, 51));
     xdp(&p, &remote_server(FIN | ACK, 51, 3));
     tc(&p, &local_client(ACK, 3, 52));
-    let c = p.counters().unwrap();
+    let c = p.counters(0).unwrap();
     assert_eq!(state_count(&c, TcpState::TimeWait), 1);
     // Not yet: TIME_WAIT lasts 60 s.
     timers::sweep(&p, &mut SockDiag::open().unwrap(), &Timeouts::default()).unwrap();
-    assert_eq!(state_count(&p.counters().unwrap(), TcpState::TimeWait), 1);
+    assert_eq!(state_count(&p.counters(0).unwrap(), TcpState::TimeWait), 1);
     let now = Timeouts {
         time_wait: std::time::Duration::ZERO,
         ..Timeouts::default()
     };
     let stats = timers::sweep(&p, &mut SockDiag::open().unwrap(), &now).unwrap();
     assert_eq!(stats.expired, 1);
-    assert_eq!(state_count(&p.counters().unwrap(), TcpState::TimeWait), 0);
+    assert_eq!(state_count(&p.counters(0).unwrap(), TcpState::TimeWait), 0);
 }
 
 #[test]
@@ -319,7 +319,7 @@ fn a_full_flow_map_is_counted_and_counts_stay_exact() {
     for port in 0..6 {
         tc(&p, &Tcp::new("10.0.0.2", 1000 + port, "10.0.0.1", 80, SYN));
     }
-    let c = p.counters().unwrap();
+    let c = p.counters(0).unwrap();
     assert_eq!(event(&c, Event::MapFull), 2);
     assert_eq!(
         state_count(&c, TcpState::SynSent),
@@ -338,7 +338,7 @@ fn forwarded_traffic_counts_nowhere_and_loopback_counts_both_ends() {
     let syn = Tcp::new("192.168.7.1", 1000, "192.168.7.2", 80, SYN);
     xdp(&p, &syn);
     tc(&p, &syn);
-    let c = p.counters().unwrap();
+    let c = p.counters(0).unwrap();
     assert!(
         c.states.iter().all(|n| *n == 0),
         "forwarded: {:?}",
@@ -350,7 +350,7 @@ fn forwarded_traffic_counts_nowhere_and_loopback_counts_both_ends() {
         &p,
         &Tcp::new("127.0.0.7", 80, "127.0.0.1", 1000, SYN | ACK).seq(5, 1001),
     );
-    let c = p.counters().unwrap();
+    let c = p.counters(0).unwrap();
     assert_eq!(
         (
             state_count(&c, TcpState::Established),
@@ -365,13 +365,13 @@ fn forwarded_traffic_counts_nowhere_and_loopback_counts_both_ends() {
 fn local_addresses_follow_the_namespace() {
     let mut p = probe(1024, &["10.0.0.2"]);
     tc(&p, &Tcp::new("10.0.0.2", 1000, "10.0.0.1", 80, SYN));
-    assert_eq!(state_count(&p.counters().unwrap(), TcpState::SynSent), 1);
+    assert_eq!(state_count(&p.counters(0).unwrap(), TcpState::SynSent), 1);
     // 10.0.0.2 removed, 10.0.0.3 added: only the new address counts now.
-    p.set_local_addresses(&["10.0.0.3".parse().unwrap()])
+    p.set_local_addresses(0, &["10.0.0.3".parse().unwrap()])
         .unwrap();
     tc(&p, &Tcp::new("10.0.0.2", 1001, "10.0.0.1", 80, SYN));
     tc(&p, &Tcp::new("10.0.0.3", 1002, "10.0.0.1", 80, SYN));
-    assert_eq!(state_count(&p.counters().unwrap(), TcpState::SynSent), 2);
+    assert_eq!(state_count(&p.counters(0).unwrap(), TcpState::SynSent), 2);
 }
 
 /// Thousands of random segments on a few tuples, through both programs, then
@@ -415,7 +415,7 @@ fn counters_always_equal_what_the_entries_hold() {
                 }
             }
         }
-        assert_eq!(p.counters().unwrap().states, held, "{when}");
+        assert_eq!(p.counters(0).unwrap().states, held, "{when}");
         held.iter().sum::<i64>()
     };
     let mut counted = 0;
@@ -476,17 +476,17 @@ fn a_syn_on_a_time_wait_tuple_starts_a_new_counted_flow() {
     tc(&p, &server(FIN | ACK, 501, 2));
     xdp(&p, &client(FIN | ACK, 2, 502));
     tc(&p, &server(ACK, 502, 3));
-    let c = p.counters().unwrap();
+    let c = p.counters(0).unwrap();
     assert_eq!(state_count(&c, TcpState::TimeWait), 1);
     xdp(&p, &client(SYN, 90_000, 0));
-    let c = p.counters().unwrap();
+    let c = p.counters(0).unwrap();
     assert_eq!(
         state_count(&c, TcpState::TimeWait),
         1,
         "until the kernel answers"
     );
     tc(&p, &server(SYN | ACK, 700_000, 90_001));
-    let c = p.counters().unwrap();
+    let c = p.counters(0).unwrap();
     assert_eq!(
         (
             state_count(&c, TcpState::TimeWait),

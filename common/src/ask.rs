@@ -22,7 +22,7 @@ pub struct Ask {
     pub new: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<Ask>() == 72);
+const _: () = assert!(core::mem::size_of::<Ask>() == 80);
 const _: () = assert!(core::mem::align_of::<Ask>() == 8);
 
 /// Bytes of the ring buffer that carries them (a power of two of pages):

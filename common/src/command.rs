@@ -17,6 +17,9 @@ use crate::flow::{FlowKey4, FlowKey6};
 ///   CLOCK_MONOTONIC into `changed_ns`, jiffies into `expect` (low half)
 ///   and `new` (high half). The agent pairs them to know which jiffy the
 ///   kernel's timers were armed in ([`Command::jiffies`]).
+/// - [`op::LISTEN`]: add `new` (as an i32) to the LISTEN count of the
+///   namespace slot in `key4.netns` (family 4): the agent's seed and
+///   corrections of the count the kernel's reports move.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Command {
@@ -30,13 +33,14 @@ pub struct Command {
     pub changed_ns: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<Command>() == 72);
+const _: () = assert!(core::mem::size_of::<Command>() == 80);
 
 /// What a [`Command`] does.
 pub mod op {
     pub const SWAP: u32 = 0;
     pub const SEED: u32 = 1;
     pub const CLOCK: u32 = 2;
+    pub const LISTEN: u32 = 3;
 }
 
 /// What the command program returns (XDP action codes, since it is an XDP program).

@@ -64,12 +64,16 @@ pub enum Event {
     /// Segments the probe could not hand to its slow path (its program
     /// missing): they changed nothing.
     SlowPathMissing = 22,
+    /// New connections not tracked because their namespace holds its share
+    /// of the flow maps (`--max-flows-per-netns`): what a flood in one
+    /// namespace costs it, and not the others.
+    NetnsShareFull = 23,
 }
 
 pub const EVENT_SLOTS: usize = 32;
 
 impl Event {
-    pub const ALL: [Event; 23] = [
+    pub const ALL: [Event; 24] = [
         Event::PacketsIn,
         Event::PacketsOut,
         Event::TcpSegments,
@@ -93,6 +97,7 @@ impl Event {
         Event::AskLost,
         Event::SynCookies,
         Event::SlowPathMissing,
+        Event::NetnsShareFull,
     ];
 
     /// snake_case name used in JSON and metrics.
@@ -121,6 +126,7 @@ impl Event {
             Event::AskLost => "ask_lost",
             Event::SynCookies => "syn_cookies",
             Event::SlowPathMissing => "slow_path_missing",
+            Event::NetnsShareFull => "netns_share_full",
         }
     }
 }
@@ -173,29 +179,31 @@ impl Counters {
     }
 }
 
-/// The probe's per-CPU slot: its counters, and scratch space for the segment
-/// being parsed (kept off the 512-byte BPF stack). One map lookup per packet
-/// finds both. Each CPU has two: [`CpuSlot::DATA_PATH`] for the packet
-/// programs (which never interrupt one another on a CPU) and
+/// Where a namespace's counters are in the probe's per-CPU `COUNTS` array:
+/// two slots per namespace slot and CPU, [`CpuSlot::DATA_PATH`] for the
+/// packet programs (which never interrupt one another on a CPU) and
 /// [`CpuSlot::PROCESS`] for the programs that run in process context (the
 /// agent's commands, the kernel's reports), which a packet may interrupt:
 /// those add atomically.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct CpuSlot {
-    pub counters: Counters,
-    /// Scratch for the probe's parsed segment; meaningless to userspace.
-    pub scratch: [u32; 32],
-}
+pub struct CpuSlot;
 
 impl CpuSlot {
     pub const DATA_PATH: u32 = 0;
     pub const PROCESS: u32 = 1;
-    pub const COUNT: u32 = 2;
+    /// Slots per namespace.
+    pub const PER_NETNS: u32 = 2;
+
+    /// The index of namespace slot `netns`'s counters of `kind`.
+    #[inline(always)]
+    pub const fn index(netns: u32, kind: u32) -> u32 {
+        netns * Self::PER_NETNS + kind
+    }
 }
 
-const _: () = assert!(core::mem::size_of::<CpuSlot>() == 512);
+/// The per-CPU scratch space for the segment being parsed (kept off the
+/// 512-byte BPF stack); meaningless to userspace.
+pub type Scratch = [u32; 32];
 
 #[cfg(feature = "user")]
 // SAFETY: `#[repr(C)]`, no padding (sizes asserted above).
-unsafe impl aya::Pod for CpuSlot {}
+unsafe impl aya::Pod for Counters {}

@@ -39,9 +39,12 @@ pub struct FlowKey6 {
     pub addr_b: [u32; 4],
     pub port_a: u16,
     pub port_b: u16,
+    /// The namespace's slot ([`crate::netns`]): the same tuple open in two
+    /// namespaces is two connections.
+    pub netns: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<FlowKey6>() == 36);
+const _: () = assert!(core::mem::size_of::<FlowKey6>() == 40);
 const _: () = assert!(core::mem::align_of::<FlowKey6>() == 4);
 
 /// Flow map key for IPv4 connections (same conventions as [`FlowKey6`]).
@@ -52,14 +55,23 @@ pub struct FlowKey4 {
     pub addr_b: u32,
     pub port_a: u16,
     pub port_b: u16,
+    /// The namespace's slot, as in [`FlowKey6`].
+    pub netns: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<FlowKey4>() == 12);
+const _: () = assert!(core::mem::size_of::<FlowKey4>() == 16);
 
 impl FlowKey6 {
-    /// The canonical key for a segment from `src` to `dst`, and the sender's side.
+    /// The canonical key for a segment from `src` to `dst` in namespace
+    /// slot `netns`, and the sender's side.
     #[inline(always)]
-    pub fn new(src: [u32; 4], sport: u16, dst: [u32; 4], dport: u16) -> (FlowKey6, Side) {
+    pub fn new(
+        netns: u32,
+        src: [u32; 4],
+        sport: u16,
+        dst: [u32; 4],
+        dport: u16,
+    ) -> (FlowKey6, Side) {
         let mut src_first = sport <= dport;
         let mut i = 4;
         while i > 0 {
@@ -79,6 +91,7 @@ impl FlowKey6 {
                 addr_b: b,
                 port_a: pa,
                 port_b: pb,
+                netns,
             },
             side,
         )
@@ -96,9 +109,10 @@ impl FlowKey6 {
 }
 
 impl FlowKey4 {
-    /// The canonical key for a segment from `src` to `dst`, and the sender's side.
+    /// The canonical key for a segment from `src` to `dst` in namespace
+    /// slot `netns`, and the sender's side.
     #[inline(always)]
-    pub fn new(src: u32, sport: u16, dst: u32, dport: u16) -> (FlowKey4, Side) {
+    pub fn new(netns: u32, src: u32, sport: u16, dst: u32, dport: u16) -> (FlowKey4, Side) {
         if src < dst || (src == dst && sport <= dport) {
             (
                 FlowKey4 {
@@ -106,6 +120,7 @@ impl FlowKey4 {
                     addr_b: dst,
                     port_a: sport,
                     port_b: dport,
+                    netns,
                 },
                 Side::A,
             )
@@ -116,6 +131,7 @@ impl FlowKey4 {
                     addr_b: src,
                     port_a: dport,
                     port_b: sport,
+                    netns,
                 },
                 Side::B,
             )
@@ -342,11 +358,11 @@ mod tests {
     #[test]
     fn sent_by_gives_back_the_segment_a_key_was_made_of() {
         for (src, sport, dst, dport) in [(1, 80, 2, 5000), (2, 5000, 1, 80), (7, 9, 7, 3)] {
-            let (k, side) = FlowKey4::new(src, sport, dst, dport);
+            let (k, side) = FlowKey4::new(0, src, sport, dst, dport);
             assert_eq!(k.sent_by(side), (src, sport, dst, dport));
             assert_eq!(k.sent_by(side.other()), (dst, dport, src, sport));
             let (a, b) = ([0, 0, 0, src], [0, 0, 0, dst]);
-            let (k, side) = FlowKey6::new(a, sport, b, dport);
+            let (k, side) = FlowKey6::new(0, a, sport, b, dport);
             assert_eq!(k.sent_by(side), (a, sport, b, dport));
         }
     }
@@ -355,29 +371,29 @@ mod tests {
     fn both_directions_share_one_key() {
         let x = [0, 0, 0, 0x0a00_0001u32.to_be()];
         let y = [0, 0, 0, 0x0a00_0002u32.to_be()];
-        let (k1, s1) = FlowKey6::new(x, 40000, y, 80);
-        let (k2, s2) = FlowKey6::new(y, 80, x, 40000);
+        let (k1, s1) = FlowKey6::new(0, x, 40000, y, 80);
+        let (k2, s2) = FlowKey6::new(0, y, 80, x, 40000);
         assert_eq!(k1, k2);
         assert_ne!(s1, s2);
         // Same address (loopback): the port decides.
-        let (k3, s3) = FlowKey6::new(x, 80, x, 40000);
-        let (k4, s4) = FlowKey6::new(x, 40000, x, 80);
+        let (k3, s3) = FlowKey6::new(0, x, 80, x, 40000);
+        let (k4, s4) = FlowKey6::new(0, x, 40000, x, 80);
         assert_eq!(k3, k4);
         assert_eq!((s3, s4), (Side::A, Side::B));
         // The first differing word decides, whatever the later ones say.
         let hi = [1, 0, 0, 0];
         let lo = [0, 9, 9, 9];
-        assert_eq!(FlowKey6::new(lo, 9, hi, 1).1, Side::A);
-        assert_eq!(FlowKey6::new(hi, 1, lo, 9).1, Side::B);
+        assert_eq!(FlowKey6::new(0, lo, 9, hi, 1).1, Side::A);
+        assert_eq!(FlowKey6::new(0, hi, 1, lo, 9).1, Side::B);
 
         let (a, b) = (0x0a00_0001u32.to_be(), 0x0a00_0002u32.to_be());
-        let (k5, s5) = FlowKey4::new(a, 40000, b, 80);
-        let (k6, s6) = FlowKey4::new(b, 80, a, 40000);
+        let (k5, s5) = FlowKey4::new(0, a, 40000, b, 80);
+        let (k6, s6) = FlowKey4::new(0, b, 80, a, 40000);
         assert_eq!(k5, k6);
         assert_ne!(s5, s6);
         assert_eq!(
-            FlowKey4::new(a, 80, a, 40000).0,
-            FlowKey4::new(a, 40000, a, 80).0
+            FlowKey4::new(0, a, 80, a, 40000).0,
+            FlowKey4::new(0, a, 40000, a, 80).0
         );
     }
 

@@ -3,8 +3,8 @@
 //! which differ between kernel builds. The agent reads them from the
 //! kernel's BTF at start and sets them before loading the probe.
 
-/// Byte offsets, and the namespace whose sockets count. All zero (the
-/// default) leaves the program doing nothing.
+/// Byte offsets. All zero (the default) leaves the program doing nothing.
+/// Which namespaces count is the probe's `NETNS_SLOTS` map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct SockLayout {
@@ -39,18 +39,16 @@ pub struct SockLayout {
     pub tw_count: u32,
     /// `net.ipv4.tcp_death_row.sysctl_max_tw_buckets` (i32).
     pub tw_max: u32,
-    /// The inode number of the monitored network namespace.
-    pub netns: u32,
     /// Non-zero when the offsets above are set.
     pub enabled: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<SockLayout>() == 60);
+const _: () = assert!(core::mem::size_of::<SockLayout>() == 56);
 
 /// `enum sock_flags`: SOCK_DEAD is bit 0, SOCK_DONE bit 1 (stable since
 /// 2.6; set when the peer's FIN is received).
 pub const SOCK_DONE: u32 = 1;
 
 #[cfg(feature = "user")]
-// SAFETY: `#[repr(C)]`, fifteen u32, no padding.
+// SAFETY: `#[repr(C)]`, fourteen u32, no padding.
 unsafe impl aya::Pod for SockLayout {}

@@ -12,11 +12,12 @@ pub mod flow;
 pub mod layout;
 pub mod machine;
 pub mod nat;
+pub mod netns;
 pub mod state;
 
 pub use ask::Ask;
 pub use command::Command;
-pub use counters::{Counters, CpuSlot, Event};
+pub use counters::{Counters, CpuSlot, Event, Scratch};
 pub use flow::{EndSeq, FlowEntry, FlowKey4, FlowKey6, Side, Word};
 pub use layout::SockLayout;
 pub use machine::{Locality, Segment, Step};

@@ -24,8 +24,8 @@ pub struct NatTarget6 {
     pub flip: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<NatTarget4>() == 16);
-const _: () = assert!(core::mem::size_of::<NatTarget6>() == 40);
+const _: () = assert!(core::mem::size_of::<NatTarget4>() == 20);
+const _: () = assert!(core::mem::size_of::<NatTarget6>() == 44);
 
 /// Capacity of each translation map (translated connections at once).
 pub const MAX_NAT_FLOWS: u32 = 65_536;

@@ -25,6 +25,8 @@ EXPORTED = {
     "tcpstate_reap_skipped_total", "tcpstate_reconcile_corrections_total",
     "tcpstate_flow_map_entries", "tcpstate_flow_map_capacity",
     "tcpstate_drift", "tcpstate_build_info",
+    "tcpstate_netns_connections", "tcpstate_netns_refused_total",
+    "tcpstate_netns_drift",
 }
 # A metric name not inside a recording rule name (level:metric:operations).
 METRIC = re.compile(r"(?<![\w:])tcpstate_\w+(?![\w:])")

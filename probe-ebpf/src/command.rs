@@ -5,16 +5,16 @@
 //! process context, where a packet may interrupt it on the same CPU: it
 //! counts in the process slot ([`process_slot`]).
 
-use aya_ebpf::{bindings::BPF_NOEXIST, macros::xdp, programs::XdpContext};
+use aya_ebpf::{macros::xdp, programs::XdpContext};
 use aya_log_ebpf::debug;
 use tcpstate_common::{
-    Command, EndSeq, Event, FlowEntry, Side, TcpState, Word,
+    Command, EndSeq, FlowEntry, Side, TcpState, Word,
     command::{op, outcome},
 };
 
 use crate::{
     counts::{Atomic, Tally, move_counts, process_slot},
-    track::{EEXIST, FLOWS4, FLOWS6, read_word, swap_word},
+    track::{EEXIST, FLOWS4, FLOWS6, insert_entry, note_flows, read_word, swap_word},
 };
 
 #[xdp]
@@ -61,9 +61,19 @@ fn clock(start: usize) -> bool {
 }
 
 fn try_command(cmd: &Command) -> Result<u32, u32> {
-    let mut c = process_slot().ok_or(outcome::MISSING)?;
+    let netns = if cmd.family == 6 {
+        cmd.key6.netns
+    } else {
+        cmd.key4.netns
+    };
+    let mut c = process_slot(netns).ok_or(outcome::MISSING)?;
     if cmd.op == op::SEED {
-        return seed(cmd, &mut c);
+        return seed(cmd, netns, &mut c);
+    }
+    if cmd.op == op::LISTEN {
+        // The agent's correction of the namespace's LISTEN count.
+        c.state(TcpState::Listen, cmd.new as i32 as i64);
+        return Ok(outcome::DONE);
     }
     let p = if cmd.family == 6 {
         FLOWS6.get_ptr_mut(&cmd.key6)
@@ -82,11 +92,14 @@ fn try_command(cmd: &Command) -> Result<u32, u32> {
     move_counts(&mut c, old, new);
     if new.is_reaping() {
         // Nothing else writes a reaping entry, so deleting it loses nothing.
-        let _ = if cmd.family == 6 {
+        let gone = if cmd.family == 6 {
             FLOWS6.remove(&cmd.key6)
         } else {
             FLOWS4.remove(&cmd.key4)
         };
+        if gone.is_ok() {
+            note_flows(netns, u32::MAX);
+        }
     }
     Ok(outcome::DONE)
 }
@@ -97,16 +110,16 @@ fn try_command(cmd: &Command) -> Result<u32, u32> {
 /// endpoint they left without a state (a SYN-ACK that arrived before its SYN
 /// was seen) is the table's to tell.
 #[inline(always)]
-fn seed(cmd: &Command, c: &mut Atomic) -> Result<u32, u32> {
+fn seed(cmd: &Command, netns: u32, c: &mut Atomic) -> Result<u32, u32> {
     let entry = FlowEntry {
         word: cmd.new,
         changed: FlowEntry::stamp(cmd.changed_ns),
         ends: [EndSeq::default(); 2],
     };
     let res = if cmd.family == 6 {
-        FLOWS6.insert(&cmd.key6, &entry, BPF_NOEXIST as u64)
+        insert_entry(&FLOWS6, &cmd.key6, &entry, netns, c)
     } else {
-        FLOWS4.insert(&cmd.key4, &entry, BPF_NOEXIST as u64)
+        insert_entry(&FLOWS4, &cmd.key4, &entry, netns, c)
     };
     match res {
         Ok(()) => {
@@ -114,10 +127,8 @@ fn seed(cmd: &Command, c: &mut Atomic) -> Result<u32, u32> {
             Ok(outcome::DONE)
         }
         Err(e) if e == -EEXIST => fill(cmd, c),
-        Err(_) => {
-            c.event(Event::MapFull);
-            Err(outcome::MISSING)
-        }
+        // Counted (map full, or the namespace's share used up).
+        Err(_) => Err(outcome::MISSING),
     }
 }
 

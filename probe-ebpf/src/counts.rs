@@ -1,6 +1,7 @@
 //! The per-CPU counters and how each kind of program adds to them.
 //!
-//! Each CPU has two slots ([`CpuSlot::DATA_PATH`], [`CpuSlot::PROCESS`]).
+//! Each namespace has two slots per CPU ([`CpuSlot::DATA_PATH`],
+//! [`CpuSlot::PROCESS`]).
 //! The packet programs run with bottom halves off or in softirq, so on one
 //! CPU they never interrupt each other: plain adds. The agent's commands and
 //! the kernel's reports run in process context, where a packet may
@@ -11,17 +12,28 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{macros::map, maps::PerCpuArray};
 use tcpstate_common::{
-    Counters, CpuSlot, Event, Side, TcpState, Word,
+    Counters, CpuSlot, Event, Scratch, Side, TcpState, Word,
     machine::{handshakes_failed, resets},
 };
 
 use crate::parse::Packet;
 
-/// Counters and scratch, two slots per CPU.
+/// Counters, two slots per namespace and CPU (the agent sizes it at load).
 #[map]
-pub static PER_CPU: PerCpuArray<CpuSlot> = PerCpuArray::with_max_entries(CpuSlot::COUNT, 0);
+pub static COUNTS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(
+    tcpstate_common::netns::DEFAULT_MAX_NETNS * CpuSlot::PER_NETNS,
+    0,
+);
 
-const _: () = assert!(core::mem::size_of::<Packet>() <= core::mem::size_of::<[u32; 32]>());
+/// The segment being parsed, one per CPU; the namespace's entry program
+/// writes its slot first.
+#[map]
+pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+const _: () = assert!(core::mem::size_of::<Packet>() <= core::mem::size_of::<Scratch>());
+const _: () = assert!(
+    core::mem::offset_of!(Packet, netns) as i16 == tcpstate_common::netns::SCRATCH_NETNS_OFFSET
+);
 
 /// Something the counters can be moved through.
 pub trait Tally {
@@ -73,27 +85,25 @@ impl Tally for Atomic {
     }
 }
 
-/// This CPU's data-path counters and scratch packet.
+/// This CPU's scratch packet, and the data-path counters of the namespace
+/// its entry program named.
 #[inline(always)]
 pub fn cpu_slot() -> Option<(&'static mut Counters, &'static mut Packet)> {
-    // SAFETY: the data-path slot is only touched by packet programs running
-    // on this CPU, which do not interrupt each other; the scratch area is
-    // large enough and 4-byte aligned like `Packet` (asserted above).
-    PER_CPU.get_ptr_mut(CpuSlot::DATA_PATH).map(|p| unsafe {
-        (
-            &mut (*p).counters,
-            &mut *((&raw mut (*p).scratch).cast::<Packet>()),
-        )
-    })
+    // SAFETY: the scratch is only touched by packet programs running on this
+    // CPU, which do not interrupt each other; it is large enough and 4-byte
+    // aligned like `Packet` (asserted above).
+    let pkt = unsafe { &mut *SCRATCH.get_ptr_mut(0)?.cast::<Packet>() };
+    let c = COUNTS.get_ptr_mut(CpuSlot::index(pkt.netns, CpuSlot::DATA_PATH))?;
+    // SAFETY: a valid map value; the data-path slot has one writer per CPU.
+    Some((unsafe { &mut *c }, pkt))
 }
 
-/// This CPU's process-context counters.
+/// This CPU's process-context counters of namespace slot `netns`.
 #[inline(always)]
-pub fn process_slot() -> Option<Atomic> {
-    // SAFETY: a valid map value; only atomic adds touch it.
-    PER_CPU
-        .get_ptr_mut(CpuSlot::PROCESS)
-        .map(|p| Atomic(unsafe { &raw mut (*p).counters }))
+pub fn process_slot(netns: u32) -> Option<Atomic> {
+    COUNTS
+        .get_ptr_mut(CpuSlot::index(netns, CpuSlot::PROCESS))
+        .map(Atomic)
 }
 
 /// Moves the per-state counters from what `old` counts to what `new` counts,

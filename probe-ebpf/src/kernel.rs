@@ -13,14 +13,18 @@
 //! becomes a question for the agent ([`crate::ask`]).
 //!
 //! The tracepoint fires for every socket of the host: a report is read
-//! only when its socket is TCP and in the monitored namespace, whose inode
-//! number, like the offsets of what is read, the agent sets at load
-//! ([`SockLayout`]).
+//! only when its socket is TCP and in a monitored namespace, whose inode
+//! numbers the agent keeps in [`NETNS_SLOTS`] (with the slot each has); the
+//! offsets of what is read it sets at load ([`SockLayout`]).
+//!
+//! Listening sockets send no segments: a socket entering or leaving LISTEN
+//! moves its namespace's LISTEN count here, so reading LISTEN needs no
+//! socket-table dump (the agent seeds the count once, and reconciliation
+//! checks it).
 
 use aya_ebpf::{
-    bindings::BPF_NOEXIST,
     helpers::bpf_probe_read_kernel,
-    macros::{fentry, raw_tracepoint},
+    macros::{fentry, map, raw_tracepoint},
     maps::HashMap,
     programs::{FEntryContext, RawTracePointContext},
 };
@@ -28,15 +32,21 @@ use tcpstate_common::{
     EndSeq, Event, FlowEntry, FlowKey4, FlowKey6, Side, SockLayout, TcpState, Word,
     layout::SOCK_DONE,
     machine::{Handover, KernelChange, kernel_report},
+    netns::DEFAULT_MAX_NETNS,
 };
 
 use crate::{
     ask::ask,
     counts::{Atomic, Tally, move_counts, process_slot},
     track::{
-        CAS_ATTEMPTS, EEXIST, FLOWS4, FLOWS6, local4, local6, now_stamp, read_word, swap_word,
+        CAS_ATTEMPTS, EEXIST, FLOWS4, FLOWS6, insert_entry, local4, local6, now_stamp, read_word,
+        swap_word,
     },
 };
+
+/// The monitored namespaces: inode number to slot.
+#[map]
+pub static NETNS_SLOTS: HashMap<u32, u32> = HashMap::with_max_entries(DEFAULT_MAX_NETNS, 0);
 
 /// Set by the agent at load from the kernel's BTF; all zero: do nothing.
 #[unsafe(no_mangle)]
@@ -54,7 +64,6 @@ static SOCK_LAYOUT: SockLayout = SockLayout {
     flags: 0,
     tw_count: 0,
     tw_max: 0,
-    netns: 0,
     enabled: 0,
 };
 
@@ -137,11 +146,51 @@ fn try_report(ctx: &RawTracePointContext) -> Result<(), i32> {
     let sk: usize = ctx.arg(0);
     let old = TcpState::from_bits(ctx.arg::<u64>(1) as u8);
     let new = TcpState::from_bits(ctx.arg::<u64>(2) as u8);
-    // LISTEN is counted from the socket table; nothing to read for it.
-    if new == TcpState::Listen || new == TcpState::None || old == TcpState::Listen {
+    if new == TcpState::None {
         return Err(SKIPPED);
     }
+    if new == TcpState::Listen {
+        return listening(sk, true);
+    }
+    if old == TcpState::Listen {
+        // A listener closing; or a request's child socket, cloned from its
+        // listener and reported as leaving LISTEN for SYN_RECV (the
+        // listener stays): nothing for the flow maps either way.
+        return if new == TcpState::Close {
+            listening(sk, false)
+        } else {
+            Err(SKIPPED)
+        };
+    }
     report(sk, old, new)
+}
+
+/// A TCP socket of a monitored namespace started (`up`) or stopped
+/// listening: its namespace's LISTEN count moves.
+#[inline(always)]
+fn listening(sk: usize, up: bool) -> Result<(), i32> {
+    let layout = &SOCK_LAYOUT;
+    let netns = monitored(sk, layout)?.1;
+    let mut c = process_slot(netns).ok_or(SKIPPED)?;
+    c.state(TcpState::Listen, if up { 1 } else { -1 });
+    Ok(())
+}
+
+/// The socket's `struct net` and its namespace slot, if it is a TCP socket
+/// of a monitored namespace.
+#[inline(always)]
+fn monitored(sk: usize, layout: &SockLayout) -> Result<(usize, u32), i32> {
+    if at(&layout.enabled) == 0 {
+        return Err(SKIPPED);
+    }
+    if read::<u16>(sk, at(&layout.protocol))? != IPPROTO_TCP {
+        return Err(SKIPPED);
+    }
+    let net: usize = read(sk, at(&layout.net))?;
+    let inum: u32 = read(net, at(&layout.net_inum))?;
+    let slot = NETNS_SLOTS.get_ptr(&inum).ok_or(SKIPPED)?;
+    // SAFETY: a live map value.
+    Ok((net, unsafe { *slot }))
 }
 
 #[fentry(function = "tcp_connect")]
@@ -164,23 +213,14 @@ fn try_connect(ctx: &FEntryContext) -> Result<(), i32> {
 #[inline(always)]
 fn report(sk: usize, old: TcpState, new: TcpState) -> Result<(), i32> {
     let layout = &SOCK_LAYOUT;
-    if at(&layout.enabled) == 0 {
-        return Err(SKIPPED);
-    }
-    if read::<u16>(sk, at(&layout.protocol))? != IPPROTO_TCP {
-        return Err(SKIPPED);
-    }
-    let net: usize = read(sk, at(&layout.net))?;
-    if read::<u32>(net, at(&layout.net_inum))? as usize != at(&layout.netns) {
-        return Err(SKIPPED);
-    }
+    let (net, ns) = monitored(sk, layout)?;
     let lport = u16::from_be(read(sk, at(&layout.sport))?);
     let rport = u16::from_be(read(sk, at(&layout.dport))?);
     // Not connected (yet): a connect reports SYN_SENT before its port is chosen.
     if lport == 0 || rport == 0 {
         return Err(SKIPPED);
     }
-    let mut c = process_slot().ok_or(SKIPPED)?;
+    let mut c = process_slot(ns).ok_or(SKIPPED)?;
     let change = Change {
         old,
         new,
@@ -190,21 +230,22 @@ fn report(sk: usize, old: TcpState, new: TcpState) -> Result<(), i32> {
         AF_INET => {
             let l: u32 = read(sk, at(&layout.rcv_saddr))?;
             let r: u32 = read(sk, at(&layout.daddr))?;
-            report4(l, lport, r, rport, change, &mut c);
+            report4(ns, l, lport, r, rport, change, &mut c);
         }
         AF_INET6 => {
             let l: [u32; 4] = read(sk, at(&layout.v6_rcv_saddr))?;
             let r: [u32; 4] = read(sk, at(&layout.v6_daddr))?;
             // An IPv4 peer of a dual-stack socket: IPv4 on the wire.
             if v4_mapped(&l) && v4_mapped(&r) {
-                report4(l[3], lport, r[3], rport, change, &mut c);
+                report4(ns, l[3], lport, r[3], rport, change, &mut c);
             } else {
-                let (key, side) = FlowKey6::new(l, lport, r, rport);
-                let other_local = || local6(&r);
+                let (key, side) = FlowKey6::new(ns, l, lport, r, rport);
+                let other_local = || local6(ns, &r);
                 let asked = |at_ns| ask(at_ns, &key, &FlowKey4::default(), 6, side, old, new);
                 apply(
                     &FLOWS6,
                     &key,
+                    ns,
                     side as u32,
                     other_local,
                     change,
@@ -225,19 +266,30 @@ pub fn v4_mapped(a: &[u32; 4]) -> bool {
 }
 
 #[inline(always)]
-fn report4(l: u32, lport: u16, r: u32, rport: u16, change: Change, c: &mut Atomic) {
-    let (key, side) = FlowKey4::new(l, lport, r, rport);
-    let other_local = || local4(r);
+fn report4(ns: u32, l: u32, lport: u16, r: u32, rport: u16, change: Change, c: &mut Atomic) {
+    let (key, side) = FlowKey4::new(ns, l, lport, r, rport);
+    let other_local = || local4(ns, r);
     let (old, new) = (change.old, change.new);
     let asked = |at_ns| ask(at_ns, &FlowKey6::default(), &key, 4, side, old, new);
-    apply(&FLOWS4, &key, side as u32, other_local, change, asked, c);
+    apply(
+        &FLOWS4,
+        &key,
+        ns,
+        side as u32,
+        other_local,
+        change,
+        asked,
+        c,
+    );
 }
 
 /// Applies the report `old -> new` about endpoint `side_is_b` of `key`.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn apply<K>(
     map: &HashMap<K, FlowEntry>,
     key: &K,
+    netns: u32,
     side_is_b: u32,
     other_local: impl Fn() -> bool,
     change: Change,
@@ -289,17 +341,15 @@ fn apply<K>(
                     changed: now_stamp(),
                     ends: [EndSeq::default(); 2],
                 };
-                match map.insert(key, &entry, BPF_NOEXIST as u64) {
+                match insert_entry(map, key, &entry, netns, c) {
                     Ok(()) => {
                         move_counts(c, Word::EMPTY, nw);
                         c.event(Event::KernelReports);
                         return;
                     }
                     Err(e) if e == -EEXIST => continue,
-                    Err(_) => {
-                        c.event(Event::MapFull);
-                        return;
-                    }
+                    // Counted (map full, or the namespace's share used up).
+                    Err(_) => return,
                 }
             }
         }

@@ -50,6 +50,14 @@ static SLOW_XDP: ProgramArray = ProgramArray::with_max_entries(1, 0);
 #[map]
 static SLOW_TC: ProgramArray = ProgramArray::with_max_entries(1, 0);
 
+/// The programs below that namespaces' entry programs tail-call (the agent
+/// writes an entry program per namespace, with the namespace's slot in it,
+/// and fills these; `tcpstate_common::netns`). Never called from here.
+#[map]
+static ENTRY_TC: ProgramArray = ProgramArray::with_max_entries(2, 0);
+#[map]
+static ENTRY_XDP: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
 #[xdp]
 pub fn tcpstate_xdp(ctx: XdpContext) -> u32 {
     match try_xdp(&ctx) {

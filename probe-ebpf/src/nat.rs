@@ -106,7 +106,7 @@ fn mark_seen() {
 pub fn translate4(wire: FlowKey4, side: Side, sock: &SockTuple) -> (FlowKey4, Side) {
     if sock.family == 4 {
         let t = sock;
-        let (key, sender) = FlowKey4::new(t.src[0], t.sport, t.dst[0], t.dport);
+        let (key, sender) = FlowKey4::new(wire.netns, t.src[0], t.sport, t.dst[0], t.dport);
         if key != wire {
             let target = NatTarget4 {
                 key,
@@ -132,7 +132,7 @@ pub fn translate4(wire: FlowKey4, side: Side, sock: &SockTuple) -> (FlowKey4, Si
 pub fn translate6(wire: FlowKey6, side: Side, sock: &SockTuple) -> (FlowKey6, Side) {
     if sock.family == 6 {
         let t = sock;
-        let (key, sender) = FlowKey6::new(t.src, t.sport, t.dst, t.dport);
+        let (key, sender) = FlowKey6::new(wire.netns, t.src, t.sport, t.dst, t.dport);
         if key != wire {
             let target = NatTarget6 {
                 key,
@@ -159,14 +159,14 @@ pub fn translate6(wire: FlowKey6, side: Side, sock: &SockTuple) -> (FlowKey6, Si
 #[inline(always)]
 pub fn to_socket_view(pkt: &mut Packet, sock: &SockTuple) -> bool {
     if pkt.family == 6 {
-        let (wire, side) = FlowKey6::new(pkt.src, pkt.sport, pkt.dst, pkt.dport);
+        let (wire, side) = FlowKey6::new(pkt.netns, pkt.src, pkt.sport, pkt.dst, pkt.dport);
         let (key, sender) = translate6(wire, side, sock);
         if key == wire {
             return false;
         }
         (pkt.src, pkt.sport, pkt.dst, pkt.dport) = key.sent_by(sender);
     } else {
-        let (wire, side) = FlowKey4::new(pkt.src[0], pkt.sport, pkt.dst[0], pkt.dport);
+        let (wire, side) = FlowKey4::new(pkt.netns, pkt.src[0], pkt.sport, pkt.dst[0], pkt.dport);
         let (key, sender) = translate4(wire, side, sock);
         if key == wire {
             return false;
@@ -210,9 +210,9 @@ pub fn note_receiver(pkt: &mut Packet, wire: &Wire, translated: bool) {
     if translated {
         // The receiver's tuple is the wire's, if the receiver is here.
         let here = if pkt.family == 6 {
-            local6(&wire.dst)
+            local6(pkt.netns, &wire.dst)
         } else {
-            local4(wire.dst[0])
+            local4(pkt.netns, wire.dst[0])
         };
         if here {
             (pkt.other_src, pkt.other_dst) = (wire.src, wire.dst);
@@ -227,7 +227,7 @@ pub fn note_receiver(pkt: &mut Packet, wire: &Wire, translated: bool) {
         return;
     }
     if pkt.family == 6 {
-        let (key, side) = FlowKey6::new(wire.src, wire.sport, wire.dst, wire.dport);
+        let (key, side) = FlowKey6::new(pkt.netns, wire.src, wire.sport, wire.dst, wire.dport);
         if let Some(t) = NAT6.get_ptr(&key) {
             // SAFETY: a live map value.
             let t = unsafe { *t };
@@ -240,7 +240,8 @@ pub fn note_receiver(pkt: &mut Packet, wire: &Wire, translated: bool) {
             pkt.other_family = 6;
         }
     } else {
-        let (key, side) = FlowKey4::new(wire.src[0], wire.sport, wire.dst[0], wire.dport);
+        let (key, side) =
+            FlowKey4::new(pkt.netns, wire.src[0], wire.sport, wire.dst[0], wire.dport);
         if let Some(t) = NAT4.get_ptr(&key) {
             // SAFETY: a live map value.
             let t = unsafe { *t };

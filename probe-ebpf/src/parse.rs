@@ -21,6 +21,10 @@ const IPPROTO_ICMPV6: u8 = 58;
 /// 512-byte BPF stack.
 #[repr(C)]
 pub struct Packet {
+    /// The namespace slot of the interface it was seen on, written by the
+    /// namespace's entry program before anything else (first: the entry
+    /// program writes this offset). Parsing leaves it.
+    pub netns: u32,
     /// IPv6 addresses; for IPv4 only the first word is used.
     pub src: [u32; 4],
     pub dst: [u32; 4],

@@ -8,10 +8,16 @@
 
 use core::intrinsics::{AtomicOrdering, atomic_cxchg};
 
-use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns, macros::map, maps::HashMap};
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    helpers::bpf_ktime_get_ns,
+    macros::map,
+    maps::{Array, HashMap},
+};
 use tcpstate_common::{
     Counters, EndSeq, Event, FlowEntry, FlowKey4, FlowKey6, Locality, Segment, Side, Word,
     machine::{IcmpEffect, icmp_error, is_steady, steady_facts, step},
+    netns::{DEFAULT_MAX_NETNS, LocalKey4, LocalKey6},
 };
 
 use crate::{
@@ -32,7 +38,7 @@ pub const CAS_ATTEMPTS: usize = 2;
 /// by running again (a tail call to itself), so the verifier checks one
 /// attempt. Giving up is counted.
 pub const SLOW_ATTEMPTS: u32 = 3;
-/// Addresses one namespace may have (the agent warns beyond).
+/// Addresses the namespaces may have together (the agent sizes the maps).
 pub const MAX_LOCAL_ADDRS: u32 = 4096;
 pub const EEXIST: i32 = 17;
 
@@ -41,6 +47,58 @@ pub const EEXIST: i32 = 17;
 /// passive open waits for that report ([`Segment::KERNEL_EVENTS`]).
 #[unsafe(no_mangle)]
 static KERNEL_EVENTS: u8 = 0;
+
+/// Entries one namespace may hold in the flow maps together (0: no limit);
+/// set by the agent at load (`--max-flows-per-netns`).
+#[unsafe(no_mangle)]
+static FLOWS_PER_NETNS: u32 = 0;
+
+/// Entries each namespace slot holds in the flow maps: added to by every
+/// insert, taken from by every delete (all in the probe: the command
+/// program deletes for the agent).
+#[map]
+static NETNS_FLOWS: Array<u32> = Array::with_max_entries(DEFAULT_MAX_NETNS, 0);
+
+/// Whether namespace slot `netns` may have one more entry.
+#[inline(always)]
+pub fn share_left(netns: u32) -> bool {
+    // SAFETY: a read-only global the agent sets at load.
+    let limit = unsafe { core::ptr::read_volatile(&FLOWS_PER_NETNS) };
+    limit == 0 || NETNS_FLOWS.get(netns).is_none_or(|n| *n < limit)
+}
+
+/// One entry more (`delta` 1) or fewer (`u32::MAX`, i.e. -1) for `netns`.
+#[inline(always)]
+pub fn note_flows(netns: u32, delta: u32) {
+    if let Some(p) = NETNS_FLOWS.get_ptr_mut(netns) {
+        // SAFETY: a map value, 4-byte aligned; only atomic adds change it.
+        unsafe {
+            core::intrinsics::atomic_xadd::<u32, u32, { AtomicOrdering::Relaxed }>(p, delta);
+        }
+    }
+}
+
+/// Inserts a new entry for `netns` unless its share is used up; counts it.
+#[inline(always)]
+pub fn insert_entry<K>(
+    map: &HashMap<K, FlowEntry>,
+    key: &K,
+    entry: &FlowEntry,
+    netns: u32,
+    c: &mut impl Tally,
+) -> Result<(), i32> {
+    if !share_left(netns) {
+        c.event(Event::NetnsShareFull);
+        return Err(0);
+    }
+    let res = map.insert(key, entry, BPF_NOEXIST as u64);
+    match res {
+        Ok(()) => note_flows(netns, 1),
+        Err(e) if e == -EEXIST => {}
+        Err(_) => c.event(Event::MapFull),
+    }
+    res
+}
 
 /// IPv4 flows.
 #[map]
@@ -86,10 +144,10 @@ pub fn now_stamp() -> u32 {
 #[inline(always)]
 pub fn fast(pkt: &Packet) -> bool {
     if pkt.family == 6 {
-        let (key, sender) = FlowKey6::new(pkt.src, pkt.sport, pkt.dst, pkt.dport);
+        let (key, sender) = FlowKey6::new(pkt.netns, pkt.src, pkt.sport, pkt.dst, pkt.dport);
         steady(&FLOWS6, &key, sender, &pkt.seg)
     } else {
-        let (key, sender) = FlowKey4::new(pkt.src[0], pkt.sport, pkt.dst[0], pkt.dport);
+        let (key, sender) = FlowKey4::new(pkt.netns, pkt.src[0], pkt.sport, pkt.dst[0], pkt.dport);
         steady(&FLOWS4, &key, sender, &pkt.seg)
     }
 }
@@ -115,34 +173,54 @@ pub enum Attempt {
 #[inline(never)]
 pub fn track(pkt: &mut Packet, c: &mut Counters, first: bool) -> Attempt {
     if pkt.family == 6 {
-        let (key, sender) = FlowKey6::new(pkt.src, pkt.sport, pkt.dst, pkt.dport);
-        let local = || local6(&pkt.src) as u32 | (local6(&pkt.dst) as u32) << 1;
-        transition(&FLOWS6, &key, &mut pkt.seg, sender as u32, local, c, first)
+        let (key, sender) = FlowKey6::new(pkt.netns, pkt.src, pkt.sport, pkt.dst, pkt.dport);
+        let ns = pkt.netns;
+        let local = || local6(ns, &pkt.src) as u32 | (local6(ns, &pkt.dst) as u32) << 1;
+        transition(
+            &FLOWS6,
+            &key,
+            &mut pkt.seg,
+            sender as u32,
+            local,
+            c,
+            first,
+            ns,
+        )
     } else {
-        let (key, sender) = FlowKey4::new(pkt.src[0], pkt.sport, pkt.dst[0], pkt.dport);
-        let local = || local4(pkt.src[0]) as u32 | (local4(pkt.dst[0]) as u32) << 1;
-        transition(&FLOWS4, &key, &mut pkt.seg, sender as u32, local, c, first)
+        let (key, sender) = FlowKey4::new(pkt.netns, pkt.src[0], pkt.sport, pkt.dst[0], pkt.dport);
+        let ns = pkt.netns;
+        let local = || local4(ns, pkt.src[0]) as u32 | (local4(ns, pkt.dst[0]) as u32) << 1;
+        transition(
+            &FLOWS4,
+            &key,
+            &mut pkt.seg,
+            sender as u32,
+            local,
+            c,
+            first,
+            ns,
+        )
     }
 }
 
-/// The namespace's own IPv4 addresses (the agent keeps them current).
+/// Each namespace's own IPv4 addresses (the agent keeps them current).
 #[map]
-pub static LOCAL4: HashMap<u32, u8> = HashMap::with_max_entries(MAX_LOCAL_ADDRS, 0);
+pub static LOCAL4: HashMap<LocalKey4, u8> = HashMap::with_max_entries(MAX_LOCAL_ADDRS, 0);
 
-/// The namespace's own IPv6 addresses.
+/// Each namespace's own IPv6 addresses.
 #[map]
-pub static LOCAL6: HashMap<[u32; 4], u8> = HashMap::with_max_entries(MAX_LOCAL_ADDRS, 0);
+pub static LOCAL6: HashMap<LocalKey6, u8> = HashMap::with_max_entries(MAX_LOCAL_ADDRS, 0);
 
-/// Is this IPv4 address (wire order) one of the host's? All of 127.0.0.0/8
-/// is, without being listed.
+/// Is this IPv4 address (wire order) one of namespace `netns`'s? All of
+/// 127.0.0.0/8 is, without being listed.
 #[inline(always)]
-pub fn local4(addr: u32) -> bool {
-    addr.to_ne_bytes()[0] == 127 || LOCAL4.get_ptr(&addr).is_some()
+pub fn local4(netns: u32, addr: u32) -> bool {
+    addr.to_ne_bytes()[0] == 127 || LOCAL4.get_ptr(&LocalKey4 { netns, addr }).is_some()
 }
 
 #[inline(always)]
-pub fn local6(addr: &[u32; 4]) -> bool {
-    LOCAL6.get_ptr(addr).is_some()
+pub fn local6(netns: u32, addr: &[u32; 4]) -> bool {
+    LOCAL6.get_ptr(&LocalKey6 { netns, addr: *addr }).is_some()
 }
 
 /// The fast path: most segments find both ends established and carry no
@@ -176,6 +254,7 @@ fn steady<K>(map: &HashMap<K, FlowEntry>, key: &K, sender: Side, seg: &Segment) 
 /// receiver); it runs only for a new or reused entry, since a live entry's
 /// local marks were set when it was created (fewer paths for the verifier).
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn transition<K>(
     map: &HashMap<K, FlowEntry>,
     key: &K,
@@ -184,6 +263,7 @@ fn transition<K>(
     local: impl Fn() -> u32,
     c: &mut Counters,
     first: bool,
+    netns: u32,
 ) -> Attempt {
     // Read opaquely, so that the mask stays in the code for the verifier to
     // bound the index with (the compiler knows the value is 0 or 1 and
@@ -239,17 +319,15 @@ fn transition<K>(
             ends: [none; 2],
         };
         entry.ends[s] = st.sender;
-        return match map.insert(key, &entry, BPF_NOEXIST as u64) {
+        return match insert_entry(map, key, &entry, netns, c) {
             Ok(()) => {
                 move_counts(c, Word::EMPTY, st.word);
                 Attempt::Done
             }
             // Another CPU created it first: apply the segment to theirs.
             Err(e) if e == -EEXIST => Attempt::Again,
-            Err(_) => {
-                c.event(Event::MapFull);
-                Attempt::Done
-            }
+            // Counted (map full, or the namespace's share used up).
+            Err(_) => Attempt::Done,
         };
     };
     let old = read_word(p);
@@ -326,11 +404,11 @@ fn count_once(seg: &mut Segment, word: Word, sender: Side, sender_local: bool, c
 pub fn icmp(pkt: &Packet, c: &mut Counters) {
     let effect = IcmpEffect::from_u32(pkt.icmp);
     if pkt.family == 6 {
-        let (wire, side) = FlowKey6::new(pkt.src, pkt.sport, pkt.dst, pkt.dport);
+        let (wire, side) = FlowKey6::new(pkt.netns, pkt.src, pkt.sport, pkt.dst, pkt.dport);
         let (key, sender) = translate6(wire, side, &SockTuple::default());
         icmp_on(&FLOWS6, &key, sender as u32, effect, pkt.seg.seq, c);
     } else {
-        let (wire, side) = FlowKey4::new(pkt.src[0], pkt.sport, pkt.dst[0], pkt.dport);
+        let (wire, side) = FlowKey4::new(pkt.netns, pkt.src[0], pkt.sport, pkt.dst[0], pkt.dport);
         let (key, sender) = translate4(wire, side, &SockTuple::default());
         icmp_on(&FLOWS4, &key, sender as u32, effect, pkt.seg.seq, c);
     }

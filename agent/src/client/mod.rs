@@ -2,6 +2,7 @@
 //! `count`, `watch` and the live view (`top`).
 
 pub mod control;
+pub mod count;
 pub mod live;
 pub mod view;
 pub mod watch;

@@ -28,6 +28,8 @@ pub struct Line<'a> {
     pub peers: &'a [Keyed],
     pub events: &'a serde_json::Map<String, serde_json::Value>,
     pub drift: &'a serde_json::Map<String, serde_json::Value>,
+    /// Each namespace's counts, as `count --by-netns --json` prints them.
+    pub namespaces: Vec<serde_json::Value>,
 }
 
 impl<'a> Line<'a> {
@@ -41,6 +43,11 @@ impl<'a> Line<'a> {
             peers: &snap.peers,
             events: &snap.events,
             drift: &snap.drift,
+            namespaces: snap
+                .namespaces
+                .iter()
+                .map(crate::client::count::netns_json)
+                .collect(),
         })
     }
 }

@@ -220,8 +220,8 @@ impl Btf {
 }
 
 /// Where the probe's kernel-report program reads what it needs, on the
-/// running kernel; `netns` is the inode number of the monitored namespace.
-pub fn sock_layout(btf: &Btf, netns: u32) -> Result<tcpstate_common::SockLayout> {
+/// running kernel.
+pub fn sock_layout(btf: &Btf) -> Result<tcpstate_common::SockLayout> {
     let common = |m: &str| btf.offset("sock", &format!("__sk_common.{m}"));
     Ok(tcpstate_common::SockLayout {
         family: common("skc_family")?,
@@ -243,7 +243,6 @@ pub fn sock_layout(btf: &Btf, netns: u32) -> Result<tcpstate_common::SockLayout>
         tw_max: btf
             .offset("net", "ipv4.tcp_death_row.sysctl_max_tw_buckets")
             .unwrap_or(0),
-        netns,
         enabled: 1,
     })
 }
@@ -261,7 +260,7 @@ mod tests {
             eprintln!("no /sys/kernel/btf/vmlinux here: nothing to check");
             return;
         };
-        let l = sock_layout(&btf, 42).expect("every field found");
+        let l = sock_layout(&btf).expect("every field found");
         assert_eq!((l.daddr, l.rcv_saddr), (0, 4));
         assert_eq!(l.dport, 12);
         assert!(l.sport > l.protocol, "{l:?}");
@@ -271,7 +270,7 @@ mod tests {
             "{l:?}"
         );
         assert!(l.protocol > l.net && l.net > l.family, "{l:?}");
-        assert_eq!((l.netns, l.enabled), (42, 1));
+        assert_eq!(l.enabled, 1);
         assert!(l.flags > l.net && l.flags.is_multiple_of(8), "{l:?}");
         // This kernel has the per-namespace TIME_WAIT death row.
         assert!(l.tw_count > l.net_inum && l.tw_max > l.tw_count, "{l:?}");

@@ -12,6 +12,7 @@ use tcpstate_common::{
     Command, Counters, CpuSlot, FlowEntry, FlowKey4, FlowKey6,
     command::op,
     nat::{NatTarget4, NatTarget6},
+    netns::{LocalKey4, LocalKey6},
 };
 
 use crate::{
@@ -20,27 +21,34 @@ use crate::{
 };
 
 impl Probe {
-    /// The counters summed over CPUs.
-    pub fn counters(&self) -> Result<Counters> {
-        let map = self.ebpf.map("PER_CPU").expect("the probe defines PER_CPU");
-        sum_counters(&PerCpuArray::try_from(map)?)
+    /// Namespace slot `slot`'s counters summed over CPUs.
+    pub fn counters(&self, slot: u32) -> Result<Counters> {
+        let map = self.ebpf.map("COUNTS").expect("the probe defines COUNTS");
+        sum_counters(&PerCpuArray::try_from(map)?, slot)
     }
 
-    /// Makes `addrs` the set of addresses the probe treats as local (the
-    /// namespace's own): adds the new ones, removes the ones that are gone.
-    pub fn set_local_addresses(&mut self, addrs: &[IpAddr]) -> Result<()> {
+    /// Makes `addrs` the set of addresses the probe treats as local in
+    /// namespace `slot` (the namespace's own): adds the new ones, removes
+    /// the ones that are gone.
+    pub fn set_local_addresses(&mut self, slot: u32, addrs: &[IpAddr]) -> Result<()> {
         let (v4, v6): (Vec<IpAddr>, Vec<IpAddr>) = addrs.iter().partition(|a| a.is_ipv4());
-        let v4: HashSet<u32> = v4
+        let v4: HashSet<LocalKey4> = v4
             .iter()
             .filter_map(|a| match a {
-                IpAddr::V4(a) => Some(u32::from_ne_bytes(a.octets())),
+                IpAddr::V4(a) => Some(LocalKey4 {
+                    netns: slot,
+                    addr: u32::from_ne_bytes(a.octets()),
+                }),
                 _ => None,
             })
             .collect();
-        let v6: HashSet<[u32; 4]> = v6
+        let v6: HashSet<LocalKey6> = v6
             .iter()
             .filter_map(|a| match a {
-                IpAddr::V6(a) => Some(ipv6_words(a)),
+                IpAddr::V6(a) => Some(LocalKey6 {
+                    netns: slot,
+                    addr: ipv6_words(a),
+                }),
                 _ => None,
             })
             .collect();
@@ -49,12 +57,14 @@ impl Probe {
                 .map_mut("LOCAL4")
                 .expect("the probe defines LOCAL4"),
             &v4,
+            |k| k.netns == slot,
         )?;
         sync_set(
             self.ebpf
                 .map_mut("LOCAL6")
                 .expect("the probe defines LOCAL6"),
             &v6,
+            |k| k.netns == slot,
         )?;
         Ok(())
     }
@@ -197,14 +207,16 @@ impl Probe {
     }
 }
 
-/// The counters of every CPU's slots, summed, with the derived counts filled in.
+/// Namespace `slot`'s counters of every CPU, summed, with the derived
+/// counts filled in.
 pub fn sum_counters<T: std::borrow::Borrow<MapData>>(
-    array: &PerCpuArray<T, CpuSlot>,
+    array: &PerCpuArray<T, Counters>,
+    slot: u32,
 ) -> Result<Counters> {
     let mut total = Counters::default();
-    for slot in 0..CpuSlot::COUNT {
-        for cpu in array.get(&slot, 0)?.iter() {
-            total.accumulate(&cpu.counters);
+    for kind in [CpuSlot::DATA_PATH, CpuSlot::PROCESS] {
+        for cpu in array.get(&CpuSlot::index(slot, kind), 0)?.iter() {
+            total.accumulate(cpu);
         }
     }
     total.derive();
@@ -219,6 +231,14 @@ pub enum FlowRef {
 }
 
 impl FlowRef {
+    /// The namespace slot the flow is in.
+    pub fn netns(&self) -> u32 {
+        match self {
+            FlowRef::V4(k) => k.netns,
+            FlowRef::V6(k) => k.netns,
+        }
+    }
+
     /// The command that swaps this flow's word from `expect` to `new`.
     pub fn command(&self, expect: u32, new: u32) -> Command {
         let mut cmd = Command {
@@ -247,10 +267,18 @@ pub fn ipv6_words(a: &Ipv6Addr) -> [u32; 4] {
     std::array::from_fn(|i| u32::from_ne_bytes(b[4 * i..4 * i + 4].try_into().unwrap()))
 }
 
-/// Makes the keys of a set-like hash map equal `want`.
-fn sync_set<K: aya::Pod + Eq + Hash>(map: &mut aya::maps::Map, want: &HashSet<K>) -> Result<()> {
+/// Makes the keys of a set-like hash map that `mine` picks equal `want`.
+fn sync_set<K: aya::Pod + Eq + Hash>(
+    map: &mut aya::maps::Map,
+    want: &HashSet<K>,
+    mine: impl Fn(&K) -> bool,
+) -> Result<()> {
     let mut set: HashMap<&mut MapData, K, u8> = HashMap::try_from(map)?;
-    let have: HashSet<K> = set.keys().filter_map(|k| k.ok()).collect();
+    let have: HashSet<K> = set
+        .keys()
+        .filter_map(|k| k.ok())
+        .filter(|k| mine(k))
+        .collect();
     for gone in have.difference(want) {
         let _ = set.remove(gone);
     }

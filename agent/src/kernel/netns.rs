@@ -13,6 +13,7 @@ use crate::error::{Error, Result};
 /// A network namespace: the agent's own, or one named by `ip netns add`.
 pub struct NetNs {
     name: Option<String>,
+    label: String,
     /// The namespace's inode number (what `ip netns identify`, `ls -i` and
     /// the kernel's `ns.inum` say).
     inode: u64,
@@ -52,7 +53,21 @@ impl NetNs {
         NetNs::start(Some(name.to_owned()), Some(file))
     }
 
+    /// The namespace a file enters (a bind mount, `/proc/PID/ns/net`):
+    /// the first of `paths` that opens. `name`: its `ip netns` name.
+    pub fn entered_by(paths: &[PathBuf], name: Option<String>) -> Result<NetNs> {
+        let mut last = None;
+        for p in paths {
+            match File::open(p) {
+                Ok(f) => return NetNs::start(name, Some(f)),
+                Err(e) => last = Some(Error::io(format!("opening {}", p.display()), e)),
+            }
+        }
+        Err(last.unwrap_or_else(|| Error::NoSuchNetns(name.unwrap_or_default())))
+    }
+
     fn start(name: Option<String>, file: Option<File>) -> Result<NetNs> {
+        let unnamed_other = name.is_none() && file.is_some();
         let label = display(name.as_deref());
         let (jobs, inbox) = std::sync::mpsc::channel::<Job>();
         let (ready, entered) = std::sync::mpsc::channel();
@@ -88,8 +103,14 @@ impl NetNs {
                     Error::io(format!("entering {label}"), e.into())
                 }
             })?;
+        let label = if unnamed_other {
+            format!("network namespace net:[{inode}]")
+        } else {
+            label
+        };
         Ok(NetNs {
             name,
+            label,
             inode,
             worker: Worker {
                 jobs: Some(jobs),
@@ -135,6 +156,6 @@ fn display(name: Option<&str>) -> String {
 
 impl fmt::Display for NetNs {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&display(self.name.as_deref()))
+        f.write_str(&self.label)
     }
 }

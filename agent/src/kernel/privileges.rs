@@ -41,6 +41,21 @@ pub fn drop_all() -> Result<()> {
 /// link on a network device (tcx or XDP).
 pub const ATTACH: [Capability; 2] = [Capability::CAP_NET_ADMIN, Capability::CAP_BPF];
 
+/// What following every namespace of the host takes for the agent's whole
+/// life (`run --all-namespaces`), kept by one thread only (the host
+/// namespace's): entering a namespace that appears (CAP_SYS_ADMIN), finding
+/// it through other users' processes (CAP_SYS_PTRACE, CAP_DAC_READ_SEARCH),
+/// loading its entry programs and attaching them (CAP_BPF, CAP_PERFMON,
+/// CAP_NET_ADMIN).
+pub const FOLLOW_ALL: [Capability; 6] = [
+    Capability::CAP_NET_ADMIN,
+    Capability::CAP_BPF,
+    Capability::CAP_PERFMON,
+    Capability::CAP_SYS_ADMIN,
+    Capability::CAP_SYS_PTRACE,
+    Capability::CAP_DAC_READ_SEARCH,
+];
+
 /// Drops every capability of the calling thread but `keep` (the bounding set
 /// too: nothing it runs later can regain the others).
 pub fn keep_only(keep: &[Capability]) -> Result<()> {

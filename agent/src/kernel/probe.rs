@@ -59,6 +59,10 @@ pub struct ProbeOptions {
     pub max_flows: u32,
     /// The ingress hook on interfaces other than loopback.
     pub ingress: Ingress,
+    /// Namespaces the probe has room for (1 for one namespace).
+    pub max_netns: u32,
+    /// Entries one namespace may hold in the flow maps (0: no limit).
+    pub flows_per_netns: u32,
 }
 
 impl Default for ProbeOptions {
@@ -66,6 +70,8 @@ impl Default for ProbeOptions {
         ProbeOptions {
             max_flows: 262_144,
             ingress: Ingress::Tc,
+            max_netns: 1,
+            flows_per_netns: 0,
         }
     }
 }
@@ -75,6 +81,9 @@ pub struct Probe {
     /// The slow path's jump table (the probe's entries hold the programs
     /// while it is open).
     _slow: Vec<ProgramArray<MapData>>,
+    /// The monitored namespaces' slots and entry programs.
+    pub(crate) namespaces: crate::kernel::slots::Slots,
+    pub(crate) ingress: Ingress,
     pub(crate) attached: Attachments,
     logger: Option<ProbeLogger>,
     /// The kernel reports its sockets' state changes to the probe.
@@ -137,9 +146,14 @@ impl Probe {
         let level = probe_log_level();
         let kernel_events = u8::from(layout.is_some()) * tcpstate_common::Segment::KERNEL_EVENTS;
         let layout = layout.unwrap_or_default();
+        let max_netns = opts.max_netns.max(1);
         let mut ebpf = EbpfLoader::new()
             .map_max_entries("FLOWS4", opts.max_flows)
             .map_max_entries("FLOWS6", opts.max_flows)
+            .map_max_entries("COUNTS", max_netns * tcpstate_common::CpuSlot::PER_NETNS)
+            .map_max_entries("NETNS_FLOWS", max_netns)
+            .map_max_entries("NETNS_SLOTS", max_netns)
+            .override_global("FLOWS_PER_NETNS", &opts.flows_per_netns, true)
             .override_global(aya_log::LEVEL, &level, false)
             .override_global("KERNEL_EVENTS", &kernel_events, true)
             .override_global("SOCK_LAYOUT", &layout, true)
@@ -174,6 +188,7 @@ impl Probe {
             jumps.set(0, fd, 0)?;
             slow.push(jumps);
         }
+        fill_entry_tables(&mut ebpf)?;
         let mut connect_reports = false;
         if kernel_events != 0 {
             let tp: &mut RawTracePoint = program(&mut ebpf, KERNEL_PROGRAM)?.try_into()?;
@@ -201,6 +216,8 @@ impl Probe {
         Ok(Probe {
             ebpf,
             _slow: slow,
+            namespaces: crate::kernel::slots::Slots::new(max_netns),
+            ingress: opts.ingress,
             attached: Attachments::default(),
             logger,
             kernel_reports: kernel_events != 0,
@@ -290,9 +307,22 @@ impl Probe {
 
     /// The per-CPU counters map (for a [`crate::serve::reader::Reader`]).
     pub fn counters_map(&self) -> &MapData {
-        match self.ebpf.map("PER_CPU") {
+        match self.ebpf.map("COUNTS") {
             Some(aya::maps::Map::PerCpuArray(m)) => m,
-            _ => unreachable!("the probe defines PER_CPU as a per-CPU array"),
+            _ => unreachable!("the probe defines COUNTS as a per-CPU array"),
+        }
+    }
+
+    /// A map the probe defines, by name.
+    pub(crate) fn map_data(&self, name: &str) -> &MapData {
+        match self.ebpf.map(name) {
+            Some(
+                aya::maps::Map::PerCpuArray(m)
+                | aya::maps::Map::Array(m)
+                | aya::maps::Map::HashMap(m)
+                | aya::maps::Map::ProgramArray(m),
+            ) => m,
+            _ => unreachable!("the probe defines {name}"),
         }
     }
 
@@ -373,6 +403,39 @@ impl Probe {
         };
         Ok(res)
     }
+}
+
+/// Fills the entry tables with the shared packet programs. They stay in
+/// the probe's maps (the namespaces' entry programs refer to them by
+/// descriptor), which keep their programs while the probe is loaded.
+fn fill_entry_tables(ebpf: &mut Ebpf) -> Result<()> {
+    use tcpstate_common::netns::entry;
+    let tables: [(&str, &[(u32, &str)]); 2] = [
+        (
+            "ENTRY_TC",
+            &[
+                (entry::TC_EGRESS, TC_PROGRAM),
+                (entry::TC_INGRESS, TC_IN_PROGRAM),
+            ],
+        ),
+        ("ENTRY_XDP", &[(entry::XDP, XDP_PROGRAM)]),
+    ];
+    for (table, progs) in tables {
+        for (index, name) in progs {
+            let fd = ebpf
+                .program(name)
+                .unwrap_or_else(|| panic!("the probe defines {name}"))
+                .fd()?
+                .try_clone()
+                .map_err(|e| Error::io("duplicating a program descriptor", e))?;
+            let mut jumps = ProgramArray::try_from(
+                ebpf.map_mut(table)
+                    .unwrap_or_else(|| panic!("the probe defines {table}")),
+            )?;
+            jumps.set(*index, &fd, 0)?;
+        }
+    }
+    Ok(())
 }
 
 pub(crate) fn program<'a>(

@@ -15,7 +15,7 @@ use crate::{
     error::{Error, Result},
     serve::reader::Reader,
     snapshot::PortFilter,
-    tracking::agent::Agent,
+    tracking::host::Host,
 };
 
 /// Prepares `path` for a new listener: refuses if another agent answers
@@ -44,7 +44,7 @@ pub fn claim(path: &Path) -> Result<PathBuf> {
 /// Answers one client.
 pub async fn answer(
     stream: tokio::net::UnixStream,
-    agent: Arc<Mutex<Agent>>,
+    agent: Arc<Mutex<Host>>,
     reader: Arc<Reader>,
 ) -> anyhow::Result<()> {
     let (read, mut write) = stream.into_split();

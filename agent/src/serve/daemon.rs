@@ -1,6 +1,6 @@
-//! `tcpstate run`: the agent's main loop. It owns one namespace's
-//! [`Agent`], runs its maintenance on blocking threads, and answers the
-//! control socket and the metrics endpoint.
+//! `tcpstate run`: the agent's main loop. It owns the [`Host`] (the probe
+//! and a tracker per monitored namespace), runs its maintenance on blocking
+//! threads, and answers the control socket and the metrics endpoint.
 
 use std::{
     io::IsTerminal,
@@ -24,7 +24,7 @@ use crate::{
     serve::{control, tick},
     snapshot::Snapshot,
     tracking::{
-        agent::{self, Agent},
+        host::{self, Host, Scope},
         pacing::Pacer,
         timers::FILING_HORIZON,
     },
@@ -45,7 +45,7 @@ const _: () = assert!(2 * MAX_WALK_GAP.as_secs() <= FILING_HORIZON.as_secs());
 /// The agent's configuration and how the daemon around it runs.
 #[derive(Clone, Debug)]
 pub struct Config {
-    pub agent: agent::Config,
+    pub agent: host::Config,
     pub socket: PathBuf,
     /// Print the counts once a second (on a terminal).
     pub print: bool,
@@ -63,16 +63,15 @@ pub async fn run(
     stop: Option<tokio::sync::oneshot::Receiver<()>>,
 ) -> anyhow::Result<()> {
     let socket_path = control::claim(&cfg.socket)?;
-    let mut agent = Agent::start(&cfg.agent)?;
+    let mut agent = Host::start(&cfg.agent)?;
+    let what = match &cfg.agent.scope {
+        Scope::All => format!("every network namespace ({} now)", agent.trackers().count()),
+        Scope::One(Some(n)) => format!("network namespace {n:?}"),
+        Scope::One(None) => "the current network namespace".to_owned(),
+    };
     tracing::info!(
-        "monitoring {} in {}; answering on {}",
+        "monitoring {} in {what}; answering on {}",
         agent.probe().attached().join(", "),
-        cfg.agent
-            .netns
-            .as_deref()
-            .map_or("the current network namespace".to_owned(), |n| format!(
-                "network namespace {n:?}"
-            )),
         socket_path.display()
     );
     let listener = UnixListener::bind(&socket_path)
@@ -104,10 +103,16 @@ pub async fn run(
         })))
     });
     let asks = agent.probe_mut().take_asks();
-    let links = agent
-        .link_watch()
-        .map_err(|e| tracing::warn!("{e}: interfaces added later will not be followed"))
-        .ok();
+    // One namespace: its link events wake the agent at once. With every
+    // namespace, each tick looks at every namespace's interfaces.
+    let links = match cfg.agent.scope {
+        Scope::One(_) => agent.first().and_then(|t| {
+            t.link_watch()
+                .map_err(|e| tracing::warn!("{e}: interfaces added later will not be followed"))
+                .ok()
+        }),
+        Scope::All => None,
+    };
     let reader = Arc::new(agent.reader()?);
     agent.drop_privileges()?;
     tracing::debug!(
@@ -209,7 +214,7 @@ pub async fn run(
 /// Reads the probe's questions as they come and files them with the agent.
 fn questions(
     ring: RingBuf<MapData>,
-    agent: Arc<Mutex<Agent>>,
+    agent: Arc<Mutex<Host>>,
     asked: Arc<Notify>,
 ) -> Option<AbortOnDrop<()>> {
     // SAFETY: the ring owns its descriptor, which stays open and the same
@@ -237,7 +242,7 @@ fn questions(
 }
 
 /// Follows the namespace's link and address events.
-fn follow(watch: LinkWatch, agent: Arc<Mutex<Agent>>) -> Option<AbortOnDrop<()>> {
+fn follow(watch: LinkWatch, agent: Arc<Mutex<Host>>) -> Option<AbortOnDrop<()>> {
     // SAFETY: the watch owns its socket, which stays open and the same until
     // the watch (moved into the AsyncFd) drops.
     let mut watch = unsafe { AsyncFd::register_with_interest(watch, Interest::READABLE) }
@@ -263,7 +268,7 @@ fn follow(watch: LinkWatch, agent: Arc<Mutex<Agent>>) -> Option<AbortOnDrop<()>>
 /// flow maps and the socket-table check when their pacers allow, and the
 /// counts printed when asked.
 async fn maintain(
-    agent: Arc<Mutex<Agent>>,
+    agent: Arc<Mutex<Host>>,
     reader: Arc<crate::serve::reader::Reader>,
     reconcile_every: Option<Duration>,
     print: bool,

@@ -1,33 +1,37 @@
 //! Answering "what are the counts now" without waiting for the agent's
 //! maintenance work (the once-a-second walk, reconciliation, timers), which
-//! takes the agent's lock for as long as the flow map is large. A reader
-//! holds its own handle on the per-CPU counters and its own sock_diag socket
-//! (for LISTEN), and the rest of the snapshot as the last tick published it.
+//! takes the host's lock for as long as the flow map is large. A reader
+//! holds its own handle on the per-CPU counters, the rest of the snapshot
+//! as the last tick published it (which namespaces there are, and in which
+//! slots), and for one namespace its own sock_diag socket (for LISTEN). With
+//! every namespace LISTEN is the probe's count, which the kernel's reports
+//! move: no dump of the socket table per read, however many namespaces.
 
 use std::{os::fd::AsFd, sync::Mutex, time::Instant};
 
 use aya::maps::{Map, MapData, PerCpuArray};
-use tcpstate_common::CpuSlot;
+use tcpstate_common::{Counters, TcpState};
 
 use crate::{
     error::{Error, Result},
     kernel::{maps::sum_counters, sockdiag::SockDiag},
-    snapshot::{Snapshot, events_by_name, live_counts},
+    snapshot::{Snapshot, StateCounts, events_by_name},
 };
 
 pub struct Reader {
-    per_cpu: PerCpuArray<MapData, CpuSlot>,
-    diag: Mutex<SockDiag>,
+    per_cpu: PerCpuArray<MapData, Counters>,
+    diag: Option<Mutex<SockDiag>>,
     latest: Mutex<Snapshot>,
     started: Instant,
 }
 
 impl Reader {
     /// `per_cpu`: the probe's counter map; `diag`: a sock_diag socket opened
-    /// in the monitored namespace; `first`: a snapshot to start from.
+    /// in the one monitored namespace (`None`: LISTEN as each namespace's
+    /// counts have it); `first`: a snapshot to start from.
     pub fn new(
         per_cpu: &MapData,
-        diag: SockDiag,
+        diag: Option<SockDiag>,
         first: Snapshot,
         started: Instant,
     ) -> Result<Reader> {
@@ -39,25 +43,46 @@ impl Reader {
         let per_cpu = PerCpuArray::try_from(Map::PerCpuArray(MapData::from_fd(fd)?))?;
         Ok(Reader {
             per_cpu,
-            diag: Mutex::new(diag),
+            diag: diag.map(Mutex::new),
             latest: Mutex::new(first),
             started,
         })
     }
 
-    /// What the last tick learnt (ports, peers, drift, map fill, ...).
+    /// What the last tick learnt (namespaces, ports, peers, drift, map fill, ...).
     pub fn publish(&self, snap: Snapshot) {
         *self.latest.lock().expect("reader lock") = snap;
     }
 
-    /// The counts now (O(1) in the number of connections), with the rest as
-    /// of the last tick.
+    /// The counts now (O(1) in the number of connections, O(namespaces)),
+    /// with the rest as of the last tick.
     pub fn snapshot(&self) -> Result<Snapshot> {
-        let counters = sum_counters(&self.per_cpu)?;
-        let listening = self.diag.lock().expect("reader lock").listening()?;
         let mut snap = self.latest.lock().expect("reader lock").clone();
-        snap.states = live_counts(&counters, listening).json();
-        snap.events = events_by_name(&counters);
+        let listening = match &self.diag {
+            Some(d) => Some(d.lock().expect("reader lock").listening()?),
+            None => None,
+        };
+        let mut total = Counters::default();
+        let mut states = StateCounts::default();
+        for ns in snap.namespaces.iter_mut() {
+            let c = sum_counters(&self.per_cpu, ns.slot)?;
+            let mut s = StateCounts::from_slots(&c.states);
+            match listening {
+                Some(n) => s.set(TcpState::Listen, n),
+                // Without the kernel's reports the probe's LISTEN does not
+                // move: the last tick's look at the table stands.
+                None if !snap.kernel_reports => {
+                    s.set(TcpState::Listen, ns.states.get(TcpState::Listen))
+                }
+                None => {}
+            }
+            ns.states = s;
+            states = states.plus(&s);
+            total.accumulate(&c);
+        }
+        total.derive();
+        snap.states = states.json();
+        snap.events = events_by_name(&total);
         snap.uptime_ms = self.started.elapsed().as_millis() as u64;
         Ok(snap)
     }

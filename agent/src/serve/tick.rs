@@ -1,19 +1,29 @@
-//! The daemon's once-a-second maintenance of the namespace, on a blocking
-//! thread: addresses, sysctls and the kernel's SNMP signals are read first,
-//! without the agent's lock (a netlink dump can wait on the kernel's rtnl
-//! lock for seconds while another namespace is torn down; timers must not
-//! wait with it), then the walk, losses, signals and the socket-table check
-//! under it; last, a snapshot for the reader.
+//! The daemon's once-a-second maintenance, on a blocking thread: each
+//! namespace's addresses, sysctls and SNMP signals are read first, without
+//! the host's lock (a netlink dump can wait on the kernel's rtnl lock for
+//! seconds while another namespace is torn down; timers must not wait with
+//! it), then under it: the namespaces and interfaces followed, the walk,
+//! losses, signals and the socket-table checks; last, a snapshot for the
+//! reader.
 
 use std::{
+    collections::BTreeMap,
+    net::IpAddr,
     sync::{Arc, Mutex},
     time::Duration,
 };
 
 use crate::{
+    error::Result,
     kernel::nsinfo,
     serve::reader::Reader,
-    tracking::{agent::Agent, pacing::cpu_cost, signals::KernelSignal},
+    tracking::{
+        host::{Host, Scope},
+        pacing::cpu_cost,
+        signals::KernelSignal,
+        timers::Timeouts,
+        tracker::Tracker,
+    },
 };
 
 /// What ran this tick, and what it cost (CPU time), for the pacers.
@@ -22,103 +32,157 @@ pub struct Ran {
     pub checked: Option<Duration>,
 }
 
-pub fn tick(agent: &Mutex<Agent>, reader: &Reader, walk_due: bool, reconcile_due: bool) -> Ran {
-    let (ns, like) = {
-        let a = agent.lock().expect("agent lock");
-        (a.netns(), a.timeouts().clone())
-    };
-    let addrs = ns.run(nsinfo::local_addresses);
-    let signals = ns.run(|| Ok(KernelSignal::read_all()));
-    let timeouts = Agent::timeouts_now(&ns, &like);
-    let mut a = agent.lock().expect("agent lock");
-    if let Err(e) = addrs.and_then(|addrs| a.set_local_addresses(&addrs)) {
-        tracing::warn!("reading the namespace's addresses failed: {e}");
+/// What one namespace's files said this tick.
+struct Read {
+    addrs: Result<Vec<IpAddr>>,
+    signals: Result<[Option<u64>; 2]>,
+    timeouts: Result<Timeouts>,
+}
+
+pub fn tick(host: &Mutex<Host>, reader: &Reader, walk_due: bool, reconcile_due: bool) -> Ran {
+    let namespaces = host.lock().expect("host lock").namespaces();
+    let read: BTreeMap<u32, Read> = namespaces
+        .into_iter()
+        .map(|(slot, ns, like)| {
+            let r = Read {
+                addrs: ns.run(nsinfo::local_addresses),
+                signals: ns.run(|| Ok(KernelSignal::read_all())),
+                timeouts: Tracker::timeouts_now(&ns, &like),
+            };
+            (slot, r)
+        })
+        .collect();
+    let mut h = host.lock().expect("host lock");
+    if *h.scope() == Scope::All {
+        let f = h.follow_namespaces();
+        for n in &f.started {
+            tracing::info!("{n}: monitored");
+        }
+        for n in &f.dropped {
+            tracing::info!("{n}: gone, no longer monitored");
+        }
+        h.follow_interfaces();
     }
-    match timeouts {
-        Ok(t) => a.set_timeouts(t),
-        Err(e) => tracing::warn!("reading the namespace's TCP sysctls failed: {e}"),
-    }
+    apply_reads(&mut h, read);
     let walked = walk_due.then(|| {
-        let (swept, took) = cpu_cost(|| a.sweep());
+        let (swept, took) = cpu_cost(|| h.sweep());
         if let Err(e) = swept {
             tracing::warn!("timer sweep failed: {e}");
         }
         tracing::debug!("flow map walk cost {took:?} of CPU");
         took
     });
-    match a.losses_since_last() {
-        Ok([0, 0, 0]) => {}
-        Err(e) => tracing::warn!("reading the probe's losses failed: {e}"),
-        Ok([full, lost, missed]) => {
-            if full > 0 {
-                tracing::warn!(
-                    "flow map full: {full} new connections not tracked in the last second (capacity {} per address family; raise --max-flows)",
-                    a.probe().max_flows().unwrap_or(0)
-                );
-            }
-            if lost > 0 {
-                tracing::warn!(
-                    "{lost} questions about sockets lost (the agent fell behind the probe): checking the socket table"
-                );
-            }
-            if missed > 0 {
-                tracing::info!(
-                    "{missed} socket state reports skipped by the kernel (they came while the report program ran on that CPU): checking the socket table"
-                );
-            }
+    report_losses(&mut h);
+    let mut checked = None;
+    let mut owed = Vec::new();
+    for t in h.trackers.values_mut() {
+        if t.take_check_due() || reconcile_due {
+            owed.push(t.slot());
         }
     }
-    match signals.map(|now| a.note_signals(now)) {
-        Ok(grew) => {
-            for (signal, n) in KernelSignal::ALL.iter().zip(grew) {
-                if n > 0 {
-                    tracing::info!("{n} {}: checking the socket table", signal.meaning());
-                }
-            }
-        }
-        Err(e) => tracing::warn!("reading the kernel's TCP counters failed: {e}"),
-    }
-    let checked = (a.take_check_due() || reconcile_due).then(|| {
-        let (fixed, took) = cpu_cost(|| a.reconcile());
+    for slot in owed {
+        let Host {
+            probe, trackers, ..
+        } = &mut *h;
+        let Some(t) = trackers.get_mut(&slot) else {
+            continue;
+        };
+        let (fixed, took) = cpu_cost(|| t.reconcile(probe));
         match fixed {
             Ok(0) => {}
-            Ok(n) => tracing::info!("reconciled {n} flows with the socket table"),
-            Err(e) => tracing::warn!("reconciliation failed: {e}"),
+            Ok(n) => tracing::info!("{}: reconciled {n} flows with the socket table", t.identity),
+            Err(e) => tracing::warn!("{}: reconciliation failed: {e}", t.identity),
         }
         tracing::debug!("socket-table check cost {took:?} of CPU");
-        took
-    });
-    match a.snapshot() {
+        checked = Some(checked.unwrap_or(Duration::ZERO) + took);
+    }
+    match h.snapshot() {
         Ok(s) => reader.publish(s),
         Err(e) => tracing::warn!("reading counts failed: {e}"),
     }
     Ran { walked, checked }
 }
 
-/// Link events came: looks at the interfaces again, and at the addresses.
-pub fn follow_links(agent: &Arc<Mutex<Agent>>) {
-    let mut a = agent.lock().expect("agent lock");
-    match a.follow_interfaces() {
-        Ok(changes) => {
-            for name in &changes.attached {
-                tracing::info!("attached to {name}, which appeared");
-            }
-            for name in &changes.detached {
-                tracing::info!("detached from {name}, which went");
-            }
-            for e in &changes.failed {
-                tracing::warn!("{e}");
-            }
+/// Applies what each namespace's files said: addresses, sysctls, signals.
+fn apply_reads(h: &mut Host, read: BTreeMap<u32, Read>) {
+    let Host {
+        probe, trackers, ..
+    } = h;
+    for (slot, r) in read {
+        let Some(t) = trackers.get_mut(&slot) else {
+            continue;
+        };
+        if let Err(e) = r
+            .addrs
+            .and_then(|addrs| t.set_local_addresses(probe, &addrs))
+        {
+            tracing::warn!("{}: reading the addresses failed: {e}", t.identity);
         }
-        Err(e) => tracing::warn!("following interfaces failed: {e}"),
+        match r.timeouts {
+            Ok(to) => t.set_timeouts(to),
+            Err(e) => tracing::warn!("{}: reading the TCP sysctls failed: {e}", t.identity),
+        }
+        match r.signals.map(|now| t.note_signals(now)) {
+            Ok(grew) => {
+                for (signal, n) in KernelSignal::ALL.iter().zip(grew) {
+                    if n > 0 {
+                        tracing::info!(
+                            "{}: {n} {}: checking the socket table",
+                            t.identity,
+                            signal.meaning()
+                        );
+                    }
+                }
+            }
+            Err(e) => tracing::warn!("{}: reading the TCP counters failed: {e}", t.identity),
+        }
     }
-    let ns = a.netns();
-    match ns.run(nsinfo::local_addresses) {
-        Ok(addrs) => {
-            if let Err(e) = a.set_local_addresses(&addrs) {
-                tracing::warn!("updating the local addresses failed: {e}");
+}
+
+fn report_losses(h: &mut Host) {
+    let capacity = h.probe.max_flows().unwrap_or(0);
+    for (who, losses) in h.losses_since_last() {
+        match losses {
+            Ok([0, 0, 0]) => {}
+            Err(e) => tracing::warn!("{who}: reading the probe's losses failed: {e}"),
+            Ok([full, lost, missed]) => {
+                if full > 0 {
+                    tracing::warn!(
+                        "{who}: {full} new connections not tracked in the last second: flow map full (capacity {capacity} per address family; raise --max-flows) or the namespace's share used up (--max-flows-per-netns)"
+                    );
+                }
+                if lost > 0 {
+                    tracing::warn!(
+                        "{who}: {lost} questions about sockets lost (the agent fell behind the probe): checking the socket table"
+                    );
+                }
+                if missed > 0 {
+                    tracing::info!(
+                        "{who}: {missed} socket state reports skipped by the kernel (they came while the report program ran on that CPU): checking the socket table"
+                    );
+                }
             }
         }
-        Err(e) => tracing::warn!("reading the namespace's addresses failed: {e}"),
+    }
+}
+
+/// Link events came (one namespace): looks at the interfaces again, and at
+/// the addresses.
+pub fn follow_links(host: &Arc<Mutex<Host>>) {
+    let mut h = host.lock().expect("host lock");
+    h.follow_interfaces();
+    let Host {
+        probe, trackers, ..
+    } = &mut *h;
+    for t in trackers.values_mut() {
+        let ns = t.netns();
+        match ns.run(nsinfo::local_addresses) {
+            Ok(addrs) => {
+                if let Err(e) = t.set_local_addresses(probe, &addrs) {
+                    tracing::warn!("updating the local addresses failed: {e}");
+                }
+            }
+            Err(e) => tracing::warn!("reading the namespace's addresses failed: {e}"),
+        }
     }
 }

@@ -201,7 +201,7 @@ mod tests {
         // 10.0.0.2:8080 (local, ESTABLISHED) talking to 10.0.0.9:50000.
         let local = u32::from_ne_bytes([10, 0, 0, 2]);
         let remote = u32::from_ne_bytes([10, 0, 0, 9]);
-        let (key, side) = FlowKey4::new(remote, 50000, local, 8080);
+        let (key, side) = FlowKey4::new(0, remote, 50000, local, 8080);
         let server = side.other();
         let word = Word::EMPTY
             .with_state(server, TcpState::Established)
@@ -224,6 +224,7 @@ mod tests {
         let f = |port, side| PortFilter {
             port: Some(port),
             side,
+            netns: None,
         };
         assert!(f(443, PortSide::Local).matches(443, 50000));
         assert!(!f(443, PortSide::Remote).matches(443, 50000));

@@ -6,13 +6,14 @@
 
 use crate::{
     error::{Error, Result},
-    kernel::probe::{Ingress, Probe},
+    kernel::probe::Probe,
 };
 
 pub struct Interfaces {
     /// Interfaces named with `--iface`; empty: all of them.
     wanted: Vec<String>,
-    ingress: Ingress,
+    /// The namespace's slot in the probe.
+    slot: u32,
 }
 
 /// What one look at the namespace's interfaces changed.
@@ -24,8 +25,8 @@ pub struct Changes {
 }
 
 impl Interfaces {
-    pub fn new(wanted: Vec<String>, ingress: Ingress) -> Interfaces {
-        Interfaces { wanted, ingress }
+    pub fn new(wanted: Vec<String>, slot: u32) -> Interfaces {
+        Interfaces { wanted, slot }
     }
 
     fn wants(&self, name: &str) -> bool {
@@ -47,9 +48,9 @@ impl Interfaces {
     /// on the namespace's thread.
     pub fn sync(&self, probe: &mut Probe, present: &[(u32, String)]) -> Changes {
         let mut out = Changes::default();
-        for ifindex in probe.attachments().ifindexes() {
+        for ifindex in probe.attachments().ifindexes_in(self.slot) {
             if !present.iter().any(|(i, _)| *i == ifindex) {
-                match probe.detach(ifindex) {
+                match probe.detach(self.slot, ifindex) {
                     Ok(Some(name)) => out.detached.push(name),
                     Ok(None) => {}
                     Err(e) => out.failed.push(e),
@@ -57,8 +58,8 @@ impl Interfaces {
             }
         }
         for (ifindex, name) in present {
-            if self.wants(name) && !probe.attachments().has(*ifindex) {
-                match probe.attach(name, *ifindex, self.ingress) {
+            if self.wants(name) && !probe.attachments().has(self.slot, *ifindex) {
+                match probe.attach(self.slot, name, *ifindex) {
                     Ok(()) => out.attached.push(name.clone()),
                     // An interface gone again before the attach: nothing to do.
                     Err(_) if !crate::kernel::nsinfo::interface_exists(name) => {}

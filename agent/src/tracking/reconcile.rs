@@ -148,20 +148,22 @@ pub struct Reconciler {
 
 impl Reconciler {
     /// One check (and the fixes it confirms).
-    pub fn check(&mut self, probe: &Probe, diag: &mut SockDiag) -> Result<usize> {
+    /// `netns`: the namespace's slot.
+    pub fn check(&mut self, probe: &Probe, netns: u32, diag: &mut SockDiag) -> Result<usize> {
         let mut kernel: HashMap<Endpoint, TcpState> = HashMap::new();
         let states = StateFlags::all() - StateFlags::LISTEN - StateFlags::CLOSE;
         diag.for_each(states, |s| {
-            if let Some(ep) = flow_of(s) {
+            if let Some(ep) = flow_of(netns, s) {
                 kernel.insert(ep, TcpState::from_bits(s.state));
             }
         })?;
         let entries: HashMap<FlowRef, Word> = probe
             .flow_entries()?
             .into_iter()
+            .filter(|(f, _)| f.netns() == netns)
             .map(|(f, e)| (f, Word(e.word)))
             .collect();
-        let counters = probe.counters()?;
+        let counters = probe.counters(netns)?;
         let mut kernel_counts = [0i64; 16];
         for s in kernel.values() {
             kernel_counts[*s as usize] += 1;
@@ -202,7 +204,7 @@ mod tests {
     use super::*;
 
     fn flow(port: u16) -> (FlowRef, Side) {
-        let (k, side) = FlowKey4::new(1, port, 2, 80);
+        let (k, side) = FlowKey4::new(0, 1, port, 2, 80);
         (FlowRef::V4(k), side)
     }
 

@@ -41,15 +41,16 @@ fn addr(ip: IpAddr) -> Addr {
     }
 }
 
-/// The flow a socket belongs to and the side its local endpoint is.
-pub fn flow_of(s: &SockInfo) -> Option<(FlowRef, Side)> {
+/// The flow a socket of namespace slot `netns` belongs to and the side its
+/// local endpoint is.
+pub fn flow_of(netns: u32, s: &SockInfo) -> Option<(FlowRef, Side)> {
     match (addr(s.local), addr(s.remote)) {
         (Addr::V4(l), Addr::V4(r)) => {
-            let (k, side) = FlowKey4::new(l, s.local_port, r, s.remote_port);
+            let (k, side) = FlowKey4::new(netns, l, s.local_port, r, s.remote_port);
             Some((FlowRef::V4(k), side))
         }
         (Addr::V6(l), Addr::V6(r)) => {
-            let (k, side) = FlowKey6::new(l, s.local_port, r, s.remote_port);
+            let (k, side) = FlowKey6::new(netns, l, s.local_port, r, s.remote_port);
             Some((FlowRef::V6(k), side))
         }
         _ => None,
@@ -57,15 +58,16 @@ pub fn flow_of(s: &SockInfo) -> Option<(FlowRef, Side)> {
 }
 
 /// The seed commands for a socket table read at `now_ns`. Both ends of a
-/// connection inside the namespace (loopback) become one entry.
-pub fn plan(sockets: &[SockInfo], now_ns: u64, t: &Timeouts) -> Vec<Command> {
+/// connection inside the namespace (loopback) become one entry. `netns`:
+/// the namespace's slot.
+pub fn plan(netns: u32, sockets: &[SockInfo], now_ns: u64, t: &Timeouts) -> Vec<Command> {
     let mut flows: HashMap<FlowRef, (Word, u64)> = HashMap::new();
     for s in sockets {
         let state = TcpState::from_bits(s.state);
         if state.is_gone() || state == TcpState::Listen {
             continue;
         }
-        let Some((flow, side)) = flow_of(s) else {
+        let Some((flow, side)) = flow_of(netns, s) else {
             continue;
         };
         // A timer already running started before now: date the entry back so
@@ -105,12 +107,12 @@ pub struct SeedStats {
 }
 
 /// Seeds the flow maps from the socket table of `diag`'s namespace.
-pub fn seed(probe: &Probe, diag: &mut SockDiag, t: &Timeouts) -> Result<SeedStats> {
+pub fn seed(probe: &Probe, netns: u32, diag: &mut SockDiag, t: &Timeouts) -> Result<SeedStats> {
     let mut sockets = Vec::new();
     let states = StateFlags::all() - StateFlags::LISTEN - StateFlags::CLOSE;
     diag.for_each(states, |s| sockets.push(s.clone()))?;
     let mut stats = SeedStats::default();
-    for cmd in plan(&sockets, monotonic_ns(), t) {
+    for cmd in plan(netns, &sockets, monotonic_ns(), t) {
         match probe.command(&cmd)? {
             outcome::DONE => stats.seeded += 1,
             outcome::CHANGED => stats.already += 1,
@@ -118,6 +120,33 @@ pub fn seed(probe: &Probe, diag: &mut SockDiag, t: &Timeouts) -> Result<SeedStat
         }
     }
     Ok(stats)
+}
+
+/// Makes the probe's LISTEN count of namespace slot `netns` equal
+/// `listening` (the socket table's, read just now); the kernel's reports
+/// move it from here.
+pub fn seed_listening(probe: &Probe, netns: u32, listening: u64) -> Result<()> {
+    let now = probe.counters(netns)?.states[TcpState::Listen as usize];
+    seed_listening_by(probe, netns, listening as i64 - now)
+}
+
+/// Moves the probe's LISTEN count of slot `netns` by `delta`.
+pub fn seed_listening_by(probe: &Probe, netns: u32, delta: i64) -> Result<()> {
+    if delta == 0 {
+        return Ok(());
+    }
+    let cmd = Command {
+        op: op::LISTEN,
+        family: 4,
+        key4: FlowKey4 {
+            netns,
+            ..Default::default()
+        },
+        new: delta as i32 as u32,
+        ..Command::default()
+    };
+    probe.command(&cmd)?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -145,7 +174,7 @@ mod tests {
             sock(TcpState::Established, "127.0.0.1", 5000, "127.0.0.1", 40000),
             sock(TcpState::Established, "127.0.0.1", 40000, "127.0.0.1", 5000),
         ];
-        let cmds = plan(&socks, 1_000, &Timeouts::default());
+        let cmds = plan(0, &socks, 1_000, &Timeouts::default());
         assert_eq!(cmds.len(), 1);
         let w = Word(cmds[0].new);
         assert_eq!(
@@ -158,6 +187,7 @@ mod tests {
     #[test]
     fn a_remote_peer_is_inferred_and_not_counted() {
         let cmds = plan(
+            0,
             &[sock(TcpState::FinWait2, "fd00::1", 80, "fd00::2", 40000)],
             5,
             &Timeouts::default(),
@@ -177,6 +207,7 @@ mod tests {
     #[test]
     fn ipv4_mapped_sockets_go_to_the_ipv4_map() {
         let cmds = plan(
+            0,
             &[sock(
                 TcpState::Established,
                 "::ffff:10.0.0.1",
@@ -189,6 +220,7 @@ mod tests {
         );
         assert_eq!(cmds[0].family, 4);
         let expected = FlowKey4::new(
+            0,
             u32::from_ne_bytes([10, 0, 0, 1]),
             80,
             u32::from_ne_bytes([10, 0, 0, 2]),
@@ -203,7 +235,7 @@ mod tests {
         let mut tw = sock(TcpState::TimeWait, "10.0.0.1", 40000, "10.0.0.2", 80);
         tw.timewait_left = Some(Duration::from_secs(20));
         let now = 1_000_000_000_000;
-        let cmds = plan(&[tw], now, &Timeouts::default());
+        let cmds = plan(0, &[tw], now, &Timeouts::default());
         // 60 s timer with 20 s left: it started 40 s ago.
         assert_eq!(cmds[0].changed_ns, now - 40_000_000_000);
     }
@@ -214,6 +246,6 @@ mod tests {
             sock(TcpState::Listen, "0.0.0.0", 80, "0.0.0.0", 0),
             sock(TcpState::Close, "10.0.0.1", 1, "10.0.0.2", 2),
         ];
-        assert!(plan(&socks, 5, &Timeouts::default()).is_empty());
+        assert!(plan(0, &socks, 5, &Timeouts::default()).is_empty());
     }
 }

@@ -24,7 +24,7 @@ pub fn probe(max_flows: u32, local: &[&str]) -> Probe {
     )
     .expect("load the probe");
     let addrs: Vec<IpAddr> = local.iter().map(|a| a.parse().unwrap()).collect();
-    p.set_local_addresses(&addrs)
+    p.set_local_addresses(0, &addrs)
         .expect("set the local addresses");
     p
 }
@@ -44,6 +44,7 @@ pub fn entry_of(p: &Probe, t: &Tcp) -> Option<(Word, Side)> {
     let (entry, sender) = match (t.src, t.dst) {
         (IpAddr::V4(s), IpAddr::V4(d)) => {
             let (key, sender) = FlowKey4::new(
+                0,
                 words(&s.octets())[0],
                 t.sport,
                 words(&d.octets())[0],
@@ -54,6 +55,7 @@ pub fn entry_of(p: &Probe, t: &Tcp) -> Option<(Word, Side)> {
         (IpAddr::V6(s), IpAddr::V6(d)) => {
             let (s, d) = (words(&s.octets()), words(&d.octets()));
             let (key, sender) = FlowKey6::new(
+                0,
                 s.try_into().unwrap(),
                 t.sport,
                 d.try_into().unwrap(),

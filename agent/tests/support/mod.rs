@@ -5,6 +5,7 @@
 
 pub mod crafted;
 pub mod frames;
+pub mod hosts;
 pub mod sampler;
 
 use std::{
@@ -229,10 +230,17 @@ impl VethPair {
     }
 }
 
-/// `tcpstate run --netns NAME`, the binary a user runs; stopped with SIGINT on drop.
+/// `tcpstate run --netns NAME` (or `run -A`), the binary a user runs;
+/// stopped with SIGINT on drop.
 pub struct Agent {
     child: Option<Child>,
     pub socket: PathBuf,
+    /// Which namespace's counts this handle reads (`count --netns SEL`);
+    /// `None`: the agent's total.
+    pub select: Option<String>,
+    /// This handle started the agent (a view made by [`Agent::in_netns`]
+    /// did not, and stops nothing).
+    owner: bool,
 }
 
 pub fn tcpstate() -> Command {
@@ -244,13 +252,34 @@ impl Agent {
     /// unless `extra` sets it: the tests see what packets alone make of the
     /// counts.
     pub fn start(ns: &Netns, extra: &[&str]) -> Agent {
+        Agent::launch(&["--netns", &ns.name], extra)
+    }
+
+    /// `tcpstate run -A`: every namespace of the host.
+    pub fn start_all(extra: &[&str]) -> Agent {
+        Agent::launch(&["--all-namespaces"], extra)
+    }
+
+    /// A handle on the same agent that reads namespace `sel`'s counts.
+    pub fn in_netns(&self, sel: &str) -> Agent {
+        Agent {
+            child: None,
+            socket: self.socket.clone(),
+            select: Some(sel.to_owned()),
+            owner: false,
+        }
+    }
+
+    fn launch(scope: &[&str], extra: &[&str]) -> Agent {
         let mut extra = extra.to_vec();
         if !extra.contains(&"--reconcile-interval") {
             extra.extend(["--reconcile-interval", "0"]);
         }
         let socket = std::env::temp_dir().join(format!("{}.sock", unique("tcpstate-test-")));
         let child = tcpstate()
-            .args(["run", "--quiet", "--netns", &ns.name, "--socket"])
+            .args(["run", "--quiet"])
+            .args(scope)
+            .arg("--socket")
             .arg(&socket)
             .args(extra)
             .stdout(Stdio::null())
@@ -264,6 +293,8 @@ impl Agent {
         let mut agent = Agent {
             child: Some(child),
             socket,
+            select: None,
+            owner: true,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         while agent.try_counts().is_none() {
@@ -286,11 +317,14 @@ impl Agent {
 
     /// `tcpstate count --json` as a user runs it.
     pub fn try_counts(&self) -> Option<StateCounts> {
-        let out = tcpstate()
+        let mut count = tcpstate();
+        count
             .args(["count", "--json", "--socket"])
-            .arg(&self.socket)
-            .output()
-            .ok()?;
+            .arg(&self.socket);
+        if let Some(sel) = &self.select {
+            count.args(["--netns", sel]);
+        }
+        let out = count.output().ok()?;
         if !out.status.success() {
             return None;
         }
@@ -364,6 +398,9 @@ impl Agent {
 
 impl Drop for Agent {
     fn drop(&mut self) {
+        if !self.owner {
+            return;
+        }
         if self.child.is_some() {
             self.stop();
         }

@@ -269,13 +269,14 @@ impl Sampler {
     fn start_with(agent: &Agent, ns: &Netns, gate: Option<Arc<Gate>>) -> Sampler {
         let stop = Arc::new(AtomicBool::new(false));
         let socket = agent.socket.clone();
+        let select = agent.select.clone();
         let netns = File::open(format!("/run/netns/{}", ns.name)).expect("namespace file");
         let flag = Arc::clone(&stop);
         let thread = std::thread::spawn(move || {
             // `ss` started from this thread runs in the namespace, without
             // the mount-namespace work of `ip netns exec` (milliseconds).
             setns(netns.as_fd(), CloneFlags::CLONE_NEWNET).expect("setns");
-            run(&socket, &flag, gate.as_deref())
+            run(&socket, select.as_deref(), &flag, gate.as_deref())
         });
         Sampler {
             stop,
@@ -310,10 +311,14 @@ impl Drop for Sampler {
     }
 }
 
-fn agent_counts(socket: &std::path::Path) -> Option<StateCounts> {
-    tcpstate::client::control::query(socket)
-        .ok()?
-        .state_counts()
+/// The agent's counts: of the namespace `select` names (an agent watching
+/// every namespace), or all of them.
+fn agent_counts(socket: &std::path::Path, select: Option<&str>) -> Option<StateCounts> {
+    let snap = tcpstate::client::control::query(socket).ok()?;
+    match select {
+        Some(sel) => Some(tcpstate::client::count::select(&snap, sel).ok()?.states),
+        None => snap.state_counts(),
+    }
 }
 
 /// `ss -tanH` of the calling thread's namespace, per state.
@@ -367,7 +372,12 @@ impl Tally {
     }
 }
 
-fn run(socket: &std::path::Path, stop: &AtomicBool, gate: Option<&Gate>) -> Samples {
+fn run(
+    socket: &std::path::Path,
+    select: Option<&str>,
+    stop: &AtomicBool,
+    gate: Option<&Gate>,
+) -> Samples {
     let start = Instant::now();
     let mut all = Tally::default();
     let mut quiet = Tally::default();
@@ -383,7 +393,11 @@ fn run(socket: &std::path::Path, stop: &AtomicBool, gate: Option<&Gate>) -> Samp
             }
             _ => None,
         };
-        let read = (agent_counts(socket), ss_here(), agent_counts(socket));
+        let read = (
+            agent_counts(socket, select),
+            ss_here(),
+            agent_counts(socket, select),
+        );
         if let Some((g, _)) = held {
             g.release();
         }

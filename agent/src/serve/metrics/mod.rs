@@ -26,6 +26,7 @@ use prometheus_client::encoding::prometheus_text;
 use crate::serve::reader::Reader;
 
 mod kernel;
+mod netns;
 mod render;
 
 pub use render::{render, state_label};

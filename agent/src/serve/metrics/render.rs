@@ -71,7 +71,7 @@ pub fn render(snap: &Snapshot, format: Format) -> String {
     gauge_family(
         &mut r,
         "connections",
-        "TCP connections of the monitored namespace by state, as ss -tan counts them",
+        "TCP connections by state, as ss -tan counts them: of the monitored namespace, or with --all-namespaces the host's total (the sum of tcpstate_netns_connections)",
         &by_state,
     );
 
@@ -178,8 +178,8 @@ pub fn render(snap: &Snapshot, format: Format) -> String {
     counter(
         &mut r,
         "map_full",
-        "New connections not tracked because the flow map was full",
-        event(snap, "map_full"),
+        "New connections not tracked because the flow map was full (or, with --all-namespaces, their namespace's share of it: see tcpstate_netns_refused)",
+        event(snap, "map_full") + event(snap, "netns_share_full"),
     );
     counter(
         &mut r,
@@ -256,6 +256,7 @@ pub fn render(snap: &Snapshot, format: Format) -> String {
     );
 
     super::kernel::register(&mut r, snap);
+    super::netns::register(&mut r, snap);
 
     gauge_family(
         &mut r,

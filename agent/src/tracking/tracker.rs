@@ -1,6 +1,8 @@
-//! One monitored namespace: the probe attached there, its socket table, the
-//! kernel's timers and signals, and what reconciliation has learnt. The
-//! daemon (`serve::daemon`) drives it; the reader answers counts without it.
+//! One monitored namespace kept exact: its slot in the host's one probe,
+//! its interfaces, its socket table, the kernel's timers and signals as its
+//! sysctls and SNMP counters say, and what reconciliation has learnt. The
+//! host (`host.rs`) holds one per namespace and the probe they share; its
+//! methods get the probe from there.
 
 use std::{sync::Arc, time::Duration};
 
@@ -10,18 +12,18 @@ use tcpstate_common::{Ask, Event, FlowEntry, Side, TcpState};
 use crate::{
     error::{Error, Result},
     kernel::{
-        btf::{Btf, sock_layout},
         clock::KernelClock,
         links::{self, LinkWatch},
         maps::FlowRef,
         netns::NetNs,
-        nsinfo, privileges,
-        probe::{Probe, ProbeOptions},
+        nsinfo,
+        probe::Probe,
         sockdiag::SockDiag,
     },
     snapshot::{PortFilter, Snapshot, StateCounts, by_state, live_counts},
     tracking::{
         breakdown::{Breakdown, local_ends},
+        host::Identity,
         interfaces::{Changes, Interfaces},
         reconcile::Reconciler,
         seed,
@@ -30,22 +32,11 @@ use crate::{
     },
 };
 
-/// What to monitor and how.
-#[derive(Clone, Debug)]
-pub struct Config {
-    pub netns: Option<String>,
-    /// Interfaces to monitor; empty means every interface that is up.
-    pub interfaces: Vec<String>,
-    pub probe: ProbeOptions,
-    /// Ports and peers listed by name in snapshots and metrics; the rest is
-    /// summed as "other".
-    pub top_k: usize,
-}
-
-pub struct Agent {
-    netns: Option<String>,
+pub struct Tracker {
+    /// The namespace's slot in the probe.
+    slot: u32,
+    pub(crate) identity: Identity,
     ns: Arc<NetNs>,
-    probe: Probe,
     diag: SockDiag,
     interfaces: Interfaces,
     timeouts: Timeouts,
@@ -69,6 +60,10 @@ pub struct Agent {
     reports_missed: u64,
     /// Connections by port and by peer, as of the last walk.
     breakdown: Breakdown,
+    /// LISTEN sockets in the socket table at the last walk, and whether the
+    /// probe's count (moved by the kernel's reports) differed from it then.
+    listening: u64,
+    listen_off: Option<i64>,
     /// Entries in the IPv4 and IPv6 flow maps at the last walk.
     flows_in_map: [u64; 2],
     top_k: usize,
@@ -84,55 +79,68 @@ pub struct Agent {
 /// the same moment, time to finish.
 const CLOSE_QUESTION_DELAY: Duration = Duration::from_millis(5);
 
-impl Agent {
-    /// Loads the probe and attaches it in the configured namespace.
-    pub fn start(cfg: &Config) -> Result<Agent> {
-        let ns = match &cfg.netns {
-            Some(name) => NetNs::named(name)?,
-            None => NetNs::current()?,
-        };
+impl Tracker {
+    /// Starts tracking namespace `ns`: gives it a slot in `probe`, attaches
+    /// to its interfaces (`wanted`; empty: all), and seeds what its socket
+    /// table has. `strict`: an interface missing or none up is an error (the
+    /// namespace the user named); else the namespace waits for interfaces.
+    pub fn start(
+        probe: &mut Probe,
+        ns: NetNs,
+        identity: Identity,
+        wanted: Vec<String>,
+        strict: bool,
+        top_k: usize,
+    ) -> Result<Tracker> {
         let ns_label = ns.to_string();
-        let inode = ns.inode();
-        let interfaces = Interfaces::new(cfg.interfaces.clone(), cfg.probe.ingress);
-        let (probe, diag, timeouts) = ns.run(|| {
+        let slot = probe.register_netns(ns.inode())?;
+        let interfaces = Interfaces::new(wanted, slot);
+        let started = ns.run(|| {
             let present = links::interfaces()?;
-            if let Some(iface) = interfaces.missing(&present).pop() {
-                return Err(Error::NoSuchInterface {
-                    iface,
-                    netns: ns_label.clone(),
-                });
+            if strict {
+                if let Some(iface) = interfaces.missing(&present).pop() {
+                    return Err(Error::NoSuchInterface {
+                        iface,
+                        netns: ns_label.clone(),
+                    });
+                }
+                if present.is_empty() {
+                    return Err(Error::NoInterfaces(ns_label.clone()));
+                }
             }
-            if present.is_empty() {
-                return Err(Error::NoInterfaces(ns_label.clone()));
-            }
-            // The kernel's reports need its BTF; without it, packets alone.
-            let layout = Btf::kernel()
-                .and_then(|btf| sock_layout(&btf, inode as u32))
-                .map_err(|e| tracing::warn!("{e}: the kernel's socket reports are not used"))
-                .ok();
-            let mut probe = Probe::load(&cfg.probe, layout)?;
             // Before attaching: the first segments already need to know
             // which endpoints are local.
-            probe.set_local_addresses(&nsinfo::local_addresses()?)?;
-            interfaces.attach_all(&mut probe, &present)?;
+            probe.set_local_addresses(slot, &nsinfo::local_addresses()?)?;
+            interfaces.attach_all(probe, &present)?;
             let mut diag = SockDiag::open()?;
             let clock = KernelClock::from_clocks(|| probe.clocks().ok()).or_else(KernelClock::read);
             let timeouts = Timeouts::from_sysctls(clock, probe.kernel_reports());
             // After attaching: from here on packets are seen, so every
             // connection is either seeded now or tracked from its packets.
-            let seeded = seed::seed(&probe, &mut diag, &timeouts)?;
+            let seeded = seed::seed(probe, slot, &mut diag, &timeouts)?;
+            // The kernel's reports move LISTEN from now on; the table says
+            // where it starts.
+            let listening = diag.listening()?;
+            seed::seed_listening(probe, slot, listening)?;
             tracing::info!(
-                "seeded {} existing connections from the socket table ({} already tracked, {} refused: map full)",
+                "{ns_label}: seeded {} existing connections from the socket table ({} already tracked, {} refused: map full), {listening} listening",
                 seeded.seeded,
                 seeded.already,
                 seeded.map_full
             );
-            Ok((probe, diag, timeouts))
-        })?;
-        Ok(Agent {
-            netns: cfg.netns.clone(),
+            Ok((diag, timeouts, listening))
+        });
+        let (diag, timeouts, listening) = match started {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = probe.forget_netns(slot);
+                return Err(e);
+            }
+        };
+        Ok(Tracker {
+            slot,
+            identity,
             ns: Arc::new(ns),
-            probe,
             diag,
             interfaces,
             timeouts,
@@ -148,17 +156,23 @@ impl Agent {
             reports_missed_seen: 0,
             reports_missed: 0,
             breakdown: Breakdown::default(),
+            listening,
+            listen_off: None,
             flows_in_map: [0; 2],
-            top_k: cfg.top_k,
+            top_k,
             started: std::time::Instant::now(),
         })
     }
 
-    /// Looks at the namespace's interfaces again (link events came):
-    /// attaches to new ones, detaches from those gone.
-    pub fn follow_interfaces(&mut self) -> Result<Changes> {
+    pub fn slot(&self) -> u32 {
+        self.slot
+    }
+
+    /// Looks at the namespace's interfaces again (link events came, or a
+    /// look found it changed): attaches to new ones, detaches from those gone.
+    pub fn follow_interfaces(&mut self, probe: &mut Probe) -> Result<Changes> {
         let ns = Arc::clone(&self.ns);
-        let (interfaces, probe) = (&self.interfaces, &mut self.probe);
+        let interfaces = &self.interfaces;
         ns.run(|| {
             let present = links::interfaces()?;
             Ok(interfaces.sync(probe, &present))
@@ -176,7 +190,8 @@ impl Agent {
     pub fn set_timeouts(&mut self, t: Timeouts) {
         if t.fin_wait2 != self.timeouts.fin_wait2 {
             tracing::info!(
-                "net.ipv4.tcp_fin_timeout is now {:?} (was {:?})",
+                "{}: net.ipv4.tcp_fin_timeout is now {:?} (was {:?})",
+                self.identity,
                 t.fin_wait2,
                 self.timeouts.fin_wait2
             );
@@ -195,33 +210,21 @@ impl Agent {
         &self.timeouts
     }
 
-    /// Questions from the probe: ask about these sockets shortly.
-    pub fn questions(&mut self, asks: impl IntoIterator<Item = Ask>) {
-        for q in asks {
-            let flow = if q.family == 6 {
-                FlowRef::V6(q.key6)
-            } else {
-                FlowRef::V4(q.key4)
-            };
-            let side = if q.side == 0 { Side::A } else { Side::B };
-            let at = q.at_ns + CLOSE_QUESTION_DELAY.as_nanos() as u64;
-            self.timers.question(flow, side, Why::Closed, at);
-        }
+    /// A question from the probe: ask about this socket shortly.
+    pub fn question(&mut self, q: &Ask) {
+        let flow = if q.family == 6 {
+            FlowRef::V6(q.key6)
+        } else {
+            FlowRef::V4(q.key4)
+        };
+        let side = if q.side == 0 { Side::A } else { Side::B };
+        let at = q.at_ns + CLOSE_QUESTION_DELAY.as_nanos() as u64;
+        self.timers.question(flow, side, Why::Closed, at);
     }
 
-    /// A reader of the counts that never waits for this agent's lock.
-    pub fn reader(&mut self) -> Result<crate::serve::reader::Reader> {
-        let diag = self.ns.run(SockDiag::open)?;
-        let first = self.snapshot()?;
-        crate::serve::reader::Reader::new(self.probe.counters_map(), diag, first, self.started)
-    }
-
-    /// Drops every capability, on this thread and (but what attaching to a
-    /// new interface takes) on the namespace thread: from here on the agent
-    /// only uses descriptors it already holds.
-    pub fn drop_privileges(&self) -> Result<()> {
-        self.ns.run(|| privileges::keep_only(&privileges::ATTACH))?;
-        privileges::drop_all()
+    /// A sock_diag socket of the namespace (for a reader).
+    pub fn open_diag(&self) -> Result<SockDiag> {
+        self.ns.run(SockDiag::open)
     }
 
     /// Takes a reading of the [`KernelSignal`]s. When one grows, the
@@ -250,20 +253,24 @@ impl Agent {
         Arc::clone(&self.ns)
     }
 
-    /// Makes `addrs` the addresses the probe takes for local.
-    pub fn set_local_addresses(&mut self, addrs: &[std::net::IpAddr]) -> Result<()> {
-        self.probe.set_local_addresses(addrs)
+    /// Makes `addrs` the addresses the probe takes for local here.
+    pub fn set_local_addresses(
+        &mut self,
+        probe: &mut Probe,
+        addrs: &[std::net::IpAddr],
+    ) -> Result<()> {
+        probe.set_local_addresses(self.slot, addrs)
     }
 
-    /// Since the last call: new connections the full flow map refused,
-    /// questions lost to a full ring, and kernel reports the kernel skipped.
-    /// A lost question or report makes a socket-table check owed: it was
-    /// about a change the packets cannot tell.
-    pub fn losses_since_last(&mut self) -> Result<[u64; 3]> {
-        let events = self.probe.counters()?.events;
-        let full = events[Event::MapFull as usize];
+    /// Since the last call: new connections the full flow map (or the
+    /// namespace's share of it) refused, questions lost to a full ring, and
+    /// kernel reports the kernel skipped. A lost question or report makes a
+    /// socket-table check owed: it was about a change the packets cannot tell.
+    pub fn losses_since_last(&mut self, probe: &Probe, reports_missed: u64) -> Result<[u64; 3]> {
+        let events = probe.counters(self.slot)?.events;
+        let full = events[Event::MapFull as usize] + events[Event::NetnsShareFull as usize];
         let lost = events[Event::AskLost as usize];
-        let missed = self.probe.kernel_reports_missed()?;
+        let missed = reports_missed;
         let grew = [
             full.saturating_sub(self.map_full_seen),
             lost.saturating_sub(self.ask_lost_seen),
@@ -286,16 +293,20 @@ impl Agent {
     }
 
     /// The counts now: states from the probe's counters, LISTEN from the
-    /// socket table (listening sockets send no packets).
-    pub fn snapshot(&mut self) -> Result<Snapshot> {
-        let counters = self.probe.counters()?;
-        let states = live_counts(&counters, self.diag.listening()?);
+    /// socket table (`listening`: read now; `None`: the probe's count, which
+    /// the kernel's reports move).
+    pub fn snapshot(&mut self, probe: &Probe, listening: Option<u64>) -> Result<Snapshot> {
+        let counters = probe.counters(self.slot)?;
+        let states = match listening {
+            Some(n) => live_counts(&counters, n),
+            None => StateCounts::from_slots(&counters.states),
+        };
         let mut snap = Snapshot::new(
-            self.netns.clone(),
-            self.probe.attached(),
+            self.identity.name.clone(),
+            probe.attachments().names_in(self.slot),
             states,
             &counters,
-            self.probe.max_flows()?,
+            probe.max_flows()?,
             self.expired,
         );
         snap.drift = by_state(&self.reconciler.drift);
@@ -305,21 +316,26 @@ impl Agent {
         snap.peers = self.breakdown.top_peers(self.top_k);
         snap.flows_in_map = self.flows_in_map;
         snap.asked = self.asked;
-        snap.kernel_reports = self.probe.kernel_reports();
-        snap.connect_reports = self.probe.connect_reports();
+        snap.kernel_reports = probe.kernel_reports();
+        snap.connect_reports = probe.connect_reports();
         snap.kernel_reports_missed = self.reports_missed;
         snap.uptime_ms = self.started.elapsed().as_millis() as u64;
         Ok(snap)
     }
 
+    /// LISTEN as the socket table has it now.
+    pub fn listening_now(&mut self) -> Result<u64> {
+        self.diag.listening()
+    }
+
     /// Compares with the socket table and fixes confirmed mismatches.
-    pub fn reconcile(&mut self) -> Result<usize> {
-        self.reconciler.check(&self.probe, &mut self.diag)
+    pub fn reconcile(&mut self, probe: &Probe) -> Result<usize> {
+        self.reconciler.check(probe, self.slot, &mut self.diag)
     }
 
     /// A snapshot with the socket table's own counts beside ours.
-    pub fn verify(&mut self) -> Result<Snapshot> {
-        let mut snap = self.snapshot()?;
+    pub fn verify(&mut self, probe: &Probe, listening: Option<u64>) -> Result<Snapshot> {
+        let mut snap = self.snapshot(probe, listening)?;
         let table = self.diag.count(StateFlags::all())?;
         let mut kernel = StateCounts::default();
         for s in TcpState::REPORTED {
@@ -332,7 +348,10 @@ impl Agent {
             TcpState::Listen,
             snap.state_counts().map_or(0, |c| c.get(TcpState::Listen)),
         );
-        for (_, e) in self.probe.flow_entries()? {
+        for (f, e) in probe.flow_entries()? {
+            if f.netns() != self.slot {
+                continue;
+            }
             let w = tcpstate_common::Word(e.word);
             for side in [tcpstate_common::Side::A, tcpstate_common::Side::B] {
                 let s = w.counted(side);
@@ -345,39 +364,67 @@ impl Agent {
         Ok(snap)
     }
 
-    /// Once a second: reads the flow maps once to apply the kernel's timers
-    /// and to break the connections down by port and by peer.
-    pub fn sweep(&mut self) -> Result<()> {
-        // Translations first: each one read now already has its connection's
-        // entry (made in the same moment), so an entry the walk does not find
-        // is really gone.
-        let translations = self.probe.translations()?;
-        let entries = self.probe.flow_entries()?;
+    /// Once a second: with this namespace's entries of one walk of the flow
+    /// maps (and the translations read just before it), applies the kernel's
+    /// timers and breaks the connections down by port and by peer. With
+    /// `listen_counted`, holds the probe's LISTEN count to the table's.
+    pub fn sweep(
+        &mut self,
+        probe: &mut Probe,
+        entries: &[(FlowRef, FlowEntry)],
+        translations: Vec<(FlowRef, FlowRef)>,
+        listen_counted: bool,
+    ) -> Result<()> {
         let mut b = Breakdown::default();
-        for (flow, e) in &entries {
+        for (flow, e) in entries {
             for end in local_ends(flow, tcpstate_common::Word(e.word)) {
                 b.add(&end);
             }
         }
-        self.diag
-            .for_each(StateFlags::LISTEN, |s| b.add_listener(s.local_port))?;
+        let mut listening = 0;
+        self.diag.for_each(StateFlags::LISTEN, |s| {
+            b.add_listener(s.local_port);
+            listening += 1;
+        })?;
         self.breakdown = b;
+        self.listening = listening;
+        if listen_counted {
+            self.hold_listening(probe, listening)?;
+        }
         let v4 = entries
             .iter()
-            .filter(|(f, _)| matches!(f, crate::kernel::maps::FlowRef::V4(_)))
+            .filter(|(f, _)| matches!(f, FlowRef::V4(_)))
             .count() as u64;
         self.flows_in_map = [v4, entries.len() as u64 - v4];
         let stats = self
             .timers
-            .file(&entries, &self.probe, &mut self.diag, &self.timeouts)?;
+            .file(entries, probe, &mut self.diag, &self.timeouts)?;
         self.count(stats);
-        self.forget_translations(translations, &entries)
+        self.forget_translations(probe, translations, entries)
+    }
+
+    /// The probe's LISTEN count against the table's: a difference seen at
+    /// two walks in a row (a report the kernel skipped, a listener made
+    /// while the count was seeded) is corrected; one seen once may be a
+    /// listener opening between the two reads.
+    fn hold_listening(&mut self, probe: &Probe, table: u64) -> Result<()> {
+        let ours = probe.counters(self.slot)?.states[TcpState::Listen as usize];
+        let off = ours - table as i64;
+        if off != 0 && self.listen_off == Some(off) {
+            seed::seed_listening_by(probe, self.slot, -off)?;
+            self.reconciler.corrections[TcpState::Listen as usize] += off.unsigned_abs();
+            self.listen_off = None;
+        } else {
+            self.listen_off = (off != 0).then_some(off);
+        }
+        Ok(())
     }
 
     /// Local NAT: translations whose connection the flow maps no longer
     /// hold (or hold dead) are forgotten.
     fn forget_translations(
         &mut self,
+        probe: &mut Probe,
         translations: Vec<(FlowRef, FlowRef)>,
         entries: &[(FlowRef, FlowEntry)],
     ) -> Result<()> {
@@ -391,7 +438,7 @@ impl Agent {
             .collect();
         for (wire, socket) in translations {
             if !live.contains(&socket) {
-                self.probe.forget_translation(&wire)?;
+                probe.forget_translation(&wire)?;
             }
         }
         Ok(())
@@ -399,9 +446,12 @@ impl Agent {
 
     /// The counts of the connections `filter` selects, read now from the
     /// flow maps (and LISTEN from the socket table): O(connections).
-    pub fn count_filtered(&mut self, filter: &PortFilter) -> Result<StateCounts> {
+    pub fn count_filtered(&mut self, probe: &Probe, filter: &PortFilter) -> Result<StateCounts> {
         let mut c = StateCounts::default();
-        for (flow, e) in self.probe.flow_entries()? {
+        for (flow, e) in probe.flow_entries()? {
+            if flow.netns() != self.slot {
+                continue;
+            }
             for end in local_ends(&flow, tcpstate_common::Word(e.word)) {
                 if filter.matches(end.local_port, end.remote_port) {
                     c.set(end.state, c.get(end.state) + 1);
@@ -419,14 +469,10 @@ impl Agent {
         Ok(c)
     }
 
-    /// Fires the timers filed by the last walk that are due now, and asks
-    /// the questions whose moment has come.
     /// Acts on the timers and questions that are due; returns when the next
     /// one is (CLOCK_MONOTONIC ns).
-    pub fn fire_timers(&mut self) -> Result<Option<u64>> {
-        let stats = self
-            .timers
-            .fire(&self.probe, &mut self.diag, &self.timeouts)?;
+    pub fn fire_timers(&mut self, probe: &Probe) -> Result<Option<u64>> {
+        let stats = self.timers.fire(probe, &mut self.diag, &self.timeouts)?;
         self.count(stats);
         Ok(self.timers.next_ns())
     }
@@ -440,13 +486,5 @@ impl Agent {
         self.expired += stats.expired;
         self.asked[0] += stats.asked;
         self.asked[1] += stats.answered;
-    }
-
-    pub fn probe(&self) -> &Probe {
-        &self.probe
-    }
-
-    pub fn probe_mut(&mut self) -> &mut Probe {
-        &mut self.probe
     }
 }

@@ -1,0 +1,51 @@
+//! Per-namespace series: each monitored namespace's counts, refusals and
+//! drift, labelled by its inode and `ip netns` name. `tcpstate_connections`
+//! is their sum (the host's total); the two names differ so that summing
+//! one never counts the other again.
+
+use prometheus_client::registry::Registry;
+use tcpstate_common::TcpState;
+
+use super::render::{Labels, counter_family, gauge_family, label, state_label};
+use crate::snapshot::Snapshot;
+
+pub(super) fn register(r: &mut Registry, snap: &Snapshot) {
+    let mut conns: Vec<(Labels, i64)> = Vec::new();
+    let mut refused: Vec<(Labels, u64)> = Vec::new();
+    let mut drift: Vec<(Labels, i64)> = Vec::new();
+    for ns in &snap.namespaces {
+        let inode = ns.netns.to_string();
+        let name = ns.name.clone().unwrap_or_default();
+        let id = [("netns", inode.as_str()), ("name", name.as_str())];
+        for s in TcpState::REPORTED {
+            let st = state_label(s);
+            conns.push((
+                label(&[id[0], id[1], ("state", &st)]),
+                ns.states.get(s) as i64,
+            ));
+            if s != TcpState::Listen && s != TcpState::Close {
+                let d = ns.drift.get(s.name()).and_then(|v| v.as_i64()).unwrap_or(0);
+                drift.push((label(&[id[0], id[1], ("state", &st)]), d));
+            }
+        }
+        refused.push((label(&id), ns.refused));
+    }
+    gauge_family(
+        r,
+        "netns_connections",
+        "TCP connections of each monitored network namespace by state, as ss -tan inside it counts them (netns: its inode; name: its ip netns name); their sum is tcpstate_connections",
+        &conns,
+    );
+    counter_family(
+        r,
+        "netns_refused",
+        "New connections of each namespace not tracked: the flow map full, or the namespace's share of it (--max-flows-per-netns) used up",
+        &refused,
+    );
+    gauge_family(
+        r,
+        "netns_drift",
+        "At each namespace's last reconciliation: tcpstate's count minus its socket table's, by state",
+        &drift,
+    );
+}

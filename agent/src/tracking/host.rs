@@ -1,0 +1,370 @@
+//! The host: the one probe (programs, maps, attachments) and one tracker
+//! per monitored namespace. With `run --all-namespaces` it follows every
+//! namespace of the host (`follow.rs`); else the one the user named, or
+//! the agent's own. The daemon drives it under one lock.
+
+use std::{collections::BTreeMap, fmt, sync::Arc};
+
+use tcpstate_common::{Ask, Event};
+
+use crate::{
+    error::Result,
+    kernel::{
+        btf::{Btf, sock_layout},
+        maps::FlowRef,
+        netns::NetNs,
+        privileges,
+        probe::{Probe, ProbeOptions},
+        sockdiag::SockDiag,
+    },
+    snapshot::{NetnsCounts, PortFilter, Snapshot, StateCounts},
+    tracking::tracker::Tracker,
+};
+
+/// Which namespaces the agent watches.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// One: the named `ip netns` namespace, or the agent's own.
+    One(Option<String>),
+    /// Every namespace of the host, as they come and go.
+    All,
+}
+
+/// What to monitor and how.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub scope: Scope,
+    /// Interfaces to monitor; empty means every interface that is up.
+    pub interfaces: Vec<String>,
+    pub probe: ProbeOptions,
+    /// Ports and peers listed by name in snapshots and metrics; the rest is
+    /// summed as "other".
+    pub top_k: usize,
+}
+
+/// How a namespace is named to the user: its inode (as `lsns -t net` and
+/// `readlink /proc/PID/ns/net` show it), its `ip netns` name, a process in
+/// it. Container and pod names will join these.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Identity {
+    pub inode: u64,
+    pub name: Option<String>,
+    pub pid: Option<u32>,
+    pub comm: Option<String>,
+}
+
+impl fmt::Display for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (&self.name, self.pid) {
+            (Some(n), _) => write!(f, "netns {n} ({})", self.inode),
+            (None, Some(pid)) => write!(
+                f,
+                "netns {} (pid {pid} {})",
+                self.inode,
+                self.comm.as_deref().unwrap_or("?")
+            ),
+            (None, None) => write!(f, "netns {}", self.inode),
+        }
+    }
+}
+
+pub struct Host {
+    pub(crate) probe: Probe,
+    pub(crate) trackers: BTreeMap<u32, Tracker>,
+    pub(crate) cfg: Config,
+    /// With [`Scope::All`]: a thread in the agent's own namespace that keeps
+    /// what following new namespaces takes ([`privileges::FOLLOW_ALL`]);
+    /// every namespace is found and entered from it.
+    pub(crate) keeper: Option<NetNs>,
+    /// Kernel reports skipped, at the last look (one count for the host).
+    reports_missed: u64,
+    started: std::time::Instant,
+}
+
+impl Host {
+    /// Loads the probe and starts tracking the configured namespaces.
+    pub fn start(cfg: &Config) -> Result<Host> {
+        // The kernel's reports need its BTF; without it, packets alone.
+        let layout = Btf::kernel()
+            .and_then(|btf| sock_layout(&btf))
+            .map_err(|e| tracing::warn!("{e}: the kernel's socket reports are not used"))
+            .ok();
+        let mut opts = cfg.probe.clone();
+        if let Scope::One(_) = cfg.scope {
+            opts.max_netns = 1;
+        }
+        let probe = Probe::load(&opts, layout)?;
+        let mut host = Host {
+            probe,
+            trackers: BTreeMap::new(),
+            cfg: cfg.clone(),
+            keeper: None,
+            reports_missed: 0,
+            started: std::time::Instant::now(),
+        };
+        match &cfg.scope {
+            Scope::One(name) => {
+                let ns = match name {
+                    Some(n) => NetNs::named(n)?,
+                    None => NetNs::current()?,
+                };
+                let identity = Identity {
+                    inode: ns.inode(),
+                    name: name.clone(),
+                    pid: None,
+                    comm: None,
+                };
+                let t = Tracker::start(
+                    &mut host.probe,
+                    ns,
+                    identity,
+                    cfg.interfaces.clone(),
+                    true,
+                    cfg.top_k,
+                )?;
+                host.trackers.insert(t.slot(), t);
+            }
+            Scope::All => {
+                host.keeper = Some(NetNs::current()?);
+                host.follow_namespaces();
+            }
+        }
+        Ok(host)
+    }
+
+    pub fn probe(&self) -> &Probe {
+        &self.probe
+    }
+
+    pub fn probe_mut(&mut self) -> &mut Probe {
+        &mut self.probe
+    }
+
+    pub fn scope(&self) -> &Scope {
+        &self.cfg.scope
+    }
+
+    pub fn trackers(&self) -> impl Iterator<Item = &Tracker> {
+        self.trackers.values()
+    }
+
+    pub fn trackers_mut(&mut self) -> impl Iterator<Item = &mut Tracker> {
+        self.trackers.values_mut()
+    }
+
+    /// The one tracker of single-namespace mode (the first, in any mode).
+    pub fn first(&mut self) -> Option<&mut Tracker> {
+        self.trackers.values_mut().next()
+    }
+
+    /// LISTEN is the probe's count (moved by the kernel's reports) rather
+    /// than a dump of each namespace's table per read: with every namespace,
+    /// where the kernel reports.
+    pub fn listen_counted(&self) -> bool {
+        self.cfg.scope == Scope::All && self.probe.kernel_reports()
+    }
+
+    /// A reader of the counts that never waits for the host's lock.
+    pub fn reader(&mut self) -> Result<crate::serve::reader::Reader> {
+        // One namespace: LISTEN from its table at every read, as ever.
+        let diag: Option<SockDiag> = match self.cfg.scope {
+            Scope::One(_) => match self.first() {
+                Some(t) => Some(t.open_diag()?),
+                None => None,
+            },
+            Scope::All => None,
+        };
+        let first = self.snapshot()?;
+        crate::serve::reader::Reader::new(self.probe.counters_map(), diag, first, self.started)
+    }
+
+    /// Drops every capability on this thread and on each namespace's
+    /// thread but what attaching to a new interface takes; with every
+    /// namespace, the keeper thread keeps what following them takes.
+    pub fn drop_privileges(&self) -> Result<()> {
+        for t in self.trackers.values() {
+            t.netns()
+                .run(|| privileges::keep_only(&privileges::ATTACH))?;
+        }
+        if let Some(k) = &self.keeper {
+            k.run(|| privileges::keep_only(&privileges::FOLLOW_ALL))?;
+        }
+        privileges::drop_all()
+    }
+
+    /// Questions from the probe, each for its namespace's tracker.
+    pub fn questions(&mut self, asks: impl IntoIterator<Item = Ask>) {
+        for q in asks {
+            let slot = if q.family == 6 {
+                q.key6.netns
+            } else {
+                q.key4.netns
+            };
+            if let Some(t) = self.trackers.get_mut(&slot) {
+                t.question(&q);
+            }
+        }
+    }
+
+    /// Acts on every namespace's due timers; returns when the next is due.
+    pub fn fire_timers(&mut self) -> Result<Option<u64>> {
+        let mut next: Option<u64> = None;
+        for t in self.trackers.values_mut() {
+            match t.fire_timers(&self.probe) {
+                Ok(Some(at)) => next = Some(next.map_or(at, |n| n.min(at))),
+                Ok(None) => {}
+                Err(e) => tracing::warn!("{}: timers: {e}", t.identity),
+            }
+        }
+        Ok(next)
+    }
+
+    pub fn next_timer_ns(&self) -> Option<u64> {
+        self.trackers
+            .values()
+            .filter_map(|t| t.next_timer_ns())
+            .min()
+    }
+
+    /// Once a second: one walk of the flow maps, each namespace given its
+    /// own entries (the keys carry the slot).
+    pub fn sweep(&mut self) -> Result<()> {
+        // Translations first: each one read now already has its connection's
+        // entry (made in the same moment), so an entry the walk does not find
+        // is really gone.
+        let translations = self.probe.translations()?;
+        let entries = self.probe.flow_entries()?;
+        let mut by_slot: BTreeMap<u32, Vec<(FlowRef, tcpstate_common::FlowEntry)>> =
+            BTreeMap::new();
+        for (f, e) in entries {
+            by_slot.entry(f.netns()).or_default().push((f, e));
+        }
+        let mut nat: BTreeMap<u32, Vec<(FlowRef, FlowRef)>> = BTreeMap::new();
+        for (w, s) in translations {
+            nat.entry(w.netns()).or_default().push((w, s));
+        }
+        let counted = self.listen_counted();
+        for (slot, t) in self.trackers.iter_mut() {
+            let mine = by_slot.remove(slot).unwrap_or_default();
+            let tr = nat.remove(slot).unwrap_or_default();
+            if let Err(e) = t.sweep(&mut self.probe, &mine, tr, counted) {
+                tracing::warn!("{}: walk: {e}", t.identity);
+            }
+        }
+        Ok(())
+    }
+
+    /// Since the last look, per namespace: refusals, lost questions, and
+    /// (for the host) kernel reports skipped.
+    pub fn losses_since_last(&mut self) -> Vec<(String, Result<[u64; 3]>)> {
+        let missed = self
+            .probe
+            .kernel_reports_missed()
+            .unwrap_or(self.reports_missed);
+        self.reports_missed = missed;
+        let probe = &self.probe;
+        self.trackers
+            .values_mut()
+            .map(|t| (t.identity.to_string(), t.losses_since_last(probe, missed)))
+            .collect()
+    }
+
+    /// The host's snapshot: every namespace's, and their sum.
+    pub fn snapshot(&mut self) -> Result<Snapshot> {
+        let counted = self.listen_counted();
+        let mut parts = Vec::new();
+        for t in self.trackers.values_mut() {
+            let listening = if counted {
+                None
+            } else {
+                Some(t.listening_now()?)
+            };
+            parts.push((
+                t.identity.clone(),
+                t.slot(),
+                t.snapshot(&self.probe, listening)?,
+            ));
+        }
+        Ok(self.combine(parts))
+    }
+
+    /// One snapshot of many: counts, events and breakdowns summed, and the
+    /// namespaces listed.
+    fn combine(&self, parts: Vec<(Identity, u32, Snapshot)>) -> Snapshot {
+        let mut total: Option<Snapshot> = None;
+        let mut namespaces = Vec::new();
+        for (id, slot, snap) in parts {
+            namespaces.push(NetnsCounts::of(&id, slot, &snap));
+            total = Some(match total {
+                None => snap,
+                Some(t) => t.plus(&snap),
+            });
+        }
+        let mut total = total.unwrap_or_else(|| {
+            Snapshot::new(
+                None,
+                Vec::new(),
+                StateCounts::default(),
+                &tcpstate_common::Counters::default(),
+                self.probe.max_flows().unwrap_or(0),
+                0,
+            )
+        });
+        if self.cfg.scope == Scope::All {
+            total.netns = None;
+            total.all_namespaces = true;
+        }
+        total.namespaces = namespaces;
+        total.uptime_ms = self.started.elapsed().as_millis() as u64;
+        total
+    }
+
+    /// A snapshot with each socket table's own counts beside ours.
+    pub fn verify(&mut self) -> Result<Snapshot> {
+        let counted = self.listen_counted();
+        let mut parts = Vec::new();
+        for t in self.trackers.values_mut() {
+            let listening = if counted {
+                None
+            } else {
+                Some(t.listening_now()?)
+            };
+            parts.push((
+                t.identity.clone(),
+                t.slot(),
+                t.verify(&self.probe, listening)?,
+            ));
+        }
+        Ok(self.combine(parts))
+    }
+
+    /// The counts of the connections `filter` selects, over every namespace.
+    pub fn count_filtered(&mut self, filter: &PortFilter) -> Result<StateCounts> {
+        let mut sum = StateCounts::default();
+        for t in self.trackers.values_mut() {
+            if filter.netns.is_some_and(|i| i != t.identity.inode) {
+                continue;
+            }
+            let c = t.count_filtered(&self.probe, filter)?;
+            for (a, b) in sum.0.iter_mut().zip(c.0) {
+                *a += b;
+            }
+        }
+        Ok(sum)
+    }
+
+    /// Refusals of one namespace (map full and its share used up).
+    pub fn refusals(&self, slot: u32) -> u64 {
+        self.probe.counters(slot).map_or(0, |c| {
+            c.events[Event::MapFull as usize] + c.events[Event::NetnsShareFull as usize]
+        })
+    }
+
+    /// Namespace slots and their handles, for reads outside the lock.
+    pub fn namespaces(&self) -> Vec<(u32, Arc<NetNs>, crate::tracking::timers::Timeouts)> {
+        self.trackers
+            .iter()
+            .map(|(s, t)| (*s, t.netns(), t.timeouts().clone()))
+            .collect()
+    }
+}
