@@ -73,10 +73,14 @@ enum Cmd {
         #[arg(long, default_value = control::DEFAULT_SOCKET)]
         socket: PathBuf,
     },
-    /// Full-screen live view of the running agent (q quits).
+    /// Full-screen live view of the running agent (q quits; with -A, n
+    /// focuses the next namespace, a all of them).
     Top {
         #[arg(long, default_value = control::DEFAULT_SOCKET)]
         socket: PathBuf,
+        /// Focus one namespace at first (as `count --netns`).
+        #[arg(long, value_name = "SEL")]
+        netns: Option<String>,
         /// Seconds between refreshes.
         #[arg(long, default_value_t = 1.0, value_name = "S")]
         interval: f64,
@@ -193,9 +197,13 @@ fn main() -> ExitCode {
                 Err(e) => client_error(&e),
             }
         }
-        Cmd::Top { socket, interval } => {
+        Cmd::Top {
+            socket,
+            netns,
+            interval,
+        } => {
             logging(None);
-            match view::run(&socket, seconds(interval), None) {
+            match view::run(&socket, seconds(interval), None, netns.as_deref()) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => client_error(&e),
             }

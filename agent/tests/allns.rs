@@ -17,7 +17,7 @@ use support::{
     hosts::{Bridge, host_ss, inode_of, link_exists, refs_to},
     require_root,
     sampler::Sampler,
-    sh, table, tcpstate,
+    sh, table, tcpstate, thread_caps,
 };
 use tcpstate::snapshot::StateCounts;
 use tcpstate_common::TcpState;
@@ -149,6 +149,8 @@ fn containers_behind_a_bridge_each_count_their_own() {
             host_ss,
         );
         assert!(t.get(TcpState::Established) >= 16, "host: {t:?}");
+        // Held a while (the sampler reads on), then all closed at once.
+        sleep(Duration::from_secs(2));
         drop(keep);
         drop(listeners);
         drop(v6);
@@ -160,6 +162,8 @@ fn containers_behind_a_bridge_each_count_their_own() {
                 || c.ns.ss_counts(),
             );
         }
+        // TIME_WAIT of the closed ones, still sampled.
+        sleep(Duration::from_secs(1));
     });
     samples.assert_exact(&format!("{} while the containers talked", watched.ns.name));
     // The total is the sum of the namespaces, and every container is listed once.
@@ -562,4 +566,47 @@ fn count_names_namespaces_as_scripts_expect() {
                 == [inode.to_string().as_str(), ns.name.as_str(), "1"]),
         "{text}"
     );
+}
+
+/// The effective set of these capabilities, as /proc prints it.
+fn mask(bits: &[u32]) -> String {
+    format!("{:016x}", bits.iter().fold(0u64, |m, b| m | 1 << b))
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn one_thread_keeps_what_following_namespaces_takes() {
+    require_root();
+    let agent = Agent::start_all(&[]);
+    // CAP_NET_ADMIN 12, CAP_BPF 39; and CAP_DAC_READ_SEARCH 2, CAP_SYS_PTRACE
+    // 19, CAP_SYS_ADMIN 21, CAP_PERFMON 38.
+    let attach = mask(&[12, 39]);
+    let follow = mask(&[2, 12, 19, 21, 38, 39]);
+    let check = |when: &str| {
+        let caps = thread_caps(agent.pid());
+        for (task, name, eff) in &caps {
+            let want = match name.as_str() {
+                "tcpstate-keeper" => &follow,
+                "tcpstate-netns" => &attach,
+                _ => "0000000000000000",
+            };
+            assert_eq!(eff, want, "{task} ({name}) {when}");
+        }
+        let keepers = caps
+            .iter()
+            .filter(|(_, n, _)| n == "tcpstate-keeper")
+            .count();
+        assert_eq!(keepers, 1, "one keeper thread {when}: {caps:?}");
+    };
+    check("once started");
+    // A namespace made now is still entered, attached and counted.
+    let ns = Netns::new("tsk");
+    let _l = ns.listen("127.0.0.1:7500");
+    settle(
+        "a namespace made after the privileges were dropped",
+        Duration::from_secs(3),
+        || agent.in_netns(&ns.name).try_counts(),
+        || ns.ss_counts(),
+    );
+    check("with a namespace started later");
 }

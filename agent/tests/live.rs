@@ -16,7 +16,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use support::{Agent, Netns, VethPair, require_root, sockaddr, tcpstate};
+use support::{Agent, Netns, VethPair, require_root, sockaddr, tcpstate, thread_caps};
 use tcpstate::snapshot::StateCounts;
 use tcpstate_common::TcpState;
 
@@ -585,26 +585,6 @@ fn run_with_top_opens_the_view_and_q_stops_the_agent() {
         "the agent stopped and removed its socket"
     );
     let _ = std::fs::remove_file(socket.with_extension("log"));
-}
-
-/// The effective capability sets of every thread of `pid`, as the kernel
-/// reports them in /proc.
-fn thread_caps(pid: u32) -> Vec<(String, String, String)> {
-    let mut out = Vec::new();
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-        let task = task.unwrap().path();
-        let status = std::fs::read_to_string(task.join("status")).unwrap();
-        let field = |name: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .unwrap()
-                .trim()
-                .to_owned()
-        };
-        out.push((task.display().to_string(), field("Name:"), field("CapEff:")));
-    }
-    out
 }
 
 /// CAP_NET_ADMIN (12) and CAP_BPF (39): what attaching the loaded programs

@@ -165,7 +165,8 @@ fn ensure_bpf_linker(sysroot: &Path) -> Result<PathBuf> {
 /// Debian packages the tests drive: `ss` and `ip`, `nft` to lose packets on
 /// purpose, `tmux` to drive the live view as a person would, `promtool` and a
 /// Prometheus server to check and scrape the metrics, `iperf3` for the
-/// throughput benchmark.
+/// throughput benchmark, Docker for the containers test (installed, never
+/// started as a service: the test runs a private daemon).
 fn ensure_packages() -> Result<()> {
     let wanted = [
         ("ss", "iproute2"),
@@ -175,6 +176,11 @@ fn ensure_packages() -> Result<()> {
         ("promtool", "prometheus"),
         ("prometheus", "prometheus"),
         ("iperf3", "iperf3"),
+        // A real container runtime under `run --all-namespaces`, and the
+        // static busybox its test image is made of (no registry here).
+        ("dockerd", "docker.io"),
+        ("busybox", "busybox-static"),
+        ("iptables-save", "iptables"),
     ];
     let mut missing: Vec<&str> = wanted
         .iter()

@@ -43,6 +43,13 @@ impl NetNs {
         NetNs::start(None, None)
     }
 
+    /// A thread of the agent's own namespace whose jobs are following the
+    /// host's namespaces (`run -A`: it keeps what that takes), named
+    /// `tcpstate-keeper` so that /proc tells it from the namespaces' threads.
+    pub fn keeper() -> Result<NetNs> {
+        NetNs::start_as("tcpstate-keeper", None, None)
+    }
+
     /// A namespace made by `ip netns add NAME` (bound at /run/netns/NAME).
     pub fn named(name: &str) -> Result<NetNs> {
         if name.is_empty() || name.contains('/') {
@@ -67,12 +74,16 @@ impl NetNs {
     }
 
     fn start(name: Option<String>, file: Option<File>) -> Result<NetNs> {
+        NetNs::start_as("tcpstate-netns", name, file)
+    }
+
+    fn start_as(thread: &str, name: Option<String>, file: Option<File>) -> Result<NetNs> {
         let unnamed_other = name.is_none() && file.is_some();
         let label = display(name.as_deref());
         let (jobs, inbox) = std::sync::mpsc::channel::<Job>();
         let (ready, entered) = std::sync::mpsc::channel();
         let thread = std::thread::Builder::new()
-            .name("tcpstate-netns".into())
+            .name(thread.into())
             .spawn(move || {
                 let joined = match &file {
                     Some(f) => setns(f, CloneFlags::CLONE_NEWNET),

@@ -188,7 +188,7 @@ impl Probe {
             jumps.set(0, fd, 0)?;
             slow.push(jumps);
         }
-        fill_entry_tables(&mut ebpf)?;
+        crate::kernel::slots::fill_entry_tables(&mut ebpf)?;
         let mut connect_reports = false;
         if kernel_events != 0 {
             let tp: &mut RawTracePoint = program(&mut ebpf, KERNEL_PROGRAM)?.try_into()?;
@@ -403,39 +403,6 @@ impl Probe {
         };
         Ok(res)
     }
-}
-
-/// Fills the entry tables with the shared packet programs. They stay in
-/// the probe's maps (the namespaces' entry programs refer to them by
-/// descriptor), which keep their programs while the probe is loaded.
-fn fill_entry_tables(ebpf: &mut Ebpf) -> Result<()> {
-    use tcpstate_common::netns::entry;
-    let tables: [(&str, &[(u32, &str)]); 2] = [
-        (
-            "ENTRY_TC",
-            &[
-                (entry::TC_EGRESS, TC_PROGRAM),
-                (entry::TC_INGRESS, TC_IN_PROGRAM),
-            ],
-        ),
-        ("ENTRY_XDP", &[(entry::XDP, XDP_PROGRAM)]),
-    ];
-    for (table, progs) in tables {
-        for (index, name) in progs {
-            let fd = ebpf
-                .program(name)
-                .unwrap_or_else(|| panic!("the probe defines {name}"))
-                .fd()?
-                .try_clone()
-                .map_err(|e| Error::io("duplicating a program descriptor", e))?;
-            let mut jumps = ProgramArray::try_from(
-                ebpf.map_mut(table)
-                    .unwrap_or_else(|| panic!("the probe defines {table}")),
-            )?;
-            jumps.set(*index, &fd, 0)?;
-        }
-    }
-    Ok(())
 }
 
 pub(crate) fn program<'a>(

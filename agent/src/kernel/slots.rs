@@ -21,7 +21,7 @@ use crate::{
     error::{Error, Result},
     kernel::{
         entry::{self, Hook},
-        probe::{Ingress, Probe},
+        probe::{Ingress, Probe, TC_IN_PROGRAM, TC_PROGRAM, XDP_PROGRAM},
     },
 };
 
@@ -176,6 +176,39 @@ impl Probe {
         flows.set(slot, 0, 0)?;
         Ok(())
     }
+}
+
+/// Fills the entry tables with the shared packet programs. They stay in
+/// the probe's maps (the namespaces' entry programs refer to them by
+/// descriptor), which keep their programs while the probe is loaded.
+pub(crate) fn fill_entry_tables(ebpf: &mut aya::Ebpf) -> Result<()> {
+    use tcpstate_common::netns::entry;
+    let tables: [(&str, &[(u32, &str)]); 2] = [
+        (
+            "ENTRY_TC",
+            &[
+                (entry::TC_EGRESS, TC_PROGRAM),
+                (entry::TC_INGRESS, TC_IN_PROGRAM),
+            ],
+        ),
+        ("ENTRY_XDP", &[(entry::XDP, XDP_PROGRAM)]),
+    ];
+    for (table, progs) in tables {
+        for (index, name) in progs {
+            let fd = ebpf
+                .program(name)
+                .unwrap_or_else(|| panic!("the probe defines {name}"))
+                .fd()?
+                .try_clone()
+                .map_err(|e| Error::io("duplicating a program descriptor", e))?;
+            let mut jumps = aya::maps::ProgramArray::try_from(
+                ebpf.map_mut(table)
+                    .unwrap_or_else(|| panic!("the probe defines {table}")),
+            )?;
+            jumps.set(*index, &fd, 0)?;
+        }
+    }
+    Ok(())
 }
 
 fn remove_where<K: aya::Pod, V: aya::Pod>(

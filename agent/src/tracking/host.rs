@@ -125,7 +125,7 @@ impl Host {
                 host.trackers.insert(t.slot(), t);
             }
             Scope::All => {
-                host.keeper = Some(NetNs::current()?);
+                host.keeper = Some(NetNs::keeper()?);
                 host.follow_namespaces();
             }
         }

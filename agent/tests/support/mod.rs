@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod crafted;
+pub mod docker;
 pub mod frames;
 pub mod hosts;
 pub mod sampler;
@@ -134,8 +135,17 @@ impl Netns {
 
     /// `ss -tan` with a filter expression, e.g. `["sport", "=", ":443"]`.
     pub fn ss_counts_where(&self, filter: &[&str]) -> StateCounts {
+        Netns::ss_of(&self.name, filter)
+    }
+
+    /// `ss -tan` counted per state in the namespace `ip netns` calls `name`.
+    pub fn ss_counts_of(name: &str) -> StateCounts {
+        Netns::ss_of(name, &[])
+    }
+
+    fn ss_of(name: &str, filter: &[&str]) -> StateCounts {
         let out = Command::new("ip")
-            .args(["netns", "exec", &self.name, "ss", "-tanH"])
+            .args(["netns", "exec", name, "ss", "-tanH"])
             .args(filter)
             .output()
             .expect("ss");
@@ -506,4 +516,24 @@ pub fn connect_nonblocking(ns: &Netns, to: SocketAddr) -> std::os::fd::OwnedFd {
             Err(e) => panic!("connect: {e}"),
         }
     })
+}
+
+/// The effective capability sets of every thread of `pid`, as the kernel
+/// reports them in /proc.
+pub fn thread_caps(pid: u32) -> Vec<(String, String, String)> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let task = task.unwrap().path();
+        let status = std::fs::read_to_string(task.join("status")).unwrap();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .unwrap()
+                .trim()
+                .to_owned()
+        };
+        out.push((task.display().to_string(), field("Name:"), field("CapEff:")));
+    }
+    out
 }

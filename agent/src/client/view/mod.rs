@@ -1,8 +1,11 @@
 //! `tcpstate top`: a full-screen live view of the running agent. A client of
 //! the control socket like `count` and `watch`: it asks for a snapshot every
 //! interval, keeps the history in a [`Live`], and draws it with
-//! [`render::draw`]. `q`, Esc or Ctrl-C quit and restore the terminal.
+//! [`render::draw`]. `q`, Esc or Ctrl-C quit and restore the terminal; with
+//! every namespace watched, `n` focuses the next namespace and `a` all
+//! ([`focus`]).
 
+pub mod focus;
 pub mod render;
 
 use std::{
@@ -23,8 +26,14 @@ use crate::{
 /// Sparkline history: ten minutes at one refresh a second.
 const HISTORY: usize = 600;
 
-/// The view of the agent answering at `socket`, until the user quits.
-pub fn run(socket: &Path, interval: Duration, log: Option<&Path>) -> Result<()> {
+/// The view of the agent answering at `socket`, until the user quits;
+/// `netns`: the namespace to focus at first (`top --netns SEL`).
+pub fn run(
+    socket: &Path,
+    interval: Duration,
+    log: Option<&Path>,
+    netns: Option<&str>,
+) -> Result<()> {
     if !std::io::stdout().is_terminal() {
         return Err(Error::io(
             "starting the live view",
@@ -33,9 +42,42 @@ pub fn run(socket: &Path, interval: Duration, log: Option<&Path>) -> Result<()> 
     }
     // Fail before taking the screen when no agent answers.
     let first = control::query(socket)?;
-    let mut live = Live::new(HISTORY);
-    live.update(first);
-    show(socket, interval, log, &mut live, None)
+    let focus = match netns {
+        Some(sel) => {
+            Some(focus::resolve(&first, sel).ok_or_else(|| Error::UnknownNetns(sel.to_owned()))?)
+        }
+        None => None,
+    };
+    let mut view = View {
+        live: Live::new(HISTORY),
+        focus,
+    };
+    view.take(first);
+    show(socket, interval, log, &mut view, None)
+}
+
+/// What is on screen: the history of what is focused, and the focus.
+struct View {
+    live: Live,
+    /// The namespace shown (its inode); `None`: all of them.
+    focus: Option<u64>,
+}
+
+impl View {
+    /// A new snapshot, as the focus shows it; the problem to show, if any.
+    fn take(&mut self, snap: crate::snapshot::Snapshot) -> Option<String> {
+        let (s, problem) = focus::apply(snap, self.focus);
+        self.live.update(s);
+        problem
+    }
+
+    /// Shows `focus` from now on: a history of its own.
+    fn refocus(&mut self, focus: Option<u64>) {
+        if focus != self.focus {
+            self.focus = focus;
+            self.live = Live::new(HISTORY);
+        }
+    }
 }
 
 /// The view of an agent starting in this process (`run --top`): waits for its
@@ -46,25 +88,30 @@ pub fn run_in_process(
     log: Option<&Path>,
     agent_done: Receiver<()>,
 ) -> Result<()> {
-    let mut live = Live::new(HISTORY);
-    show(socket, interval, log, &mut live, Some(agent_done))
+    let mut view = View {
+        live: Live::new(HISTORY),
+        focus: None,
+    };
+    show(socket, interval, log, &mut view, Some(agent_done))
 }
 
 fn show(
     socket: &Path,
     interval: Duration,
     log: Option<&Path>,
-    live: &mut Live,
+    view: &mut View,
     agent_done: Option<Receiver<()>>,
 ) -> Result<()> {
     let mut terminal = ratatui::init();
+    // The agent's last answer, unfocused (a key refocuses it at once).
+    let mut latest: Option<crate::snapshot::Snapshot> = None;
     let mut status = Status {
         problem: None,
         log: log.map(|l| l.display().to_string()),
         interval_s: interval.as_secs_f64(),
     };
     let mut next = Instant::now()
-        + if live.last.is_some() {
+        + if view.live.last.is_some() {
             interval
         } else {
             Duration::ZERO
@@ -83,16 +130,16 @@ fn show(
             }
             match control::query(socket) {
                 Ok(s) => {
-                    live.update(s);
-                    status.problem = None;
+                    latest = Some(s.clone());
+                    status.problem = view.take(s);
                 }
-                Err(Error::NoAgent(_)) if live.last.is_none() => {
+                Err(Error::NoAgent(_)) if view.live.last.is_none() => {
                     status.problem = Some("starting the agent...".into());
                 }
                 Err(e) => status.problem = Some(format!("{e}")),
             }
         }
-        if let Err(e) = terminal.draw(|f| render::draw(f, live, &status)) {
+        if let Err(e) = terminal.draw(|f| render::draw(f, &view.live, &status)) {
             break Err(Error::io("drawing the view", e));
         }
         let wait = next
@@ -105,6 +152,15 @@ fn show(
                         k.code == KeyCode::Char('c') && k.modifiers.contains(KeyModifiers::CONTROL);
                     if ctrl_c || matches!(k.code, KeyCode::Char('q') | KeyCode::Esc) {
                         break Ok(());
+                    }
+                    let focus = match (k.code, &latest) {
+                        (KeyCode::Char('n'), Some(s)) => Some(focus::next(s, view.focus)),
+                        (KeyCode::Char('a'), _) => Some(None),
+                        _ => None,
+                    };
+                    if let (Some(f), Some(s)) = (focus, latest.clone()) {
+                        view.refocus(f);
+                        status.problem = view.take(s);
                     }
                 }
                 Ok(_) => {}

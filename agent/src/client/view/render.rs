@@ -59,12 +59,21 @@ pub fn draw(frame: &mut Frame, live: &Live, status: &Status) {
         (" Top local ports (* listening) ", "PORT", 6),
         snap.map_or(&[][..], |s| &s.ports),
     );
-    draw_top(
-        frame,
-        peers,
-        (" Top remote peers ", "PEER", 15),
-        snap.map_or(&[][..], |s| &s.peers),
-    );
+    // With every namespace watched, the namespaces take the peers' place.
+    match snap.filter(|s| s.all_namespaces) {
+        Some(s) => draw_top(
+            frame,
+            peers,
+            (" Top namespaces (n: focus, a: all) ", "NETNS", 10),
+            &super::focus::rows(s),
+        ),
+        None => draw_top(
+            frame,
+            peers,
+            (" Top remote peers ", "PEER", 15),
+            snap.map_or(&[][..], |s| &s.peers),
+        ),
+    }
     frame.render_widget(Paragraph::new(health_line(live)), health);
 }
 
@@ -422,6 +431,43 @@ mod tests {
             lines[23].trim_end(),
             "probe: 300 pkt/s  parse errors 0  map 160+2 (0.1%)  map full 0  drift 0"
         );
+    }
+
+    #[test]
+    fn with_every_namespace_the_namespaces_take_the_peers_place() {
+        let mut snap = snapshot(1000, 41, 100);
+        snap.all_namespaces = true;
+        let ns = |inode: u64, name: Option<&str>, est: u64| {
+            let mut states = StateCounts::default();
+            states.set(TcpState::Established, est);
+            crate::snapshot::NetnsCounts {
+                netns: inode,
+                name: name.map(str::to_owned),
+                pid: Some(7),
+                comm: Some("sleep".into()),
+                states,
+                refused: 0,
+                drift: Default::default(),
+                slot: 0,
+            }
+        };
+        snap.namespaces = vec![ns(4026531840, None, 2), ns(4026532281, Some("blue"), 39)];
+        let mut live = Live::new(600);
+        live.update(snap);
+        let lines = screen(&live, &Status::default(), 80, 24);
+        let text = lines.join("\n");
+        assert!(text.contains("Top namespaces"), "{text}");
+        assert!(!text.contains("Top remote peers"), "{text}");
+        let blue = lines
+            .iter()
+            .position(|l| l.contains("blue"))
+            .expect("blue listed");
+        let host = lines
+            .iter()
+            .position(|l| l.contains("4026531840"))
+            .expect("host listed");
+        assert!(blue < host, "most connections first:\n{text}");
+        assert!(lines[blue].contains("39"), "{}", lines[blue]);
     }
 
     #[test]

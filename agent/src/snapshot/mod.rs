@@ -1,6 +1,9 @@
 //! What the agent reports: the eleven state counts and the probe's events,
 //! and how `tcpstate count` prints them.
 
+mod netns;
+
+pub use netns::{NetnsCounts, Selector};
 use serde::{Deserialize, Serialize};
 use tcpstate_common::{Counters, Event, TcpState};
 
@@ -216,93 +219,6 @@ pub struct Snapshot {
     /// one namespace).
     #[serde(default)]
     pub namespaces: Vec<NetnsCounts>,
-}
-
-/// One namespace's counts, and how to name it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NetnsCounts {
-    /// Its inode number (`lsns -t net`, `readlink /proc/PID/ns/net`).
-    pub netns: u64,
-    /// Its `ip netns` name.
-    pub name: Option<String>,
-    /// One process in it, and that process's comm.
-    pub pid: Option<u32>,
-    #[serde(default)]
-    pub comm: Option<String>,
-    pub states: StateCounts,
-    /// New connections not tracked: flow map full, or the namespace's share
-    /// of it used up.
-    #[serde(default)]
-    pub refused: u64,
-    /// At the last reconciliation: tcpstate's count minus the socket
-    /// table's, per state.
-    #[serde(default)]
-    pub drift: serde_json::Map<String, serde_json::Value>,
-    /// The probe's slot for it (internal; the reader's key).
-    #[serde(default)]
-    pub slot: u32,
-}
-
-impl NetnsCounts {
-    pub fn of(id: &crate::tracking::host::Identity, slot: u32, snap: &Snapshot) -> NetnsCounts {
-        let event = |e: Event| {
-            snap.events
-                .get(e.name())
-                .and_then(|v| v.as_u64())
-                .unwrap_or(0)
-        };
-        NetnsCounts {
-            netns: id.inode,
-            name: id.name.clone(),
-            pid: id.pid,
-            comm: id.comm.clone(),
-            states: snap.state_counts().unwrap_or_default(),
-            refused: event(Event::MapFull) + event(Event::NetnsShareFull),
-            drift: snap.drift.clone(),
-            slot,
-        }
-    }
-
-    /// Whether `sel` names this namespace: its `ip netns` name, its inode
-    /// number, or `pid:PID` of a process in it (as the reader's `in_ns`
-    /// says).
-    pub fn selected_by(&self, sel: &Selector) -> bool {
-        match sel {
-            Selector::Inode(i) => self.netns == *i,
-            Selector::Name(n) => self.name.as_deref() == Some(n.as_str()),
-            Selector::Pid(_, inode) => *inode == Some(self.netns),
-        }
-    }
-}
-
-/// How `count --netns SEL` names a namespace.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Selector {
-    Name(String),
-    Inode(u64),
-    /// `pid:PID`, with the inode of that process's namespace where it was
-    /// readable.
-    Pid(u32, Option<u64>),
-}
-
-impl Selector {
-    pub fn parse(s: &str) -> Selector {
-        if let Some(pid) = s.strip_prefix("pid:").and_then(|p| p.parse::<u32>().ok()) {
-            let inode = std::fs::read_link(format!("/proc/{pid}/ns/net"))
-                .ok()
-                .and_then(|t| crate::kernel::discover::net_inode(t.to_str()?));
-            return Selector::Pid(pid, inode);
-        }
-        if let Ok(i) = s
-            .strip_prefix("net:[")
-            .and_then(|r| r.strip_suffix(']'))
-            .unwrap_or(s)
-            .parse::<u64>()
-        {
-            return Selector::Inode(i);
-        }
-        Selector::Name(s.to_owned())
-    }
 }
 
 impl Snapshot {

@@ -1,0 +1,252 @@
+//! `cargo xtask bench`: many network namespaces under one `run -A` agent.
+//! [`COUNT`] namespaces (`TCPSTATE_BENCH_NETNS` sets another number), each
+//! with a veth whose other end is in the bench's namespace and a listener
+//! with a few connections on loopback. Reports, in one run: the time from
+//! the agent's start until every namespace is listed, the agent's resident
+//! memory and CPU share while all sits idle, the latency of `tcpstate count`
+//! and `count --by-netns`, against a shell loop running `ip netns exec NS ss
+//! -tan` in each namespace; and checks a sample of namespaces against their
+//! ss. Writes target/bench/namespaces.json.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::{
+    io::Write,
+    net::{TcpListener, TcpStream},
+    os::fd::AsFd,
+    path::PathBuf,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde_json::json;
+use support::{Agent, memory_kb, tcpstate, unique};
+
+const COUNT: usize = 500;
+
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    ticks as f64 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// The namespaces, removed on drop (with their veths).
+struct Spaces(Vec<String>);
+
+impl Drop for Spaces {
+    fn drop(&mut self) {
+        let mut batch = String::new();
+        for n in &self.0 {
+            batch += &format!("netns del {n}\n");
+        }
+        ip_batch(&batch, true);
+    }
+}
+
+fn ip_batch(cmds: &str, force: bool) {
+    let mut ip = Command::new("ip");
+    if force {
+        ip.arg("-force");
+    }
+    let mut child = ip
+        .args(["-batch", "-"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("ip");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(cmds.as_bytes())
+        .unwrap();
+    let st = child.wait().unwrap();
+    assert!(force || st.success(), "ip -batch failed");
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn timed(f: impl Fn()) -> f64 {
+    let t = Instant::now();
+    f();
+    t.elapsed().as_secs_f64() * 1000.0
+}
+
+fn main() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "the benchmark makes namespaces: run `cargo xtask bench` as root"
+    );
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let n: usize = std::env::var("TCPSTATE_BENCH_NETNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(COUNT);
+    let tag = unique("tsb");
+    let names: Vec<String> = (0..n).map(|i| format!("{tag}n{i}")).collect();
+    let spaces = Spaces(names.clone());
+    let mut batch = String::new();
+    for (i, ns) in names.iter().enumerate() {
+        batch += &format!("netns add {ns}\n");
+        batch += &format!(
+            "link add {tag}h{i} type veth peer name eth0 netns {ns}\nlink set {tag}h{i} up\n"
+        );
+        batch += &format!("-n {ns} link set lo up\n-n {ns} link set eth0 up\n");
+    }
+    let t = Instant::now();
+    ip_batch(&batch, false);
+    eprintln!("{n} namespaces with a veth each made in {:?}", t.elapsed());
+    // A listener and one to three connections on loopback in each.
+    let limit = libc::rlimit {
+        rlim_cur: 20_000,
+        rlim_max: 20_000,
+    };
+    // SAFETY: a plain struct for the call; raising our own descriptor limit.
+    let _ = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) };
+    let mut keep: Vec<(TcpListener, Vec<(TcpStream, TcpStream)>)> = Vec::new();
+    for (i, ns) in names.iter().enumerate() {
+        let file = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
+        let held = std::thread::scope(|s| {
+            s.spawn(|| {
+                nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+                let l = TcpListener::bind("127.0.0.1:7000").unwrap();
+                let conns = (0..(i % 3 + 1))
+                    .map(|_| {
+                        let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+                        (c, l.accept().unwrap().0)
+                    })
+                    .collect::<Vec<_>>();
+                (l, conns)
+            })
+            .join()
+            .unwrap()
+        });
+        keep.push(held);
+    }
+    let conns: usize = keep.iter().map(|(_, c)| c.len()).sum();
+
+    let started = Instant::now();
+    let agent = Agent::start_all(&["--reconcile-interval", "10"]);
+    let answered = started.elapsed();
+    let listed = |agent: &Agent| -> usize {
+        let out = tcpstate()
+            .args(["count", "--by-netns", "--json", "--socket"])
+            .arg(&agent.socket)
+            .output()
+            .unwrap();
+        let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        rows.as_array().map_or(0, |r| {
+            r.iter()
+                .filter(|r| r["name"].as_str().is_some_and(|s| s.starts_with(&tag)))
+                .count()
+        })
+    };
+    while listed(&agent) < n {
+        assert!(
+            started.elapsed() < Duration::from_secs(600),
+            "not all namespaces monitored in 10 minutes"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let all_monitored = started.elapsed();
+    eprintln!(
+        "agent answered after {answered:?}, all {n} namespaces listed after {all_monitored:?}"
+    );
+    // A sample of namespaces against their ss.
+    for ns in names.iter().step_by((n / 10).max(1)) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let ours = agent.in_netns(ns).try_counts();
+            let truth = support::Netns::ss_counts_of(ns);
+            if ours == Some(truth) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{ns}: {ours:?} vs ss {truth:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    // Idle: what the agent costs with everything in place.
+    std::thread::sleep(Duration::from_secs(3));
+    let pid = agent.pid();
+    let (cpu0, t0) = (cpu_seconds(pid), Instant::now());
+    std::thread::sleep(Duration::from_secs(20));
+    let cpu_share = (cpu_seconds(pid) - cpu0) / t0.elapsed().as_secs_f64();
+    let rss_mib = memory_kb(pid, "VmRSS") as f64 / 1024.0;
+    let count_ms = median(
+        (0..15)
+            .map(|_| timed(|| assert!(agent.try_counts().is_some())))
+            .collect(),
+    );
+    let by_netns_ms = median(
+        (0..15)
+            .map(|_| timed(|| assert!(listed(&agent) == n)))
+            .collect(),
+    );
+    let ss_loop_ms = median(
+        (0..3)
+            .map(|_| {
+                timed(|| {
+                    let script = format!(
+                        "for ns in $(ip netns list | grep -o '^{tag}n[0-9]*'); do ip netns exec $ns ss -tan >/dev/null; done"
+                    );
+                    assert!(Command::new("sh").args(["-c", &script]).status().unwrap().success());
+                })
+            })
+            .collect(),
+    );
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
+        .unwrap_or_default();
+    println!("CPU: {cpu}");
+    println!("{n} namespaces (a veth each, {conns} connections on loopback), one `run -A` agent");
+    println!(
+        "agent answering                 {:>9.2} s",
+        answered.as_secs_f64()
+    );
+    println!(
+        "all namespaces monitored        {:>9.2} s",
+        all_monitored.as_secs_f64()
+    );
+    println!("agent RSS, idle                 {rss_mib:>9.1} MiB");
+    println!(
+        "agent CPU, idle (20 s)          {:>9.1} % of one CPU",
+        cpu_share * 100.0
+    );
+    println!("tcpstate count                  {count_ms:>9.1} ms");
+    println!("tcpstate count --by-netns       {by_netns_ms:>9.1} ms");
+    println!(
+        "ip netns exec NS ss -tan, each  {ss_loop_ms:>9.1} ms  ({:.0}x count --by-netns)",
+        ss_loop_ms / by_netns_ms
+    );
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = json!({
+        "cpu": cpu, "namespaces": n, "connections": conns,
+        "answering_s": answered.as_secs_f64(), "all_monitored_s": all_monitored.as_secs_f64(),
+        "rss_mib": rss_mib, "idle_cpu_share": cpu_share,
+        "count_ms": count_ms, "count_by_netns_ms": by_netns_ms, "ss_loop_ms": ss_loop_ms,
+    });
+    std::fs::write(
+        dir.join("namespaces.json"),
+        serde_json::to_string_pretty(&out).unwrap(),
+    )
+    .unwrap();
+    println!("wrote target/bench/namespaces.json");
+    drop(agent);
+    drop(keep);
+    drop(spaces);
+}

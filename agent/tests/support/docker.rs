@@ -1,0 +1,186 @@
+//! A private Docker daemon for the tests: its own socket, data and exec
+//! roots and bridge, started with `--iptables=false --ip-forward=false` so
+//! it leaves the host's firewall and forwarding alone (the test checks
+//! `iptables-save` before and after), and an image imported from a root
+//! filesystem holding busybox-static (no registry is reachable). Dropping it
+//! removes the containers and the image and stops what it started.
+
+use std::{
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use super::{hosts::Bridge, unique};
+
+pub const IMAGE: &str = "tcpstate-test-busybox:1";
+
+pub struct Dockerd {
+    child: Option<Child>,
+    pub host: String,
+    root: PathBuf,
+    pub bridge: Bridge,
+}
+
+/// The host's firewall as `iptables-save` prints it (counters left out).
+pub fn firewall() -> String {
+    let out = Command::new("iptables-save").output();
+    out.map(|o| {
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| l.split(" [").next().unwrap_or(l).to_owned())
+            .collect::<Vec<_>>()
+            .join("\n")
+    })
+    .unwrap_or_default()
+}
+
+impl Dockerd {
+    pub fn start() -> Dockerd {
+        let name = unique("tsdock");
+        let root = std::env::temp_dir().join(&name);
+        std::fs::create_dir_all(&root).unwrap();
+        let bridge = Bridge::new();
+        let host = format!("unix://{}", root.join("docker.sock").display());
+        let log = std::fs::File::create(root.join("dockerd.log")).unwrap();
+        let child = Command::new("dockerd")
+            .args(["--host", &host])
+            .arg("--data-root")
+            .arg(root.join("data"))
+            .arg("--exec-root")
+            .arg(root.join("exec"))
+            .arg("--pidfile")
+            .arg(root.join("dockerd.pid"))
+            .args(["--bridge", &bridge.name])
+            .args([
+                "--iptables=false",
+                "--ip6tables=false",
+                "--ip-forward=false",
+            ])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("dockerd (apt-get install docker.io)");
+        let d = Dockerd {
+            child: Some(child),
+            host,
+            root,
+            bridge,
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !d.docker(&["info"]).status.success() {
+            assert!(
+                Instant::now() < deadline,
+                "dockerd did not answer within 60 s: {}",
+                std::fs::read_to_string(d.root.join("dockerd.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        d.import_image();
+        d
+    }
+
+    /// `docker ARGS` against this daemon.
+    pub fn docker(&self, args: &[&str]) -> std::process::Output {
+        Command::new("docker")
+            .args(["--host", &self.host])
+            .args(args)
+            .output()
+            .expect("docker")
+    }
+
+    /// `docker ARGS`, which must succeed; its stdout, trimmed.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.docker(args);
+        assert!(
+            out.status.success(),
+            "docker {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    fn import_image(&self) {
+        let rootfs = self.root.join("rootfs");
+        let bin = rootfs.join("bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        std::fs::copy("/usr/bin/busybox", bin.join("busybox")).expect("busybox-static");
+        for tool in ["sh", "nc", "sleep", "cat"] {
+            std::os::unix::fs::symlink("busybox", bin.join(tool)).unwrap();
+        }
+        let mut tar = Command::new("tar")
+            .arg("-C")
+            .arg(&rootfs)
+            .args(["-c", "."])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let st = Command::new("docker")
+            .args(["--host", &self.host, "import", "-", IMAGE])
+            .stdin(tar.stdout.take().unwrap())
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(tar.wait().unwrap().success(), "tar of the image's root");
+        assert!(st.success(), "docker import");
+    }
+
+    /// Starts a container running `cmd` (sh -c); returns its id.
+    pub fn run(&self, cmd: &str) -> String {
+        self.ok(&[
+            "run",
+            "-d",
+            "--label",
+            "tcpstate-test",
+            IMAGE,
+            "sh",
+            "-c",
+            cmd,
+        ])
+    }
+
+    /// The container's pid (its namespace: /proc/PID/ns/net) and address.
+    pub fn inspect(&self, id: &str) -> (u32, String) {
+        let out = self.ok(&[
+            "inspect",
+            "-f",
+            "{{.State.Pid}} {{.NetworkSettings.IPAddress}}",
+            id,
+        ]);
+        let (pid, ip) = out.split_once(' ').expect("pid and address");
+        (pid.parse().unwrap(), ip.to_owned())
+    }
+}
+
+impl Drop for Dockerd {
+    fn drop(&mut self) {
+        let ids = self.docker(&["ps", "-aq", "--filter", "label=tcpstate-test"]);
+        for id in String::from_utf8_lossy(&ids.stdout).split_whitespace() {
+            let _ = self.docker(&["rm", "-f", id]);
+        }
+        let _ = self.docker(&["rmi", "-f", IMAGE]);
+        if let Some(mut c) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while c.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        // Its containerd, if it is still shutting down.
+        let _ = Command::new("pkill")
+            .args(["-f", &self.root.join("exec").display().to_string()])
+            .status();
+        let _ = Command::new("umount")
+            .args(["-R", "-l"])
+            .arg(&self.root)
+            .stderr(Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
