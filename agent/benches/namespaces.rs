@@ -55,7 +55,11 @@ fn ip_batch(cmds: &str, force: bool) {
     let mut child = ip
         .args(["-batch", "-"])
         .stdin(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(if force {
+            Stdio::null()
+        } else {
+            Stdio::inherit()
+        })
         .spawn()
         .expect("ip");
     child
@@ -100,7 +104,6 @@ fn main() {
         batch += &format!(
             "link add {tag}h{i} type veth peer name eth0 netns {ns}\nlink set {tag}h{i} up\n"
         );
-        batch += &format!("-n {ns} link set lo up\n-n {ns} link set eth0 up\n");
     }
     let t = Instant::now();
     ip_batch(&batch, false);
@@ -118,6 +121,14 @@ fn main() {
         let held = std::thread::scope(|s| {
             s.spawn(|| {
                 nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+                // Started from this thread, `ip` runs in its namespace.
+                for dev in ["lo", "eth0"] {
+                    let st = Command::new("ip")
+                        .args(["link", "set", dev, "up"])
+                        .status()
+                        .unwrap();
+                    assert!(st.success(), "ip link set {dev} up");
+                }
                 let l = TcpListener::bind("127.0.0.1:7000").unwrap();
                 let conns = (0..(i % 3 + 1))
                     .map(|_| {

@@ -127,6 +127,62 @@ fn link_name(l: &LinkMessage) -> String {
         .unwrap_or_default()
 }
 
+/// The interfaces of the calling thread's namespace that have a controller
+/// (a bridge's ports, a bond's members: `IFLA_MASTER`), by ifindex, from
+/// one rtnetlink dump. What such a port carries for this namespace's own
+/// sockets also crosses its controller, where the probe sees it; what only
+/// passes from port to port is no socket's here.
+pub fn controlled() -> Result<std::collections::BTreeSet<u32>> {
+    use netlink_packet_core::{NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader};
+    let fail = |what: &str, e| Error::io(format!("listing interfaces ({what})"), e);
+    let mut socket = Socket::new(NETLINK_ROUTE).map_err(|e| fail("socket", e))?;
+    socket.bind_auto().map_err(|e| fail("bind", e))?;
+    socket
+        .connect(&netlink_sys::SocketAddr::new(0, 0))
+        .map_err(|e| fail("connect", e))?;
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    let mut req = NetlinkMessage::new(
+        header,
+        NetlinkPayload::from(RouteNetlinkMessage::GetLink(LinkMessage::default())),
+    );
+    req.finalize();
+    let mut buf = vec![0; req.buffer_len()];
+    req.serialize(&mut buf);
+    socket.send(&buf, 0).map_err(|e| fail("send", e))?;
+    let mut out = std::collections::BTreeSet::new();
+    let mut rx = vec![0u8; 64 * 1024];
+    loop {
+        let n = socket
+            .recv(&mut &mut rx[..], 0)
+            .map_err(|e| fail("recv", e))?;
+        let mut data = &rx[..n];
+        while !data.is_empty() {
+            let Ok(msg) = NetlinkMessage::<RouteNetlinkMessage>::deserialize(data) else {
+                return Ok(out);
+            };
+            let len = (msg.header.length as usize).min(data.len());
+            if len == 0 {
+                return Ok(out);
+            }
+            data = &data[len.next_multiple_of(4).min(data.len())..];
+            match msg.payload {
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(l)) => {
+                    let has = l
+                        .attributes
+                        .iter()
+                        .any(|a| matches!(a, LinkAttribute::Controller(c) if *c != 0));
+                    if has {
+                        out.insert(l.header.index);
+                    }
+                }
+                NetlinkPayload::Done(_) | NetlinkPayload::Error(_) => return Ok(out),
+                _ => {}
+            }
+        }
+    }
+}
+
 /// Every interface of the calling thread's namespace: (ifindex, name).
 pub fn interfaces() -> Result<Vec<(u32, String)>> {
     let list =

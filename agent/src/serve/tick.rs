@@ -40,7 +40,8 @@ struct Read {
 }
 
 pub fn tick(host: &Mutex<Host>, reader: &Reader, walk_due: bool, reconcile_due: bool) -> Ran {
-    let namespaces = host.lock().expect("host lock").namespaces();
+    let namespaces = host.lock().expect("host lock").due();
+    let slots: Vec<u32> = namespaces.iter().map(|(s, _, _)| *s).collect();
     let read: BTreeMap<u32, Read> = namespaces
         .into_iter()
         .map(|(slot, ns, like)| {
@@ -54,14 +55,17 @@ pub fn tick(host: &Mutex<Host>, reader: &Reader, walk_due: bool, reconcile_due: 
         .collect();
     let mut h = host.lock().expect("host lock");
     if *h.scope() == Scope::All {
-        let f = h.follow_namespaces();
+        let f = h.follow_namespaces(crate::tracking::host::TICK_BUDGET);
         for n in &f.started {
             tracing::info!("{n}: monitored");
         }
         for n in &f.dropped {
             tracing::info!("{n}: gone, no longer monitored");
         }
-        h.follow_interfaces();
+        if f.waiting > 0 {
+            tracing::debug!("{} namespaces still to follow", f.waiting);
+        }
+        h.follow_interfaces(Some(&slots));
     }
     apply_reads(&mut h, read);
     let walked = walk_due.then(|| {
@@ -80,6 +84,19 @@ pub fn tick(host: &Mutex<Host>, reader: &Reader, walk_due: bool, reconcile_due: 
             owed.push(t.slot());
         }
     }
+    // One read of the flow maps for every check owed (grouped by slot).
+    let mut entries = if owed.is_empty() {
+        Default::default()
+    } else {
+        match h.probe.flow_entries() {
+            Ok(all) => crate::tracking::host::by_slot(all),
+            Err(e) => {
+                tracing::warn!("reading the flow maps for reconciliation failed: {e}");
+                owed.clear();
+                Default::default()
+            }
+        }
+    };
     for slot in owed {
         let Host {
             probe, trackers, ..
@@ -87,7 +104,8 @@ pub fn tick(host: &Mutex<Host>, reader: &Reader, walk_due: bool, reconcile_due: 
         let Some(t) = trackers.get_mut(&slot) else {
             continue;
         };
-        let (fixed, took) = cpu_cost(|| t.reconcile(probe));
+        let mine = entries.remove(&slot).unwrap_or_default();
+        let (fixed, took) = cpu_cost(|| t.reconcile(probe, mine));
         match fixed {
             Ok(0) => {}
             Ok(n) => tracing::info!("{}: reconciled {n} flows with the socket table", t.identity),
@@ -170,7 +188,7 @@ fn report_losses(h: &mut Host) {
 /// the addresses.
 pub fn follow_links(host: &Arc<Mutex<Host>>) {
     let mut h = host.lock().expect("host lock");
-    h.follow_interfaces();
+    h.follow_interfaces(None);
     let Host {
         probe, trackers, ..
     } = &mut *h;

@@ -19,12 +19,19 @@ use crate::{
 pub struct Followed {
     pub started: Vec<String>,
     pub dropped: Vec<String>,
+    /// Namespaces found but left for the next look (the look's time spent).
+    pub waiting: usize,
 }
 
 impl Host {
     /// Starts tracking the namespaces that appeared and drops those gone
-    /// (with every namespace; a no-op otherwise).
-    pub fn follow_namespaces(&mut self) -> Followed {
+    /// (with every namespace; a no-op otherwise). Starting one takes tens of
+    /// milliseconds (its links each take the kernel's rtnl lock and an RCU
+    /// grace period, its table is read): the look starts what `budget`
+    /// allows, the agent's own namespace first, and leaves the rest to the
+    /// next, so the host's lock is never held long (timers wait on it).
+    pub fn follow_namespaces(&mut self, budget: std::time::Duration) -> Followed {
+        let began = std::time::Instant::now();
         let mut out = Followed::default();
         let Some(keeper) = &self.keeper else {
             return out;
@@ -63,10 +70,23 @@ impl Host {
             }
         }
         let tracked: Vec<u64> = self.trackers.values().map(|t| t.identity.inode).collect();
-        let (probe, trackers, cfg) = (&mut self.probe, &mut self.trackers, &self.cfg);
-        for (inode, f) in found {
-            if tracked.contains(&inode) {
-                continue;
+        let own = crate::kernel::discover::net_inode(
+            &std::fs::read_link("/proc/self/ns/net")
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+        );
+        let (probe, trackers, cfg, clock) =
+            (&mut self.probe, &mut self.trackers, &self.cfg, self.clock);
+        let mut new: Vec<_> = found
+            .into_iter()
+            .filter(|(inode, _)| !tracked.contains(inode))
+            .collect();
+        new.sort_by_key(|(inode, _)| Some(*inode) != own);
+        let total = new.len();
+        for (done, (inode, f)) in new.into_iter().enumerate() {
+            if began.elapsed() > budget {
+                out.waiting = total - done;
+                break;
             }
             let identity = Identity {
                 inode,
@@ -86,6 +106,7 @@ impl Host {
                 }
                 Tracker::start(
                     probe,
+                    clock,
                     ns,
                     identity,
                     cfg.interfaces.clone(),
@@ -111,11 +132,14 @@ impl Host {
         out
     }
 
-    /// Looks at every namespace's interfaces: attaches to new ones,
-    /// detaches from those gone.
-    pub fn follow_interfaces(&mut self) {
+    /// Looks at the interfaces of the namespaces in `slots` (all: `None`):
+    /// attaches to new ones, detaches from those gone.
+    pub fn follow_interfaces(&mut self, slots: Option<&[u32]>) {
         let probe = &mut self.probe;
-        for t in self.trackers.values_mut() {
+        for (slot, t) in self.trackers.iter_mut() {
+            if slots.is_some_and(|s| !s.contains(slot)) {
+                continue;
+            }
             match t.follow_interfaces(probe) {
                 Ok(changes) => {
                     for name in &changes.attached {

@@ -11,6 +11,7 @@ use crate::{
     error::Result,
     kernel::{
         btf::{Btf, sock_layout},
+        clock::KernelClock,
         maps::FlowRef,
         netns::NetNs,
         privileges,
@@ -20,6 +21,17 @@ use crate::{
     snapshot::{NetnsCounts, PortFilter, Snapshot, StateCounts},
     tracking::tracker::Tracker,
 };
+
+/// Flow entries grouped by their namespace slot.
+pub fn by_slot(
+    entries: Vec<(FlowRef, tcpstate_common::FlowEntry)>,
+) -> BTreeMap<u32, Vec<(FlowRef, tcpstate_common::FlowEntry)>> {
+    let mut out: BTreeMap<u32, Vec<_>> = BTreeMap::new();
+    for (f, e) in entries {
+        out.entry(f.netns()).or_default().push((f, e));
+    }
+    out
+}
 
 /// Which namespaces the agent watches.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -68,6 +80,15 @@ impl fmt::Display for Identity {
     }
 }
 
+/// How long starting trackers may take before the agent first answers, and
+/// in each tick after (the host's lock is held meanwhile).
+pub const START_BUDGET: std::time::Duration = std::time::Duration::from_millis(500);
+pub const TICK_BUDGET: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// See [`Host::due`].
+pub const YOUNG: std::time::Duration = std::time::Duration::from_secs(10);
+pub const PER_TICK: usize = 32;
+
 pub struct Host {
     pub(crate) probe: Probe,
     pub(crate) trackers: BTreeMap<u32, Tracker>,
@@ -78,6 +99,11 @@ pub struct Host {
     pub(crate) keeper: Option<NetNs>,
     /// Kernel reports skipped, at the last look (one count for the host).
     reports_missed: u64,
+    /// The kernel's jiffies paired with CLOCK_MONOTONIC, for every tracker.
+    pub(crate) clock: Option<KernelClock>,
+    /// Where the round of [`Host::due`] goes on from, and what it gave last.
+    cursor: u32,
+    last_due: Vec<u32>,
     started: std::time::Instant,
 }
 
@@ -94,7 +120,11 @@ impl Host {
             opts.max_netns = 1;
         }
         let probe = Probe::load(&opts, layout)?;
+        let clock = KernelClock::from_clocks(|| probe.clocks().ok()).or_else(KernelClock::read);
         let mut host = Host {
+            clock,
+            cursor: 0,
+            last_due: Vec::new(),
             probe,
             trackers: BTreeMap::new(),
             cfg: cfg.clone(),
@@ -116,6 +146,7 @@ impl Host {
                 };
                 let t = Tracker::start(
                     &mut host.probe,
+                    host.clock,
                     ns,
                     identity,
                     cfg.interfaces.clone(),
@@ -126,7 +157,16 @@ impl Host {
             }
             Scope::All => {
                 host.keeper = Some(NetNs::keeper()?);
-                host.follow_namespaces();
+                // The rest (hundreds of namespaces take seconds) is
+                // followed by the ticks, with the agent already answering.
+                let f = host.follow_namespaces(START_BUDGET);
+                if f.waiting > 0 {
+                    tracing::info!(
+                        "{} namespaces monitored, {} to follow",
+                        f.started.len(),
+                        f.waiting
+                    );
+                }
             }
         }
         Ok(host)
@@ -233,21 +273,20 @@ impl Host {
         // entry (made in the same moment), so an entry the walk does not find
         // is really gone.
         let translations = self.probe.translations()?;
-        let entries = self.probe.flow_entries()?;
-        let mut by_slot: BTreeMap<u32, Vec<(FlowRef, tcpstate_common::FlowEntry)>> =
-            BTreeMap::new();
-        for (f, e) in entries {
-            by_slot.entry(f.netns()).or_default().push((f, e));
-        }
+        let mut by_slot = by_slot(self.probe.flow_entries()?);
         let mut nat: BTreeMap<u32, Vec<(FlowRef, FlowRef)>> = BTreeMap::new();
         for (w, s) in translations {
             nat.entry(w.netns()).or_default().push((w, s));
         }
         let counted = self.listen_counted();
+        // With every namespace, only those due this tick have their
+        // listeners read (each read is a dump of the host's whole table).
+        let all = self.cfg.scope == Scope::All;
         for (slot, t) in self.trackers.iter_mut() {
             let mine = by_slot.remove(slot).unwrap_or_default();
             let tr = nat.remove(slot).unwrap_or_default();
-            if let Err(e) = t.sweep(&mut self.probe, &mine, tr, counted) {
+            let look = !all || self.last_due.contains(slot);
+            if let Err(e) = t.sweep(&mut self.probe, &mine, tr, counted, look) {
                 tracing::warn!("{}: walk: {e}", t.identity);
             }
         }
@@ -272,10 +311,14 @@ impl Host {
     /// The host's snapshot: every namespace's, and their sum.
     pub fn snapshot(&mut self) -> Result<Snapshot> {
         let counted = self.listen_counted();
+        let all = self.cfg.scope == Scope::All;
         let mut parts = Vec::new();
         for t in self.trackers.values_mut() {
             let listening = if counted {
                 None
+            } else if all {
+                // No dump per namespace per tick: the last look's.
+                Some(t.listening_seen())
             } else {
                 Some(t.listening_now()?)
             };
@@ -360,11 +403,40 @@ impl Host {
         })
     }
 
-    /// Namespace slots and their handles, for reads outside the lock.
-    pub fn namespaces(&self) -> Vec<(u32, Arc<NetNs>, crate::tracking::timers::Timeouts)> {
-        self.trackers
+    /// The namespaces whose files (addresses, sysctls, SNMP counters) and
+    /// interfaces this tick looks at, with their handles for reads outside
+    /// the lock: every namespace tracked for less than [`YOUNG`] (a CNI
+    /// moves eth0 in and gives it addresses just after making the
+    /// namespace), and [`PER_TICK`] of the others in turn. One namespace
+    /// costs a few milliseconds of such reads: with hundreds, all of them
+    /// every second would be the agent's whole CPU.
+    pub fn due(&mut self) -> Vec<(u32, Arc<NetNs>, crate::tracking::timers::Timeouts)> {
+        let young: Vec<u32> = self
+            .trackers
             .iter()
-            .map(|(s, t)| (*s, t.netns(), t.timeouts().clone()))
+            .filter(|(_, t)| t.age() < YOUNG)
+            .map(|(s, _)| *s)
+            .collect();
+        let old: Vec<u32> = self
+            .trackers
+            .keys()
+            .copied()
+            .filter(|s| !young.contains(s))
+            .collect();
+        let mut pick = young;
+        if old.len() <= PER_TICK {
+            pick.extend(&old);
+        } else {
+            let from = old.iter().position(|s| *s >= self.cursor).unwrap_or(0);
+            pick.extend(old.iter().cycle().skip(from).take(PER_TICK));
+            self.cursor = old[(from + PER_TICK) % old.len()];
+        }
+        self.last_due = pick.clone();
+        pick.iter()
+            .filter_map(|s| {
+                let t = self.trackers.get(s)?;
+                Some((*s, t.netns(), t.timeouts().clone()))
+            })
             .collect()
     }
 }

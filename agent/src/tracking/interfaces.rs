@@ -12,6 +12,11 @@ use crate::{
 pub struct Interfaces {
     /// Interfaces named with `--iface`; empty: all of them.
     wanted: Vec<String>,
+    /// Leave out the ports of a bridge or bond (`run -A`, where a host has
+    /// a veth end per container on its bridge: each link costs the kernel's
+    /// rtnl lock and an RCU grace period, milliseconds, and what a port
+    /// carries for this namespace's sockets crosses the bridge too).
+    skip_ports: bool,
     /// The namespace's slot in the probe.
     slot: u32,
 }
@@ -25,8 +30,29 @@ pub struct Changes {
 }
 
 impl Interfaces {
-    pub fn new(wanted: Vec<String>, slot: u32) -> Interfaces {
-        Interfaces { wanted, slot }
+    pub fn new(wanted: Vec<String>, slot: u32, skip_ports: bool) -> Interfaces {
+        Interfaces {
+            wanted,
+            slot,
+            skip_ports,
+        }
+    }
+
+    /// What to attach to of `present` (on the namespace's thread).
+    pub fn wanted_of(&self, present: Vec<(u32, String)>) -> Vec<(u32, String)> {
+        if !self.skip_ports || !self.wanted.is_empty() {
+            return present;
+        }
+        match crate::kernel::links::controlled() {
+            Ok(ports) => present
+                .into_iter()
+                .filter(|(i, _)| !ports.contains(i))
+                .collect(),
+            Err(e) => {
+                tracing::debug!("{e}: bridge ports not told apart");
+                present
+            }
+        }
     }
 
     fn wants(&self, name: &str) -> bool {

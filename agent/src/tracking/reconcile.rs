@@ -147,9 +147,16 @@ pub struct Reconciler {
 }
 
 impl Reconciler {
-    /// One check (and the fixes it confirms).
-    /// `netns`: the namespace's slot.
-    pub fn check(&mut self, probe: &Probe, netns: u32, diag: &mut SockDiag) -> Result<usize> {
+    /// One check (and the fixes it confirms). `netns`: the namespace's
+    /// slot; `entries`: its flow entries (read once for every namespace
+    /// checked).
+    pub fn check(
+        &mut self,
+        probe: &Probe,
+        netns: u32,
+        diag: &mut SockDiag,
+        entries: Vec<(FlowRef, tcpstate_common::FlowEntry)>,
+    ) -> Result<usize> {
         let mut kernel: HashMap<Endpoint, TcpState> = HashMap::new();
         let states = StateFlags::all() - StateFlags::LISTEN - StateFlags::CLOSE;
         diag.for_each(states, |s| {
@@ -157,10 +164,8 @@ impl Reconciler {
                 kernel.insert(ep, TcpState::from_bits(s.state));
             }
         })?;
-        let entries: HashMap<FlowRef, Word> = probe
-            .flow_entries()?
+        let entries: HashMap<FlowRef, Word> = entries
             .into_iter()
-            .filter(|(f, _)| f.netns() == netns)
             .map(|(f, e)| (f, Word(e.word)))
             .collect();
         let counters = probe.counters(netns)?;

@@ -64,6 +64,8 @@ pub struct Tracker {
     /// probe's count (moved by the kernel's reports) differed from it then.
     listening: u64,
     listen_off: Option<i64>,
+    /// The listeners' ports at the last look at the table.
+    listener_ports: Vec<u16>,
     /// Entries in the IPv4 and IPv6 flow maps at the last walk.
     flows_in_map: [u64; 2],
     top_k: usize,
@@ -84,8 +86,12 @@ impl Tracker {
     /// to its interfaces (`wanted`; empty: all), and seeds what its socket
     /// table has. `strict`: an interface missing or none up is an error (the
     /// namespace the user named); else the namespace waits for interfaces.
+    /// `clock`: the kernel's jiffies paired with CLOCK_MONOTONIC (one for
+    /// the host: pairing them takes a fifth of a second).
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         probe: &mut Probe,
+        clock: Option<KernelClock>,
         ns: NetNs,
         identity: Identity,
         wanted: Vec<String>,
@@ -94,9 +100,10 @@ impl Tracker {
     ) -> Result<Tracker> {
         let ns_label = ns.to_string();
         let slot = probe.register_netns(ns.inode())?;
-        let interfaces = Interfaces::new(wanted, slot);
+        // Every namespace at once: bridge and bond ports left out.
+        let interfaces = Interfaces::new(wanted, slot, !strict);
         let started = ns.run(|| {
-            let present = links::interfaces()?;
+            let present = interfaces.wanted_of(links::interfaces()?);
             if strict {
                 if let Some(iface) = interfaces.missing(&present).pop() {
                     return Err(Error::NoSuchInterface {
@@ -113,7 +120,6 @@ impl Tracker {
             probe.set_local_addresses(slot, &nsinfo::local_addresses()?)?;
             interfaces.attach_all(probe, &present)?;
             let mut diag = SockDiag::open()?;
-            let clock = KernelClock::from_clocks(|| probe.clocks().ok()).or_else(KernelClock::read);
             let timeouts = Timeouts::from_sysctls(clock, probe.kernel_reports());
             // After attaching: from here on packets are seen, so every
             // connection is either seeded now or tracked from its packets.
@@ -158,6 +164,7 @@ impl Tracker {
             breakdown: Breakdown::default(),
             listening,
             listen_off: None,
+            listener_ports: Vec::new(),
             flows_in_map: [0; 2],
             top_k,
             started: std::time::Instant::now(),
@@ -168,13 +175,18 @@ impl Tracker {
         self.slot
     }
 
+    /// How long it has been tracked.
+    pub fn age(&self) -> Duration {
+        self.started.elapsed()
+    }
+
     /// Looks at the namespace's interfaces again (link events came, or a
     /// look found it changed): attaches to new ones, detaches from those gone.
     pub fn follow_interfaces(&mut self, probe: &mut Probe) -> Result<Changes> {
         let ns = Arc::clone(&self.ns);
         let interfaces = &self.interfaces;
         ns.run(|| {
-            let present = links::interfaces()?;
+            let present = interfaces.wanted_of(links::interfaces()?);
             Ok(interfaces.sync(probe, &present))
         })
     }
@@ -323,14 +335,25 @@ impl Tracker {
         Ok(snap)
     }
 
+    /// LISTEN as the socket table had it at the last look.
+    pub fn listening_seen(&self) -> u64 {
+        self.listening
+    }
+
     /// LISTEN as the socket table has it now.
     pub fn listening_now(&mut self) -> Result<u64> {
         self.diag.listening()
     }
 
-    /// Compares with the socket table and fixes confirmed mismatches.
-    pub fn reconcile(&mut self, probe: &Probe) -> Result<usize> {
-        self.reconciler.check(probe, self.slot, &mut self.diag)
+    /// Compares with the socket table and fixes confirmed mismatches;
+    /// `entries`: this namespace's flow entries, read just before.
+    pub fn reconcile(
+        &mut self,
+        probe: &Probe,
+        entries: Vec<(FlowRef, FlowEntry)>,
+    ) -> Result<usize> {
+        self.reconciler
+            .check(probe, self.slot, &mut self.diag, entries)
     }
 
     /// A snapshot with the socket table's own counts beside ours.
@@ -367,13 +390,16 @@ impl Tracker {
     /// Once a second: with this namespace's entries of one walk of the flow
     /// maps (and the translations read just before it), applies the kernel's
     /// timers and breaks the connections down by port and by peer. With
-    /// `listen_counted`, holds the probe's LISTEN count to the table's.
+    /// `look`, reads the listeners from the socket table (else those of the
+    /// last look), and with `listen_counted` too holds the probe's LISTEN
+    /// count to the table's.
     pub fn sweep(
         &mut self,
         probe: &mut Probe,
         entries: &[(FlowRef, FlowEntry)],
         translations: Vec<(FlowRef, FlowRef)>,
         listen_counted: bool,
+        look: bool,
     ) -> Result<()> {
         let mut b = Breakdown::default();
         for (flow, e) in entries {
@@ -381,16 +407,20 @@ impl Tracker {
                 b.add(&end);
             }
         }
-        let mut listening = 0;
-        self.diag.for_each(StateFlags::LISTEN, |s| {
-            b.add_listener(s.local_port);
-            listening += 1;
-        })?;
-        self.breakdown = b;
-        self.listening = listening;
-        if listen_counted {
-            self.hold_listening(probe, listening)?;
+        if look {
+            let mut ports = Vec::new();
+            self.diag
+                .for_each(StateFlags::LISTEN, |s| ports.push(s.local_port))?;
+            self.listening = ports.len() as u64;
+            self.listener_ports = ports;
+            if listen_counted {
+                self.hold_listening(probe, self.listening)?;
+            }
         }
+        for p in &self.listener_ports {
+            b.add_listener(*p);
+        }
+        self.breakdown = b;
         let v4 = entries
             .iter()
             .filter(|(f, _)| matches!(f, FlowRef::V4(_)))
