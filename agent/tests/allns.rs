@@ -14,10 +14,12 @@ use std::{
 
 use support::{
     Agent, Netns, VethPair,
-    hosts::{Bridge, host_ss, inode_of, link_exists, refs_to},
+    hosts::{
+        Bridge, Unshared, by_netns, host_ss, inode_of, link_exists, nsenter_ss, refs_to, settle,
+    },
     require_root,
     sampler::Sampler,
-    sh, table, tcpstate, thread_caps,
+    sh, tcpstate, thread_caps,
 };
 use tcpstate::snapshot::StateCounts;
 use tcpstate_common::TcpState;
@@ -26,50 +28,8 @@ fn accept(l: &TcpListener) -> TcpStream {
     l.accept().expect("accept").0
 }
 
-/// Waits (at most `limit`) until `ours()` equals `truth()`; panics showing both.
-fn settle(
-    what: &str,
-    limit: Duration,
-    ours: impl Fn() -> Option<StateCounts>,
-    truth: impl Fn() -> StateCounts,
-) -> StateCounts {
-    let deadline = Instant::now() + limit;
-    loop {
-        let (o, t) = (ours(), truth());
-        if o == Some(t) {
-            return t;
-        }
-        if Instant::now() > deadline {
-            panic!(
-                "{what}: tcpstate and ss differ after {limit:?}\n{}",
-                table(&o.unwrap_or_default(), &t)
-            );
-        }
-        sleep(Duration::from_millis(100));
-    }
-}
-
 fn host_inode() -> u64 {
     inode_of("/proc/self/ns/net")
-}
-
-/// `count --by-netns --json`, as a script reads it.
-fn by_netns(agent: &Agent) -> Vec<serde_json::Value> {
-    let out = tcpstate()
-        .args(["count", "--by-netns", "--json", "--socket"])
-        .arg(&agent.socket)
-        .output()
-        .expect("count --by-netns");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice::<serde_json::Value>(&out.stdout)
-        .expect("JSON")
-        .as_array()
-        .expect("an array")
-        .clone()
 }
 
 #[test]
@@ -248,63 +208,6 @@ fn the_same_tuple_in_two_namespaces_is_two_connections() {
             .get(TcpState::Established),
         1
     );
-}
-
-/// A process that holds a namespace of its own (`unshare -n`), listening
-/// and connected to itself on loopback; killed on drop.
-struct Unshared(std::process::Child);
-
-impl Unshared {
-    fn start() -> Unshared {
-        let script = "import socket,time\n\
-l=socket.socket(); l.bind(('127.0.0.1',7100)); l.listen()\n\
-c=socket.create_connection(('127.0.0.1',7100)); s,_=l.accept()\n\
-print('ready',flush=True); time.sleep(600)\n";
-        let mut child = Command::new("unshare")
-            .args([
-                "-n",
-                "sh",
-                "-c",
-                "ip link set lo up && exec python3 -c \"$0\"",
-            ])
-            .arg(script)
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("unshare");
-        let mut line = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
-            &mut line,
-        )
-        .unwrap();
-        assert_eq!(line.trim(), "ready");
-        Unshared(child)
-    }
-    fn pid(&self) -> u32 {
-        // `sh` execs python: the pid is the python process's.
-        self.0.id()
-    }
-}
-
-impl Drop for Unshared {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn nsenter_ss(pid: u32) -> StateCounts {
-    let out = Command::new("nsenter")
-        .args(["-t", &pid.to_string(), "-n", "ss", "-tanH"])
-        .output()
-        .expect("nsenter ss");
-    let mut c = StateCounts::default();
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let st =
-            TcpState::parse(line.split_whitespace().next().unwrap_or_default()).expect("a state");
-        c.set(st, c.get(st) + 1);
-    }
-    c
 }
 
 #[test]

@@ -6,7 +6,6 @@
 mod support;
 
 use std::{
-    process::Command,
     thread::sleep,
     time::{Duration, Instant},
 };
@@ -14,53 +13,26 @@ use std::{
 use support::{
     Agent,
     docker::{Dockerd, firewall},
-    hosts::inode_of,
-    require_root, table, tcpstate,
+    hosts::{by_netns, inode_of, nsenter_ss, settle},
+    require_root,
 };
 use tcpstate::snapshot::StateCounts;
 use tcpstate_common::TcpState;
 
-fn nsenter_ss(pid: u32) -> StateCounts {
-    let out = Command::new("nsenter")
-        .args(["-t", &pid.to_string(), "-n", "ss", "-tanH"])
-        .output()
-        .expect("nsenter ss");
-    let mut c = StateCounts::default();
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let name = line.split_whitespace().next().unwrap_or_default();
-        let st = TcpState::parse(name).unwrap_or_else(|| panic!("ss printed {name:?}"));
-        c.set(st, c.get(st) + 1);
-    }
-    c
-}
-
 /// Waits (at most 3 s) until the agent's count of container `pid`'s
 /// namespace equals ss inside it.
-fn settle(agent: &Agent, what: &str, pid: u32) -> StateCounts {
+fn settled(agent: &Agent, what: &str, pid: u32) -> StateCounts {
     let view = agent.in_netns(&format!("pid:{pid}"));
-    let deadline = Instant::now() + Duration::from_secs(3);
-    loop {
-        let (ours, truth) = (view.try_counts(), nsenter_ss(pid));
-        if ours == Some(truth) {
-            return truth;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: tcpstate and ss differ after 3 s\n{}",
-            table(&ours.unwrap_or_default(), &truth)
-        );
-        sleep(Duration::from_millis(100));
-    }
+    settle(
+        what,
+        Duration::from_secs(3),
+        || view.try_counts(),
+        || nsenter_ss(pid),
+    )
 }
 
 fn listed(agent: &Agent, inode: u64) -> bool {
-    let out = tcpstate()
-        .args(["count", "--by-netns", "--json", "--socket"])
-        .arg(&agent.socket)
-        .output()
-        .unwrap();
-    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    rows.as_array().unwrap().iter().any(|r| r["netns"] == inode)
+    by_netns(agent).iter().any(|r| r["netns"] == inode)
 }
 
 #[test]
@@ -88,13 +60,13 @@ fn containers_started_and_stopped_under_the_agent_each_equal_ss() {
             })
             .collect();
         sleep(Duration::from_secs(1));
-        let t = settle(&agent, "the server container", spid);
+        let t = settled(&agent, "the server container", spid);
         assert_eq!(t.get(TcpState::Listen), 2, "{t:?}");
         assert_eq!(t.get(TcpState::Established), 2 + 6, "{t:?}");
         let mut pids = Vec::new();
         for (i, c) in clients.iter().enumerate() {
             let (pid, _) = docker.inspect(c);
-            let t = settle(&agent, &format!("client {i}"), pid);
+            let t = settled(&agent, &format!("client {i}"), pid);
             assert_eq!(
                 t.get(TcpState::Established),
                 i as u64 + 1,
@@ -113,14 +85,14 @@ fn containers_started_and_stopped_under_the_agent_each_equal_ss() {
             );
             sleep(Duration::from_millis(100));
         }
-        settle(&agent, "the server after a client went", spid);
+        settled(&agent, "the server after a client went", spid);
         // One started later is monitored as the others.
         let late = docker.run(&format!("sleep 1000 | nc {sip} 80 & sleep 1000"));
         let (lpid, _) = docker.inspect(&late);
         sleep(Duration::from_millis(500));
-        let t = settle(&agent, "a container started later", lpid);
+        let t = settled(&agent, "a container started later", lpid);
         assert_eq!(t.get(TcpState::Established), 1);
-        settle(&agent, "the server with the late client", spid);
+        settled(&agent, "the server with the late client", spid);
     }
     assert_eq!(firewall(), before, "the host's firewall is as it was");
     assert_eq!(

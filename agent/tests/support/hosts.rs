@@ -3,9 +3,16 @@
 //! namespaces whose eth0 is one end of a veth pair with the other end on
 //! the bridge, as docker0 and cni0 do it. Everything is removed on drop.
 
-use std::process::Command;
+use std::{
+    process::{Command, Stdio},
+    thread::sleep,
+    time::{Duration, Instant},
+};
 
-use super::{Netns, sh, unique};
+use tcpstate::snapshot::StateCounts;
+use tcpstate_common::TcpState;
+
+use super::{Agent, Netns, sh, table, tcpstate, unique};
 
 /// A bridge in the host namespace with 10.N.0.1/24 and fdNN::1/64.
 pub struct Bridge {
@@ -137,4 +144,103 @@ pub fn refs_to(pid: u32, inode: u64) -> Vec<String> {
 /// `ss -tanH` in the calling process's own namespace, counted per state.
 pub fn host_ss() -> tcpstate::snapshot::StateCounts {
     super::sampler::ss_here()
+}
+
+/// Waits (at most `limit`) until `ours()` equals `truth()`; panics showing both.
+pub fn settle(
+    what: &str,
+    limit: Duration,
+    ours: impl Fn() -> Option<StateCounts>,
+    truth: impl Fn() -> StateCounts,
+) -> StateCounts {
+    let deadline = Instant::now() + limit;
+    loop {
+        let (o, t) = (ours(), truth());
+        if o == Some(t) {
+            return t;
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "{what}: tcpstate and ss differ after {limit:?}\n{}",
+                table(&o.unwrap_or_default(), &t)
+            );
+        }
+        sleep(Duration::from_millis(100));
+    }
+}
+
+/// `count --by-netns --json`, as a script reads it.
+pub fn by_netns(agent: &Agent) -> Vec<serde_json::Value> {
+    let out = tcpstate()
+        .args(["count", "--by-netns", "--json", "--socket"])
+        .arg(&agent.socket)
+        .output()
+        .expect("count --by-netns");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice::<serde_json::Value>(&out.stdout)
+        .expect("JSON")
+        .as_array()
+        .expect("an array")
+        .clone()
+}
+
+/// A process that holds a namespace of its own (`unshare -n`), listening
+/// and connected to itself on loopback; killed on drop.
+pub struct Unshared(std::process::Child);
+
+impl Unshared {
+    pub fn start() -> Unshared {
+        let script = "import socket,time\n\
+l=socket.socket(); l.bind(('127.0.0.1',7100)); l.listen()\n\
+c=socket.create_connection(('127.0.0.1',7100)); s,_=l.accept()\n\
+print('ready',flush=True); time.sleep(600)\n";
+        let mut child = Command::new("unshare")
+            .args([
+                "-n",
+                "sh",
+                "-c",
+                "ip link set lo up && exec python3 -c \"$0\"",
+            ])
+            .arg(script)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("unshare");
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        assert_eq!(line.trim(), "ready");
+        Unshared(child)
+    }
+    pub fn pid(&self) -> u32 {
+        // `sh` execs python: the pid is the python process's.
+        self.0.id()
+    }
+}
+
+impl Drop for Unshared {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn nsenter_ss(pid: u32) -> StateCounts {
+    let out = Command::new("nsenter")
+        .args(["-t", &pid.to_string(), "-n", "ss", "-tanH"])
+        .output()
+        .expect("nsenter ss");
+    let mut c = StateCounts::default();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let st =
+            TcpState::parse(line.split_whitespace().next().unwrap_or_default()).expect("a state");
+        c.set(st, c.get(st) + 1);
+    }
+    c
 }
