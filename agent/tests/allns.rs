@@ -16,6 +16,7 @@ use support::{
     Agent, Netns, VethPair,
     hosts::{
         Bridge, Unshared, by_netns, host_ss, inode_of, link_exists, nsenter_ss, refs_to, settle,
+        wait_ready,
     },
     require_root,
     sampler::Sampler,
@@ -371,13 +372,7 @@ print('ready',flush=True); time.sleep(600)\n";
         .stdout(Stdio::piped())
         .spawn()
         .expect("python");
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(flood.stdout.as_mut().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    assert_eq!(line.trim(), "ready");
+    wait_ready(&mut flood);
     // The other namespace's new connections are all tracked.
     let l = other.listen("127.0.0.1:7301");
     let conns: Vec<(TcpStream, TcpStream)> = (0..50)

@@ -10,7 +10,6 @@ use std::{
 };
 
 use tcpstate::snapshot::StateCounts;
-use tcpstate_common::TcpState;
 
 use super::{Agent, Netns, sh, table, tcpstate, unique};
 
@@ -209,13 +208,7 @@ print('ready',flush=True); time.sleep(600)\n";
             .stdout(Stdio::piped())
             .spawn()
             .expect("unshare");
-        let mut line = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
-            &mut line,
-        )
-        .unwrap();
-        assert_eq!(line.trim(), "ready");
+        wait_ready(&mut child);
         Unshared(child)
     }
     pub fn pid(&self) -> u32 {
@@ -236,11 +229,17 @@ pub fn nsenter_ss(pid: u32) -> StateCounts {
         .args(["-t", &pid.to_string(), "-n", "ss", "-tanH"])
         .output()
         .expect("nsenter ss");
-    let mut c = StateCounts::default();
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let st =
-            TcpState::parse(line.split_whitespace().next().unwrap_or_default()).expect("a state");
-        c.set(st, c.get(st) + 1);
-    }
-    c
+    assert!(out.status.success(), "nsenter ss failed");
+    super::ss_counted(&out.stdout)
+}
+
+/// Waits for a child started with a piped stdout to print `ready`.
+pub fn wait_ready(child: &mut std::process::Child) {
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.as_mut().expect("piped stdout")),
+        &mut line,
+    )
+    .expect("reading the child's first line");
+    assert_eq!(line.trim(), "ready");
 }

@@ -154,15 +154,20 @@ impl Netns {
             "ss failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let mut counts = StateCounts::default();
-        for line in String::from_utf8_lossy(&out.stdout).lines() {
-            let name = line.split_whitespace().next().unwrap_or_default();
-            let state = TcpState::parse(name)
-                .unwrap_or_else(|| panic!("ss printed an unknown state {name:?}"));
-            counts.set(state, counts.get(state) + 1);
-        }
-        counts
+        ss_counted(&out.stdout)
     }
+}
+
+/// What `ss -tanH` printed, counted per state (its first column).
+pub fn ss_counted(stdout: &[u8]) -> StateCounts {
+    let mut counts = StateCounts::default();
+    for line in String::from_utf8_lossy(stdout).lines() {
+        let name = line.split_whitespace().next().unwrap_or_default();
+        let state =
+            TcpState::parse(name).unwrap_or_else(|| panic!("ss printed an unknown state {name:?}"));
+        counts.set(state, counts.get(state) + 1);
+    }
+    counts
 }
 
 impl Drop for Netns {

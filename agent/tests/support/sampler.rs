@@ -325,14 +325,7 @@ fn agent_counts(socket: &std::path::Path, select: Option<&str>) -> Option<StateC
 pub fn ss_here() -> StateCounts {
     let out = Command::new("ss").arg("-tanH").output().expect("ss");
     assert!(out.status.success(), "ss failed");
-    let mut counts = StateCounts::default();
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let name = line.split_whitespace().next().unwrap_or_default();
-        let state =
-            TcpState::parse(name).unwrap_or_else(|| panic!("ss printed an unknown state {name:?}"));
-        counts.set(state, counts.get(state) + 1);
-    }
-    counts
+    super::ss_counted(&out.stdout)
 }
 
 /// Samples of one kind, and the stretch of unequal ones still open.
