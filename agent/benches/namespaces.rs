@@ -21,18 +21,13 @@ use std::{
 };
 
 use serde_json::json;
-use support::{Agent, memory_kb, tcpstate, unique};
+use support::{
+    Agent,
+    machine::{cpu_model, cpu_seconds},
+    memory_kb, tcpstate, unique,
+};
 
 const COUNT: usize = 500;
-
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let rest = &stat[stat.rfind(')').unwrap() + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
-    // SAFETY: sysconf has no preconditions.
-    ticks as f64 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
-}
 
 /// The namespaces, removed on drop (with their veths).
 struct Spaces(Vec<String>);
@@ -214,14 +209,7 @@ fn main() {
             })
             .collect(),
     );
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
-        })
-        .unwrap_or_default();
+    let cpu = cpu_model();
     println!("CPU: {cpu}");
     println!("{n} namespaces (a veth each, {conns} connections on loopback), one `run -A` agent");
     println!(

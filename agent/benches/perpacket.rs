@@ -5,6 +5,9 @@
 #[path = "../tests/support/frames.rs"]
 #[allow(dead_code)]
 mod frames;
+#[path = "../tests/support/machine.rs"]
+#[allow(dead_code)]
+mod machine;
 
 use std::{io::Write, path::PathBuf};
 
@@ -94,17 +97,6 @@ fn load(opts: &ProbeOptions) -> Probe {
 fn netns_inode() -> u64 {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata("/proc/self/ns/net").unwrap().ino()
-}
-
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find_map(|l| l.strip_prefix("model name"))
-                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
-        })
-        .unwrap_or_else(|| "unknown".into())
 }
 
 fn main() {
@@ -316,7 +308,7 @@ fn main() {
             r[r.len() - 1]
         )
     };
-    let cpu = cpu_model();
+    let cpu = machine::cpu_model();
     println!("CPU: {cpu}");
     println!("per-packet cost, BPF_PROG_TEST_RUN, median of {ROUNDS} rounds");
     println!("{:<16} {:>8}  ratio", "case", "ns");

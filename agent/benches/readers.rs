@@ -33,7 +33,7 @@ use std::{
 
 use netlink_packet_sock_diag::inet::StateFlags;
 use serde_json::json;
-use support::{Agent, Netns, VethPair, memory_kb, sockaddr};
+use support::{Agent, Netns, VethPair, machine::cpu_seconds, memory_kb, sockaddr};
 use tcpstate::kernel::{netns::NetNs, sockdiag::SockDiag};
 use tcpstate_common::TcpState;
 
@@ -119,18 +119,6 @@ impl Drop for Holders {
             let _ = p.wait();
         }
     }
-}
-
-/// CPU seconds (user + system) process `pid` has used.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // Fields after the command name (which may hold spaces): state is the
-    // first, utime the 12th, stime the 13th.
-    let rest = &stat[stat.rfind(')').unwrap() + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
-    // SAFETY: sysconf has no preconditions.
-    ticks as f64 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
 }
 
 /// How long the agent's share of one CPU is measured while the connections

@@ -61,14 +61,6 @@ impl Attachments {
             .map(|((_, i), _)| *i)
             .collect()
     }
-
-    /// Links held in all.
-    pub fn links(&self) -> usize {
-        self.0
-            .values()
-            .map(|a| 1 + usize::from(a._ingress.is_some()))
-            .sum()
-    }
 }
 
 impl Probe {

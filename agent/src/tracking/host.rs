@@ -188,10 +188,6 @@ impl Host {
         self.trackers.values()
     }
 
-    pub fn trackers_mut(&mut self) -> impl Iterator<Item = &mut Tracker> {
-        self.trackers.values_mut()
-    }
-
     /// The one tracker of single-namespace mode (the first, in any mode).
     pub fn first(&mut self) -> Option<&mut Tracker> {
         self.trackers.values_mut().next()

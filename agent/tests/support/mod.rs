@@ -7,6 +7,7 @@ pub mod crafted;
 pub mod docker;
 pub mod frames;
 pub mod hosts;
+pub mod machine;
 pub mod sampler;
 
 use std::{
