@@ -6,7 +6,10 @@
 //! memory and CPU share while all sits idle, the latency of `tcpstate count`
 //! and `count --by-netns`, against a shell loop running `ip netns exec NS ss
 //! -tan` in each namespace; and checks a sample of namespaces against their
-//! ss. Writes target/bench/namespaces.json.
+//! ss. Two passes side by side: namespaces sharing the host's socket table
+//! (the kernel's default: every sock_diag dump in one walks the whole
+//! host's table) and namespaces owning a small one
+//! (`net.ipv4.tcp_child_ehash_entries`). Writes target/bench/namespaces.json.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -90,6 +93,100 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(COUNT);
+    let cpu = cpu_model();
+    let shared = pass(n, None);
+    // The same with every namespace owning a socket table of its own.
+    let own = pass(n, Some(OWN_TABLE));
+    println!("CPU: {cpu}");
+    println!(
+        "{n} namespaces (a veth each, {} connections on loopback), one `run -A` agent",
+        shared.conns
+    );
+    println!("                                 shared table   own tables ({OWN_TABLE} buckets)");
+    let row = |what: &str, unit: &str, f: &dyn Fn(&Pass) -> f64| {
+        println!(
+            "{what:<32} {:>9.2} {unit:<4} {:>9.2} {unit}",
+            f(&shared),
+            f(&own)
+        )
+    };
+    row("agent answering", "s", &|p| p.answered_s);
+    row("all namespaces monitored", "s", &|p| p.all_monitored_s);
+    row("agent RSS, idle", "MiB", &|p| p.rss_mib);
+    row("agent CPU, idle (20 s)", "%", &|p| p.cpu_share * 100.0);
+    row("tcpstate count", "ms", &|p| p.count_ms);
+    row("tcpstate count --by-netns", "ms", &|p| p.by_netns_ms);
+    row("ip netns exec NS ss -tan, all", "ms", &|p| p.ss_loop_ms);
+    println!(
+        "ss loop / count --by-netns: {:.0}x (shared), {:.0}x (own); idle CPU own/shared: {:.2}x",
+        shared.ss_loop_ms / shared.by_netns_ms,
+        own.ss_loop_ms / own.by_netns_ms,
+        own.cpu_share / shared.cpu_share
+    );
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = json!({
+        "cpu": cpu, "namespaces": n, "connections": shared.conns,
+        "shared_table": shared.json(), "own_tables": own.json(), "own_table_buckets": OWN_TABLE,
+    });
+    std::fs::write(
+        dir.join("namespaces.json"),
+        serde_json::to_string_pretty(&out).unwrap(),
+    )
+    .unwrap();
+    println!("wrote target/bench/namespaces.json");
+}
+
+/// What one pass measured.
+struct Pass {
+    conns: usize,
+    answered_s: f64,
+    all_monitored_s: f64,
+    rss_mib: f64,
+    cpu_share: f64,
+    count_ms: f64,
+    by_netns_ms: f64,
+    ss_loop_ms: f64,
+}
+
+impl Pass {
+    fn json(&self) -> serde_json::Value {
+        json!({
+            "answering_s": self.answered_s, "all_monitored_s": self.all_monitored_s,
+            "rss_mib": self.rss_mib, "idle_cpu_share": self.cpu_share,
+            "count_ms": self.count_ms, "count_by_netns_ms": self.by_netns_ms,
+            "ss_loop_ms": self.ss_loop_ms,
+        })
+    }
+}
+
+/// Buckets of each namespace's own socket table in the second pass.
+const OWN_TABLE: u32 = 1024;
+
+/// `net.ipv4.tcp_child_ehash_entries` set while it lives (namespaces made
+/// meanwhile get a table of their own), restored on drop.
+struct ChildTables(String);
+
+impl ChildTables {
+    fn set(buckets: u32) -> ChildTables {
+        const PATH: &str = "/proc/sys/net/ipv4/tcp_child_ehash_entries";
+        let was = std::fs::read_to_string(PATH).expect("tcp_child_ehash_entries (Linux 6.1+)");
+        std::fs::write(PATH, buckets.to_string()).unwrap();
+        ChildTables(was.trim().to_owned())
+    }
+}
+
+impl Drop for ChildTables {
+    fn drop(&mut self) {
+        let _ = std::fs::write("/proc/sys/net/ipv4/tcp_child_ehash_entries", &self.0);
+    }
+}
+
+/// One pass: `n` namespaces made (each with a table of `own_table` buckets
+/// of its own, or sharing the host's), an agent started on them, measured,
+/// and all removed.
+fn pass(n: usize, own_table: Option<u32>) -> Pass {
+    let tables = own_table.map(ChildTables::set);
     let tag = unique("tsb");
     let names: Vec<String> = (0..n).map(|i| format!("{tag}n{i}")).collect();
     let spaces = Spaces(names.clone());
@@ -209,43 +306,18 @@ fn main() {
             })
             .collect(),
     );
-    let cpu = cpu_model();
-    println!("CPU: {cpu}");
-    println!("{n} namespaces (a veth each, {conns} connections on loopback), one `run -A` agent");
-    println!(
-        "agent answering                 {:>9.2} s",
-        answered.as_secs_f64()
-    );
-    println!(
-        "all namespaces monitored        {:>9.2} s",
-        all_monitored.as_secs_f64()
-    );
-    println!("agent RSS, idle                 {rss_mib:>9.1} MiB");
-    println!(
-        "agent CPU, idle (20 s)          {:>9.1} % of one CPU",
-        cpu_share * 100.0
-    );
-    println!("tcpstate count                  {count_ms:>9.1} ms");
-    println!("tcpstate count --by-netns       {by_netns_ms:>9.1} ms");
-    println!(
-        "ip netns exec NS ss -tan, each  {ss_loop_ms:>9.1} ms  ({:.0}x count --by-netns)",
-        ss_loop_ms / by_netns_ms
-    );
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
-    std::fs::create_dir_all(&dir).unwrap();
-    let out = json!({
-        "cpu": cpu, "namespaces": n, "connections": conns,
-        "answering_s": answered.as_secs_f64(), "all_monitored_s": all_monitored.as_secs_f64(),
-        "rss_mib": rss_mib, "idle_cpu_share": cpu_share,
-        "count_ms": count_ms, "count_by_netns_ms": by_netns_ms, "ss_loop_ms": ss_loop_ms,
-    });
-    std::fs::write(
-        dir.join("namespaces.json"),
-        serde_json::to_string_pretty(&out).unwrap(),
-    )
-    .unwrap();
-    println!("wrote target/bench/namespaces.json");
     drop(agent);
     drop(keep);
     drop(spaces);
+    drop(tables);
+    Pass {
+        conns,
+        answered_s: answered.as_secs_f64(),
+        all_monitored_s: all_monitored.as_secs_f64(),
+        rss_mib,
+        cpu_share,
+        count_ms,
+        by_netns_ms,
+        ss_loop_ms,
+    }
 }

@@ -16,7 +16,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use support::{Agent, Netns, VethPair, require_root, sockaddr, tcpstate, thread_caps};
+use support::{
+    Agent, Netns, VethPair, require_root, sockaddr, tcpstate, thread_caps,
+    tmux::{Tmux, row_count},
+};
 use tcpstate::snapshot::StateCounts;
 use tcpstate_common::TcpState;
 
@@ -443,75 +446,6 @@ fn count_port_filters_equal_ss_filters() {
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 11);
-}
-
-/// A tmux server on its own socket, killed on drop.
-struct Tmux(String);
-
-impl Tmux {
-    fn new(command: &str) -> Tmux {
-        let t = Tmux(support::unique("tcpstate-tmux-"));
-        let ok = Command::new("tmux")
-            .args([
-                "-L",
-                &t.0,
-                "new-session",
-                "-d",
-                "-x",
-                "80",
-                "-y",
-                "24",
-                command,
-            ])
-            .env("TERM", "xterm-256color")
-            .status()
-            .expect("tmux");
-        assert!(ok.success());
-        t
-    }
-
-    fn screen(&self) -> String {
-        let out = Command::new("tmux")
-            .args(["-L", &self.0, "capture-pane", "-p"])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn keys(&self, keys: &str) {
-        Command::new("tmux")
-            .args(["-L", &self.0, "send-keys", keys])
-            .status()
-            .unwrap();
-    }
-
-    fn alive(&self) -> bool {
-        Command::new("tmux")
-            .args(["-L", &self.0, "has-session"])
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    }
-}
-
-impl Drop for Tmux {
-    fn drop(&mut self) {
-        let _ = Command::new("tmux")
-            .args(["-L", &self.0, "kill-server"])
-            .stderr(Stdio::null())
-            .status();
-    }
-}
-
-/// The count on a state's row of the view.
-fn row_count(screen: &str, state: TcpState) -> Option<u64> {
-    screen
-        .lines()
-        .find(|l| l.split_whitespace().next() == Some(state.name()))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
 }
 
 #[test]

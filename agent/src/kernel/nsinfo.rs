@@ -31,6 +31,18 @@ pub fn sysctl_u64(path: &str) -> Option<u64> {
         .ok()
 }
 
+/// The buckets of the calling thread's namespace's TCP socket table
+/// (`net.ipv4.tcp_ehash_entries`, Linux 6.1+): negative when the namespace
+/// shares the initial namespace's table (the default), in which case every
+/// sock_diag dump in it walks the whole host's table.
+pub fn socket_table_buckets() -> Option<i64> {
+    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_ehash_entries")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// One of the kernel's TCP counters of the calling thread's namespace from
 /// `/proc/net/netstat`, e.g. `TcpExt` `TCPTimeWaitOverflow`.
 pub fn snmp_counter(group: &str, name: &str) -> Option<u64> {

@@ -35,6 +35,11 @@ use crate::{
 /// connections a walk costs most of a second, a check seconds): at most a
 /// tenth of a CPU each.
 const PACING: u32 = 9;
+
+/// The starter's pause between steps while namespaces wait, and its look
+/// at the queue otherwise (a tick queues what it found).
+const STARTER_PAUSE: Duration = Duration::from_millis(10);
+const STARTER_IDLE: Duration = Duration::from_millis(200);
 /// The longest gap between walks: the walk files the timers due within
 /// [`FILING_HORIZON`], so it must come round well inside it. A timer shorter
 /// than the gap (a tcp_fin_timeout of a few seconds) may then fire up to a gap
@@ -155,6 +160,8 @@ pub async fn run(
     let asked = Arc::new(Notify::new());
     let _questions = asks.map(|ring| questions(ring, Arc::clone(&agent), Arc::clone(&asked)));
     let _links = links.map(|watch| follow(watch, Arc::clone(&agent)));
+    let _starter = (cfg.agent.scope == Scope::All)
+        .then(|| AbortOnDrop(tokio::spawn(starter(Arc::clone(&agent)))));
     let stop = async move {
         match stop {
             Some(rx) => {
@@ -264,6 +271,21 @@ fn follow(watch: LinkWatch, agent: Arc<Mutex<Host>>) -> Option<AbortOnDrop<()>> 
     })))
 }
 
+/// With every namespace: starts the namespaces each tick's look queued, in
+/// short steps of the host's lock with a pause between them, so that the
+/// timers, the ticks and the control socket's `--verify` get the lock in
+/// between. Starts are as fast as the kernel attaches links.
+async fn starter(agent: Arc<Mutex<Host>>) {
+    loop {
+        let agent = Arc::clone(&agent);
+        let more = tokio::task::spawn_blocking(move || tick::start_step(&agent))
+            .await
+            .unwrap_or(false);
+        let pause = if more { STARTER_PAUSE } else { STARTER_IDLE };
+        tokio::time::sleep(pause).await;
+    }
+}
+
 /// Once a second: the namespace's addresses and sysctls, the walk of the
 /// flow maps and the socket-table check when their pacers allow, and the
 /// counts printed when asked.
@@ -298,9 +320,15 @@ async fn maintain(
         let aside = timer_soon && stood_aside < 2;
         stood_aside = if aside { stood_aside + 1 } else { 0 };
         let walk_due = walks.due(now) && !aside;
-        let reconcile_due = checks.as_ref().is_some_and(|p| p.due(now)) && !aside;
+        // A round of checks is spread over its period (the round only
+        // starts when the last one is over).
+        let round_due = checks
+            .as_ref()
+            .filter(|p| p.due(now) && !aside)
+            .and(reconcile_every)
+            .map(|every| every.as_secs().clamp(1, u32::MAX as u64) as u32);
         let ran = tokio::task::spawn_blocking(move || {
-            tick::tick(&agent, &publish_to, walk_due, reconcile_due)
+            tick::tick(&agent, &publish_to, walk_due, round_due)
         });
         let ran = ran.await;
         if now.elapsed() > Duration::from_millis(500) {
@@ -310,8 +338,8 @@ async fn maintain(
             if let Some(took) = ran.walked {
                 walks.ran(now, took);
             }
-            if let (Some(took), Some(p)) = (ran.checked, checks.as_mut()) {
-                p.ran(now, took);
+            if let (Some((started, took)), Some(p)) = (ran.checked, checks.as_mut()) {
+                p.ran(started, took);
             }
         }
         if print {

@@ -29,7 +29,8 @@ use crate::{
 /// What ran this tick, and what it cost (CPU time), for the pacers.
 pub struct Ran {
     pub walked: Option<Duration>,
-    pub checked: Option<Duration>,
+    /// A round of checks ended: when it started, and its CPU time.
+    pub checked: Option<(std::time::Instant, Duration)>,
 }
 
 /// What one namespace's files said this tick.
@@ -39,7 +40,9 @@ struct Read {
     timeouts: Result<Timeouts>,
 }
 
-pub fn tick(host: &Mutex<Host>, reader: &Reader, walk_due: bool, reconcile_due: bool) -> Ran {
+/// One tick. `round_due`: a new round of socket-table checks may start, to
+/// be spread over that many ticks.
+pub fn tick(host: &Mutex<Host>, reader: &Reader, walk_due: bool, round_due: Option<u32>) -> Ran {
     let namespaces = host.lock().expect("host lock").due();
     let slots: Vec<u32> = namespaces.iter().map(|(s, _, _)| *s).collect();
     let read: BTreeMap<u32, Read> = namespaces
@@ -55,15 +58,12 @@ pub fn tick(host: &Mutex<Host>, reader: &Reader, walk_due: bool, reconcile_due: 
         .collect();
     let mut h = host.lock().expect("host lock");
     if *h.scope() == Scope::All {
-        let f = h.follow_namespaces(crate::tracking::host::TICK_BUDGET);
-        for n in &f.started {
-            tracing::info!("{n}: monitored");
-        }
+        let f = h.look_for_namespaces();
         for n in &f.dropped {
             tracing::info!("{n}: gone, no longer monitored");
         }
         if f.waiting > 0 {
-            tracing::debug!("{} namespaces still to follow", f.waiting);
+            tracing::debug!("{} namespaces to start", f.waiting);
         }
         h.follow_interfaces(Some(&slots));
     }
@@ -77,30 +77,49 @@ pub fn tick(host: &Mutex<Host>, reader: &Reader, walk_due: bool, reconcile_due: 
         took
     });
     report_losses(&mut h);
-    let mut checked = None;
-    let mut owed = Vec::new();
+    // Checks owed (a signal, a lost report) and this tick's share of the
+    // round, with one read of the flow maps for all of them.
+    if let Some(ticks) = round_due
+        && !h.round.running()
+    {
+        let slots: Vec<u32> = h.trackers.keys().copied().collect();
+        h.round.start(slots, ticks, std::time::Instant::now());
+    }
+    let mut owed = h.round.take();
     for t in h.trackers.values_mut() {
-        if t.take_check_due() || reconcile_due {
+        if t.take_check_due() && !owed.contains(&t.slot()) {
             owed.push(t.slot());
         }
     }
-    // One read of the flow maps for every check owed (grouped by slot).
-    let mut entries = if owed.is_empty() {
-        Default::default()
-    } else {
-        match h.probe.flow_entries() {
-            Ok(all) => crate::tracking::host::by_slot(all),
-            Err(e) => {
-                tracing::warn!("reading the flow maps for reconciliation failed: {e}");
-                owed.clear();
-                Default::default()
-            }
+    check(&mut h, owed);
+    let checked = h.round.finished();
+    match h.snapshot() {
+        Ok(s) => reader.publish(s),
+        Err(e) => tracing::warn!("reading counts failed: {e}"),
+    }
+    Ran { walked, checked }
+}
+
+/// The socket-table checks of `slots`, each against its entries of one
+/// read of the flow maps; their cost goes to the round.
+fn check(h: &mut Host, slots: Vec<u32>) {
+    if slots.is_empty() {
+        return;
+    }
+    let mut entries = match h.probe.flow_entries() {
+        Ok(all) => crate::tracking::host::by_slot(all),
+        Err(e) => {
+            tracing::warn!("reading the flow maps for reconciliation failed: {e}");
+            return;
         }
     };
-    for slot in owed {
-        let Host {
-            probe, trackers, ..
-        } = &mut *h;
+    let Host {
+        probe,
+        trackers,
+        round,
+        ..
+    } = h;
+    for slot in slots {
         let Some(t) = trackers.get_mut(&slot) else {
             continue;
         };
@@ -111,14 +130,9 @@ pub fn tick(host: &Mutex<Host>, reader: &Reader, walk_due: bool, reconcile_due: 
             Ok(n) => tracing::info!("{}: reconciled {n} flows with the socket table", t.identity),
             Err(e) => tracing::warn!("{}: reconciliation failed: {e}", t.identity),
         }
-        tracing::debug!("socket-table check cost {took:?} of CPU");
-        checked = Some(checked.unwrap_or(Duration::ZERO) + took);
+        tracing::debug!("{}: socket-table check cost {took:?} of CPU", t.identity);
+        round.add(took);
     }
-    match h.snapshot() {
-        Ok(s) => reader.publish(s),
-        Err(e) => tracing::warn!("reading counts failed: {e}"),
-    }
-    Ran { walked, checked }
 }
 
 /// Applies what each namespace's files said: addresses, sysctls, signals.
@@ -203,4 +217,14 @@ pub fn follow_links(host: &Arc<Mutex<Host>>) {
             Err(e) => tracing::warn!("reading the namespace's addresses failed: {e}"),
         }
     }
+}
+
+/// Starts what the last look queued, one step of the host's lock at a time
+/// (see [`Host::start_waiting`]). Returns whether more wait.
+pub fn start_step(host: &Mutex<Host>) -> bool {
+    let mut h = host.lock().expect("host lock");
+    for n in h.start_waiting(crate::tracking::host::STEP_BUDGET) {
+        tracing::info!("{n}: monitored");
+    }
+    h.waiting() > 0
 }

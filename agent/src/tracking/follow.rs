@@ -1,13 +1,18 @@
 //! `--all-namespaces`: following the host's namespaces as they come and go.
 //! Once a tick the host looks (`kernel::discover`): a namespace seen for the
-//! first time gets a tracker (its interfaces attached, its table seeded); a
+//! first time is queued, and gets a tracker (its interfaces attached, its
+//! table seeded) from the daemon's starter, one short step at a time; a
 //! namespace that no process or mount holds any more is dropped, and with
 //! its tracker go the agent's thread, sockets and links in it, so the
 //! kernel can free it. Interfaces that appear inside a namespace later are
 //! attached by the same look.
 
 use crate::{
-    kernel::{discover::discover, netns::NetNs, privileges},
+    kernel::{
+        discover::{Found, discover},
+        netns::NetNs,
+        privileges,
+    },
     tracking::{
         host::{Host, Identity},
         tracker::Tracker,
@@ -17,21 +22,25 @@ use crate::{
 /// What one look changed.
 #[derive(Debug, Default)]
 pub struct Followed {
-    pub started: Vec<String>,
     pub dropped: Vec<String>,
-    /// Namespaces found but left for the next look (the look's time spent).
+    /// New namespaces found, queued for [`Host::start_waiting`].
     pub waiting: usize,
 }
 
+/// How many namespaces sharing the host's socket table make the agent say
+/// so (see [`Host::hint_shared_tables`]).
+const SHARED_HINT: usize = 64;
+
+/// Namespaces found by the last look and not started yet, the agent's own
+/// first.
+pub type Waiting = Vec<(u64, Found)>;
+
 impl Host {
-    /// Starts tracking the namespaces that appeared and drops those gone
-    /// (with every namespace; a no-op otherwise). Starting one takes tens of
-    /// milliseconds (its links each take the kernel's rtnl lock and an RCU
-    /// grace period, its table is read): the look starts what `budget`
-    /// allows, the agent's own namespace first, and leaves the rest to the
-    /// next, so the host's lock is never held long (timers wait on it).
-    pub fn follow_namespaces(&mut self, budget: std::time::Duration) -> Followed {
-        let began = std::time::Instant::now();
+    /// Looks for the host's namespaces (with every namespace; a no-op
+    /// otherwise): drops those gone, keeps the others' names current, and
+    /// queues the new ones for [`Host::start_waiting`]. Each look replaces
+    /// the queue, so a namespace gone before its start is never tried.
+    pub fn look_for_namespaces(&mut self) -> Followed {
         let mut out = Followed::default();
         let Some(keeper) = &self.keeper else {
             return out;
@@ -75,19 +84,32 @@ impl Host {
                 .map(|p| p.display().to_string())
                 .unwrap_or_default(),
         );
-        let (probe, trackers, cfg, clock) =
-            (&mut self.probe, &mut self.trackers, &self.cfg, self.clock);
-        let mut new: Vec<_> = found
+        let mut new: Waiting = found
             .into_iter()
             .filter(|(inode, _)| !tracked.contains(inode))
             .collect();
         new.sort_by_key(|(inode, _)| Some(*inode) != own);
-        let total = new.len();
-        for (done, (inode, f)) in new.into_iter().enumerate() {
-            if began.elapsed() > budget {
-                out.waiting = total - done;
-                break;
-            }
+        out.waiting = new.len();
+        self.waiting = new;
+        out
+    }
+
+    /// Starts trackers for the queued namespaces until `budget` is spent,
+    /// and returns the ones started. Starting one takes tens of
+    /// milliseconds, nearly all of it the kernel attaching its links (each
+    /// takes the rtnl lock and waits for an RCU grace period, so starts
+    /// cannot overlap): callers take the host's lock for one short step at
+    /// a time, so timers and ticks are never held back long.
+    pub fn start_waiting(&mut self, budget: std::time::Duration) -> Vec<String> {
+        let began = std::time::Instant::now();
+        let mut started_now = Vec::new();
+        let Some(keeper) = &self.keeper else {
+            return started_now;
+        };
+        let (probe, trackers, cfg, clock) =
+            (&mut self.probe, &mut self.trackers, &self.cfg, self.clock);
+        let mut queue = std::mem::take(&mut self.waiting).into_iter();
+        for (inode, f) in queue.by_ref() {
             let identity = Identity {
                 inode,
                 name: f.name.clone(),
@@ -122,14 +144,46 @@ impl Host {
                     if let Err(e) = t.netns().run(|| privileges::keep_only(&privileges::ATTACH)) {
                         tracing::warn!("{label}: {e}");
                     }
-                    out.started.push(label);
+                    started_now.push(label);
                     trackers.insert(t.slot(), t);
                 }
                 Ok(None) => {}
                 Err(e) => tracing::warn!("{label}: not monitored: {e}"),
             }
+            if began.elapsed() > budget {
+                break;
+            }
         }
-        out
+        self.waiting = queue.collect();
+        self.hint_shared_tables();
+        started_now
+    }
+
+    /// Says once when many namespaces share the host's socket table: each
+    /// check of one (a sock_diag dump, the only per-namespace view the
+    /// kernel gives; a BPF `iter/tcp` is filtered the same way) walks the
+    /// whole host's table, so checks cost namespaces × table size.
+    fn hint_shared_tables(&mut self) {
+        let shared: Vec<i64> = self
+            .trackers
+            .values()
+            .filter_map(|t| t.table_buckets)
+            .filter(|b| *b < 0)
+            .collect();
+        if self.shared_hinted || shared.len() < SHARED_HINT {
+            return;
+        }
+        self.shared_hinted = true;
+        tracing::info!(
+            "{} namespaces share the host's TCP socket table ({} buckets): each socket-table check of one walks all of it; `sysctl net.ipv4.tcp_child_ehash_entries=N` gives namespaces made after it a table of their own",
+            shared.len(),
+            -shared[0]
+        );
+    }
+
+    /// How many namespaces wait for [`Host::start_waiting`].
+    pub fn waiting(&self) -> usize {
+        self.waiting.len()
     }
 
     /// Looks at the interfaces of the namespaces in `slots` (all: `None`):

@@ -81,9 +81,10 @@ impl fmt::Display for Identity {
 }
 
 /// How long starting trackers may take before the agent first answers, and
-/// in each tick after (the host's lock is held meanwhile).
+/// in each step of the daemon's starter after (the host's lock is held
+/// meanwhile).
 pub const START_BUDGET: std::time::Duration = std::time::Duration::from_millis(500);
-pub const TICK_BUDGET: std::time::Duration = std::time::Duration::from_millis(250);
+pub const STEP_BUDGET: std::time::Duration = std::time::Duration::from_millis(40);
 
 /// See [`Host::due`].
 pub const YOUNG: std::time::Duration = std::time::Duration::from_secs(10);
@@ -105,6 +106,12 @@ pub struct Host {
     cursor: u32,
     last_due: Vec<u32>,
     started: std::time::Instant,
+    /// See [`Host::look_for_namespaces`].
+    pub(crate) waiting: crate::tracking::follow::Waiting,
+    /// The socket-table checks under way (see `serve::tick`).
+    pub(crate) round: crate::tracking::pacing::Round,
+    /// Whether the agent said that many namespaces share one socket table.
+    pub(crate) shared_hinted: bool,
 }
 
 impl Host {
@@ -131,6 +138,9 @@ impl Host {
             keeper: None,
             reports_missed: 0,
             started: std::time::Instant::now(),
+            waiting: Vec::new(),
+            round: Default::default(),
+            shared_hinted: false,
         };
         match &cfg.scope {
             Scope::One(name) => {
@@ -159,12 +169,13 @@ impl Host {
                 host.keeper = Some(NetNs::keeper()?);
                 // The rest (hundreds of namespaces take seconds) is
                 // followed by the ticks, with the agent already answering.
-                let f = host.follow_namespaces(START_BUDGET);
-                if f.waiting > 0 {
+                host.look_for_namespaces();
+                let started = host.start_waiting(START_BUDGET);
+                if host.waiting() > 0 {
                     tracing::info!(
                         "{} namespaces monitored, {} to follow",
-                        f.started.len(),
-                        f.waiting
+                        started.len(),
+                        host.waiting()
                     );
                 }
             }
@@ -330,15 +341,12 @@ impl Host {
     /// One snapshot of many: counts, events and breakdowns summed, and the
     /// namespaces listed.
     fn combine(&self, parts: Vec<(Identity, u32, Snapshot)>) -> Snapshot {
-        let mut total: Option<Snapshot> = None;
-        let mut namespaces = Vec::new();
-        for (id, slot, snap) in parts {
-            namespaces.push(NetnsCounts::of(&id, slot, &snap));
-            total = Some(match total {
-                None => snap,
-                Some(t) => t.plus(&snap),
-            });
-        }
+        let namespaces = parts
+            .iter()
+            .map(|(id, slot, snap)| NetnsCounts::of(id, *slot, snap))
+            .collect();
+        let snaps: Vec<Snapshot> = parts.into_iter().map(|(_, _, s)| s).collect();
+        let total = Snapshot::sum(&snaps);
         let mut total = total.unwrap_or_else(|| {
             Snapshot::new(
                 None,

@@ -69,6 +69,53 @@ impl Pacer {
     }
 }
 
+/// A round of socket-table checks, one per namespace, spread over the
+/// round's period: with hundreds of namespaces, checking all of them in one
+/// tick held the host's lock (and the timers) for most of a second. Each
+/// tick takes its share; the round's CPU time, summed, paces the next.
+#[derive(Debug, Default)]
+pub struct Round {
+    queue: std::collections::VecDeque<u32>,
+    share: usize,
+    started: Option<Instant>,
+    cost: Duration,
+}
+
+impl Round {
+    /// Whether a round is under way.
+    pub fn running(&self) -> bool {
+        self.started.is_some()
+    }
+
+    /// Starts a round over `slots`, to be done in about `ticks` ticks.
+    pub fn start(&mut self, slots: impl IntoIterator<Item = u32>, ticks: u32, now: Instant) {
+        self.queue = slots.into_iter().collect();
+        self.share = self.queue.len().div_ceil(ticks.max(1) as usize).max(1);
+        self.started = Some(now);
+        self.cost = Duration::ZERO;
+    }
+
+    /// The namespaces this tick checks.
+    pub fn take(&mut self) -> Vec<u32> {
+        let n = self.share.min(self.queue.len());
+        self.queue.drain(..n).collect()
+    }
+
+    /// A check of the round cost `took`.
+    pub fn add(&mut self, took: Duration) {
+        self.cost += took;
+    }
+
+    /// When the queue is empty: the round is over, and when it started and
+    /// what it cost are returned (once).
+    pub fn finished(&mut self) -> Option<(Instant, Duration)> {
+        if !self.queue.is_empty() {
+            return None;
+        }
+        self.started.take().map(|at| (at, self.cost))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -109,5 +156,38 @@ mod tests {
             ..p.clone()
         };
         assert_eq!(uncapped.gap(), Duration::from_millis(7200));
+    }
+
+    #[test]
+    fn a_round_is_spread_over_its_ticks_and_reports_its_whole_cost_once() {
+        let mut r = Round::default();
+        assert!(!r.running());
+        let t0 = Instant::now();
+        r.start(0..25, 10, t0);
+        let mut seen = Vec::new();
+        let mut ticks = 0;
+        while r.running() {
+            let now = r.take();
+            assert!(now.len() <= 3, "{now:?}");
+            for _ in &now {
+                r.add(Duration::from_millis(2));
+            }
+            seen.extend(now);
+            ticks += 1;
+            if let Some((at, cost)) = r.finished() {
+                assert_eq!((at, cost), (t0, Duration::from_millis(50)));
+            }
+        }
+        assert_eq!(
+            seen,
+            (0..25).collect::<Vec<_>>(),
+            "each namespace once, in order"
+        );
+        assert_eq!(ticks, 9, "25 namespaces, 3 a tick");
+        assert_eq!(r.finished(), None, "reported once");
+        // One namespace: checked at once, as before rounds.
+        r.start([7], 10, t0);
+        assert_eq!(r.take(), vec![7]);
+        assert!(r.finished().is_some());
     }
 }

@@ -70,6 +70,10 @@ pub struct Tracker {
     flows_in_map: [u64; 2],
     top_k: usize,
     started: std::time::Instant,
+    /// The local addresses last set in the probe (sorted), if known.
+    local_addrs: Option<Vec<std::net::IpAddr>>,
+    /// See [`nsinfo::socket_table_buckets`].
+    pub table_buckets: Option<i64>,
 }
 
 /// How long after the kernel reported a close in FIN_WAIT2 or CLOSING the
@@ -128,15 +132,16 @@ impl Tracker {
             // where it starts.
             let listening = diag.listening()?;
             seed::seed_listening(probe, slot, listening)?;
+            let buckets = nsinfo::socket_table_buckets();
             tracing::info!(
                 "{ns_label}: seeded {} existing connections from the socket table ({} already tracked, {} refused: map full), {listening} listening",
                 seeded.seeded,
                 seeded.already,
                 seeded.map_full
             );
-            Ok((diag, timeouts, listening))
+            Ok((diag, timeouts, listening, buckets))
         });
-        let (diag, timeouts, listening) = match started {
+        let (diag, timeouts, listening, table_buckets) = match started {
             Ok(s) => s,
             Err(e) => {
                 let _ = probe.forget_netns(slot);
@@ -168,6 +173,8 @@ impl Tracker {
             flows_in_map: [0; 2],
             top_k,
             started: std::time::Instant::now(),
+            local_addrs: None,
+            table_buckets,
         })
     }
 
@@ -266,12 +273,26 @@ impl Tracker {
     }
 
     /// Makes `addrs` the addresses the probe takes for local here.
+    /// Sets this namespace's local addresses in the probe, when they
+    /// changed since the last time (syncing them reads the whole address
+    /// maps, every namespace's entries: hundreds of namespaces doing so
+    /// each tick was a third of the agent's idle CPU).
     pub fn set_local_addresses(
         &mut self,
         probe: &mut Probe,
         addrs: &[std::net::IpAddr],
     ) -> Result<()> {
-        probe.set_local_addresses(self.slot, addrs)
+        let mut addrs = addrs.to_vec();
+        addrs.sort();
+        addrs.dedup();
+        if self.local_addrs.as_ref() == Some(&addrs) {
+            return Ok(());
+        }
+        // Unknown until set: a failed sync is tried again next time.
+        self.local_addrs = None;
+        probe.set_local_addresses(self.slot, &addrs)?;
+        self.local_addrs = Some(addrs);
+        Ok(())
     }
 
     /// Since the last call: new connections the full flow map (or the

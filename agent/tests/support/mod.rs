@@ -9,6 +9,7 @@ pub mod frames;
 pub mod hosts;
 pub mod machine;
 pub mod sampler;
+pub mod tmux;
 
 use std::{
     fs::File,

@@ -84,9 +84,14 @@ fn bold() -> Style {
 fn title_line(live: &Live, status: &Status) -> Line<'static> {
     let mut spans = vec![Span::styled("tcpstate", bold())];
     if let Some(s) = &live.last {
+        // With every namespace, the unfocused counts are the whole host's.
+        let scope = match (&s.netns, s.all_namespaces) {
+            (Some(ns), _) => ns.clone(),
+            (None, true) => format!("all {} namespaces", s.namespaces.len()),
+            (None, false) => "host namespace".to_owned(),
+        };
         spans.push(Span::raw(format!(
-            " | {} | {} | up {}",
-            s.netns.as_deref().unwrap_or("host namespace"),
+            " | {scope} | {} | up {}",
             if s.interfaces.is_empty() {
                 "no interfaces".to_owned()
             } else {
@@ -437,6 +442,7 @@ mod tests {
     fn with_every_namespace_the_namespaces_take_the_peers_place() {
         let mut snap = snapshot(1000, 41, 100);
         snap.all_namespaces = true;
+        snap.netns = None;
         let ns = |inode: u64, name: Option<&str>, est: u64| {
             let mut states = StateCounts::default();
             states.set(TcpState::Established, est);
@@ -457,6 +463,11 @@ mod tests {
         let lines = screen(&live, &Status::default(), 80, 24);
         let text = lines.join("\n");
         assert!(text.contains("Top namespaces"), "{text}");
+        assert!(
+            lines[0].starts_with("tcpstate | all 2 namespaces |"),
+            "the total is the host's, every namespace: {}",
+            lines[0]
+        );
         assert!(!text.contains("Top remote peers"), "{text}");
         let blue = lines
             .iter()
