@@ -45,6 +45,10 @@ pub enum Error {
     },
     #[error("no tcpstate agent is running (nothing answers at {0}); start one with `tcpstate run`")]
     NoAgent(PathBuf),
+    #[error(
+        "permission denied at {0}: the agent answers only root there, and the members of the group `run --socket-group GROUP` named; run as root or join that group"
+    )]
+    NoAccess(PathBuf),
     #[error("eBPF: {0}")]
     Ebpf(#[from] aya::EbpfError),
     #[error("eBPF map: {0}")]

@@ -13,6 +13,7 @@
 pub mod client;
 pub mod error;
 pub mod kernel;
+pub mod names;
 pub mod serve;
 pub mod snapshot;
 pub mod tracking;

@@ -110,6 +110,14 @@ struct RunArgs {
     /// Control socket that `tcpstate count`, `watch` and `top` ask.
     #[arg(long, default_value = control::DEFAULT_SOCKET)]
     socket: PathBuf,
+    /// With --all-namespaces: the Docker daemon's socket, asked for the
+    /// names of containers (a daemon not there is tried again every 2 s).
+    #[arg(long, default_value = tcpstate::names::docker::DEFAULT_SOCKET, value_name = "PATH")]
+    docker_socket: PathBuf,
+    /// Let this group's members use the control socket (`count`, `watch`,
+    /// `top`) without root; by default only root may.
+    #[arg(long, value_name = "GROUP")]
+    socket_group: Option<String>,
     /// Connections tracked at once per address family (flow map capacity); beyond it new flows are counted as map_full.
     #[arg(long, default_value_t = 262_144)]
     max_flows: u32,
@@ -282,6 +290,7 @@ fn run(args: RunArgs) -> ExitCode {
         let _ = std::fs::create_dir_all(dir);
     }
     logging(log_file.as_deref());
+    raise_descriptor_limit();
     let cfg = Config {
         agent: host::Config {
             scope: if args.all_namespaces {
@@ -311,6 +320,8 @@ fn run(args: RunArgs) -> ExitCode {
         reconcile_every: (args.reconcile_interval > 0)
             .then(|| Duration::from_secs(args.reconcile_interval)),
         metrics: args.metrics,
+        docker_socket: args.docker_socket,
+        socket_group: args.socket_group,
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -350,5 +361,22 @@ fn run(args: RunArgs) -> ExitCode {
             }
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Raises the soft limit on open descriptors to the hard one: every
+/// monitored namespace holds a few (its links, entry programs, sock_diag
+/// socket), and the metrics endpoint up to its connection cap, beyond the
+/// 1,024 a service gets by default.
+fn raise_descriptor_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!("raising the descriptor limit from {soft} to {hard}: {e}");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!("reading the descriptor limit: {e}"),
     }
 }

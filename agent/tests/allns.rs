@@ -446,7 +446,9 @@ fn count_names_namespaces_as_scripts_expect() {
     let rows = by_netns(&agent);
     let row = rows.iter().find(|r| r["netns"] == inode).expect("listed");
     let keys: Vec<&String> = row.as_object().unwrap().keys().collect();
-    assert_eq!(keys, ["netns", "name", "pid", "states"]);
+    // Issue 10's shape, with who owns the namespace (null: nobody says).
+    assert_eq!(keys, ["netns", "name", "pid", "container", "pod", "states"]);
+    assert!(row["container"].is_null() && row["pod"].is_null(), "{row}");
     assert_eq!(row["states"]["LISTEN"], 1);
     assert!(
         rows.iter().any(|r| r["netns"] == host_inode()),

@@ -41,8 +41,17 @@ pub fn count(path: &Path, filter: &PortFilter) -> Result<StateCounts> {
     ask(path, &request)
 }
 
+/// Connects to the agent at `path`, telling "none runs" from "not yours
+/// to ask" (a socket only root, or `--socket-group`'s members, may use).
+pub fn connect(path: &Path) -> Result<UnixStream> {
+    UnixStream::connect(path).map_err(|e| match e.raw_os_error() {
+        Some(libc::EACCES) | Some(libc::EPERM) => Error::NoAccess(path.to_owned()),
+        _ => Error::NoAgent(path.to_owned()),
+    })
+}
+
 fn ask<T: serde::de::DeserializeOwned>(path: &Path, request: &str) -> Result<T> {
-    let mut stream = UnixStream::connect(path).map_err(|_| Error::NoAgent(path.to_owned()))?;
+    let mut stream = connect(path)?;
     stream.set_read_timeout(Some(Duration::from_secs(10))).ok();
     stream
         .write_all(request.as_bytes())

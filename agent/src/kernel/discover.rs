@@ -21,6 +21,9 @@ pub struct Found {
     pub comm: Option<String>,
     /// Files that enter it: its bind mounts, `/proc/PID/ns/net`.
     pub paths: Vec<PathBuf>,
+    /// Every process in it (a runtime names a container by its first
+    /// process, not always the lowest-numbered).
+    pub pids: Vec<u32>,
 }
 
 /// Folders whose bind mounts carry `ip netns` names.
@@ -59,6 +62,7 @@ pub fn discover(own_pid: u32) -> BTreeMap<u64, Found> {
         };
         let f = out.entry(inode).or_default();
         f.inode = inode;
+        f.pids.push(pid);
         if f.pid.is_none() {
             f.pid = Some(pid);
             f.comm = std::fs::read_to_string(format!("/proc/{pid}/comm"))

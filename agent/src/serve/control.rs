@@ -2,10 +2,11 @@
 //! answer per connection (the protocol is in `client::control`).
 
 use std::{
+    collections::HashMap,
     os::unix::net::UnixStream,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -41,11 +42,53 @@ pub fn claim(path: &Path) -> Result<PathBuf> {
     Ok(path.to_owned())
 }
 
+/// Makes the socket at `path` root's only (mode 0600), or root's and
+/// `group`'s (0660): the counts of every namespace are not every local
+/// user's to read, and the expensive requests not theirs to make.
+pub fn restrict(path: &Path, group: Option<&str>) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = match group {
+        None => 0o600,
+        Some(name) => {
+            let g = nix::unistd::Group::from_name(name)
+                .map_err(|e| Error::io(format!("looking up group {name}"), e.into()))?
+                .ok_or_else(|| {
+                    Error::io(
+                        format!("--socket-group {name}"),
+                        std::io::Error::other("no such group"),
+                    )
+                })?;
+            nix::unistd::chown(path, None, Some(g.gid)).map_err(|e| {
+                Error::io(
+                    format!("giving {} to group {name}", path.display()),
+                    e.into(),
+                )
+            })?;
+            0o660
+        }
+    };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| Error::io(format!("setting the mode of {}", path.display()), e))
+}
+
+/// How long an expensive answer (a socket-table check, a walk of the flow
+/// maps) is given again to whoever asks the same: a local user asking in a
+/// loop makes the agent do the work at most once a second.
+pub const EXPENSIVE_EVERY: Duration = Duration::from_secs(1);
+
+/// An answer, and when it was made.
+type Made = (Instant, Vec<u8>);
+
+/// The expensive answers of the last [`EXPENSIVE_EVERY`], by request line.
+#[derive(Clone, Default)]
+pub struct Recent(Arc<tokio::sync::Mutex<HashMap<String, Made>>>);
+
 /// Answers one client.
 pub async fn answer(
     stream: tokio::net::UnixStream,
     agent: Arc<Mutex<Host>>,
     reader: Arc<Reader>,
+    recent: Recent,
 ) -> anyhow::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
@@ -54,8 +97,21 @@ pub async fn answer(
         BufReader::new(read).read_line(&mut line),
     )
     .await??;
+    if line.as_str() == REQUEST {
+        let mut out = serde_json::to_vec(&reader.snapshot()?)?;
+        out.push(b'\n');
+        write.write_all(&out).await?;
+        return Ok(());
+    }
+    // One expensive answer at a time (the lock is held while it is made),
+    // and the same question within a second gets the same answer.
+    let mut recent = recent.0.lock().await;
+    recent.retain(|_, (at, _)| at.elapsed() < EXPENSIVE_EVERY);
+    if let Some((_, out)) = recent.get(&line) {
+        write.write_all(out).await?;
+        return Ok(());
+    }
     let mut out = match line.as_str() {
-        REQUEST => serde_json::to_vec(&reader.snapshot()?)?,
         // These read the flow map or the socket table: off the runtime thread.
         VERIFY => {
             let snap =
@@ -76,6 +132,8 @@ pub async fn answer(
         },
     };
     out.push(b'\n');
+    recent.insert(line, (Instant::now(), out.clone()));
+    drop(recent);
     write.write_all(&out).await?;
     Ok(())
 }

@@ -58,6 +58,10 @@ pub struct Config {
     pub reconcile_every: Option<Duration>,
     /// Where to serve OpenMetrics (`None`: no endpoint).
     pub metrics: Option<std::net::SocketAddr>,
+    /// With every namespace: the Docker daemon asked for container names.
+    pub docker_socket: PathBuf,
+    /// The group whose members may use the control socket (else root only).
+    pub socket_group: Option<String>,
 }
 
 /// Runs the agent until SIGINT, SIGTERM or SIGHUP.
@@ -82,6 +86,7 @@ pub async fn run(
     let listener = UnixListener::bind(&socket_path)
         .map_err(|e| Error::io(format!("listening on {}", socket_path.display()), e))?;
     let _cleanup = RemoveOnDrop(socket_path.clone());
+    control::restrict(&socket_path, cfg.socket_group.as_deref())?;
     let metrics = match cfg.metrics {
         Some(addr) => Some(
             tokio::net::TcpListener::bind(addr)
@@ -140,13 +145,15 @@ pub async fn run(
     // the maintenance below (which runs on blocking threads).
     let _control = {
         let (agent, reader) = (Arc::clone(&agent), Arc::clone(&reader));
+        let recent = control::Recent::default();
         AbortOnDrop(tokio::spawn(async move {
             loop {
                 match listener.accept().await {
                     Ok((stream, _)) => {
                         let (agent, reader) = (Arc::clone(&agent), Arc::clone(&reader));
+                        let recent = recent.clone();
                         tokio::spawn(async move {
-                            if let Err(e) = control::answer(stream, agent, reader).await {
+                            if let Err(e) = control::answer(stream, agent, reader, recent).await {
                                 tracing::debug!("control client: {e}");
                             }
                         });
@@ -160,8 +167,16 @@ pub async fn run(
     let asked = Arc::new(Notify::new());
     let _questions = asks.map(|ring| questions(ring, Arc::clone(&agent), Arc::clone(&asked)));
     let _links = links.map(|watch| follow(watch, Arc::clone(&agent)));
-    let _starter = (cfg.agent.scope == Scope::All)
-        .then(|| AbortOnDrop(tokio::spawn(starter(Arc::clone(&agent)))));
+    let all = cfg.agent.scope == Scope::All;
+    let _starter = all.then(|| AbortOnDrop(tokio::spawn(starter(Arc::clone(&agent)))));
+    // Container names from Docker, when it runs (tried again every 2 s).
+    let _docker = all.then(|| {
+        let names = agent.lock().expect("agent lock").names.clone();
+        AbortOnDrop(tokio::spawn(crate::names::docker::follow(
+            cfg.docker_socket.clone(),
+            names,
+        )))
+    });
     let stop = async move {
         match stop {
             Some(rx) => {

@@ -29,6 +29,12 @@ pub struct NetnsCounts {
     /// The probe's slot for it (internal; the reader's key).
     #[serde(default)]
     pub slot: u32,
+    /// The container whose namespace it is, where a runtime or a cgroup says.
+    #[serde(default)]
+    pub container: Option<crate::names::Container>,
+    /// The Kubernetes pod whose namespace it is.
+    #[serde(default)]
+    pub pod: Option<crate::names::Pod>,
 }
 
 impl NetnsCounts {
@@ -48,17 +54,37 @@ impl NetnsCounts {
             refused: event(Event::MapFull) + event(Event::NetnsShareFull),
             drift: snap.drift.clone(),
             slot,
+            container: id.owner.container.clone(),
+            pod: id.owner.pod.clone(),
+        }
+    }
+
+    /// Who it belongs to, as one value.
+    pub fn owner(&self) -> crate::names::Owner {
+        crate::names::Owner {
+            container: self.container.clone(),
+            pod: self.pod.clone(),
         }
     }
 
     /// Whether `sel` names this namespace: its `ip netns` name, its inode
-    /// number, or `pid:PID` of a process in it (as the reader's `in_ns`
-    /// says).
+    /// number, `pid:PID` of a process in it (as the reader's `in_ns` says),
+    /// its container's name or id (12 digits or more), or
+    /// `pod:NAMESPACE/NAME`.
     pub fn selected_by(&self, sel: &Selector) -> bool {
         match sel {
             Selector::Inode(i) => self.netns == *i,
-            Selector::Name(n) => self.name.as_deref() == Some(n.as_str()),
+            Selector::Name(n) => {
+                self.name.as_deref() == Some(n.as_str())
+                    || self.container.as_ref().is_some_and(|c| {
+                        c.name.as_deref() == Some(n.as_str())
+                            || (n.len() >= 12 && c.id.starts_with(n.as_str()))
+                    })
+            }
             Selector::Pid(_, inode) => *inode == Some(self.netns),
+            Selector::Pod(ns, name) => self.pod.as_ref().is_some_and(|p| {
+                p.namespace.as_deref() == Some(ns.as_str()) && p.name.as_deref() == Some(name)
+            }),
         }
     }
 }
@@ -71,10 +97,15 @@ pub enum Selector {
     /// `pid:PID`, with the inode of that process's namespace where it was
     /// readable.
     Pid(u32, Option<u64>),
+    /// `pod:NAMESPACE/NAME`.
+    Pod(String, String),
 }
 
 impl Selector {
     pub fn parse(s: &str) -> Selector {
+        if let Some((ns, name)) = s.strip_prefix("pod:").and_then(|p| p.split_once('/')) {
+            return Selector::Pod(ns.to_owned(), name.to_owned());
+        }
         if let Some(pid) = s.strip_prefix("pid:").and_then(|p| p.parse::<u32>().ok()) {
             let inode = std::fs::read_link(format!("/proc/{pid}/ns/net"))
                 .ok()

@@ -7,12 +7,15 @@
 //! kernel can free it. Interfaces that appear inside a namespace later are
 //! attached by the same look.
 
+use std::collections::HashMap;
+
 use crate::{
     kernel::{
         discover::{Found, discover},
         netns::NetNs,
         privileges,
     },
+    names::{self, Names},
     tracking::{
         host::{Host, Identity},
         tracker::Tracker,
@@ -69,21 +72,30 @@ impl Host {
                 tracing::warn!("forgetting namespace slot {slot}: {e}");
             }
         }
-        for t in self.trackers.values_mut() {
-            if let Some(f) = found.get(&t.identity.inode) {
-                // A name given or a process gone since: keep it current.
-                t.identity.name = f.name.clone().or(t.identity.name.take());
-                if f.pid.is_some() {
-                    (t.identity.pid, t.identity.comm) = (f.pid, f.comm.clone());
-                }
-            }
-        }
-        let tracked: Vec<u64> = self.trackers.values().map(|t| t.identity.inode).collect();
         let own = crate::kernel::discover::net_inode(
             &std::fs::read_link("/proc/self/ns/net")
                 .map(|p| p.display().to_string())
                 .unwrap_or_default(),
         );
+        let pid_netns: HashMap<u32, u64> = found
+            .values()
+            .flat_map(|f| f.pids.iter().map(|p| (*p, f.inode)))
+            .collect();
+        self.owners = self.names.by_inode(|pid| pid_netns.get(&pid).copied());
+        for t in self.trackers.values_mut() {
+            if let Some(f) = found.get(&t.identity.inode) {
+                // A name given or a process gone since: keep it current.
+                t.identity.name = f.name.clone().or(t.identity.name.take());
+                if f.pid.is_some() && f.pid != t.identity.pid {
+                    (t.identity.pid, t.identity.comm) = (f.pid, f.comm.clone());
+                    t.identity.cgroup = f.pid.map(names::cgroup_of).unwrap_or_default();
+                }
+                t.identity.owner =
+                    Names::owner(&self.owners, t.identity.inode, own, &t.identity.cgroup);
+            }
+        }
+        self.own_inode = own;
+        let tracked: Vec<u64> = self.trackers.values().map(|t| t.identity.inode).collect();
         let mut new: Waiting = found
             .into_iter()
             .filter(|(inode, _)| !tracked.contains(inode))
@@ -108,13 +120,17 @@ impl Host {
         };
         let (probe, trackers, cfg, clock) =
             (&mut self.probe, &mut self.trackers, &self.cfg, self.clock);
+        let (owners, own_inode) = (&self.owners, self.own_inode);
         let mut queue = std::mem::take(&mut self.waiting).into_iter();
         for (inode, f) in queue.by_ref() {
+            let cgroup = f.pid.map(names::cgroup_of).unwrap_or_default();
             let identity = Identity {
                 inode,
                 name: f.name.clone(),
                 pid: f.pid,
                 comm: f.comm.clone(),
+                owner: Names::owner(owners, inode, own_inode, &cgroup),
+                cgroup,
             };
             let label = identity.to_string();
             // On the keeper thread: it holds what entering and loading take,

@@ -56,17 +56,25 @@ pub struct Config {
 
 /// How a namespace is named to the user: its inode (as `lsns -t net` and
 /// `readlink /proc/PID/ns/net` show it), its `ip netns` name, a process in
-/// it. Container and pod names will join these.
+/// it, and its container and pod where they exist (`names`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Identity {
     pub inode: u64,
     pub name: Option<String>,
     pub pid: Option<u32>,
     pub comm: Option<String>,
+    pub owner: crate::names::Owner,
+    /// What the cgroup of `pid` said (read again when `pid` changes).
+    pub cgroup: crate::names::cgroup::FromCgroup,
 }
 
 impl fmt::Display for Identity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.name.is_none()
+            && let Some(o) = self.owner.display()
+        {
+            return write!(f, "netns {} ({o})", self.inode);
+        }
         match (&self.name, self.pid) {
             (Some(n), _) => write!(f, "netns {n} ({})", self.inode),
             (None, Some(pid)) => write!(
@@ -112,6 +120,12 @@ pub struct Host {
     pub(crate) round: crate::tracking::pacing::Round,
     /// Whether the agent said that many namespaces share one socket table.
     pub(crate) shared_hinted: bool,
+    /// What the container runtimes say (their watchers write it).
+    pub names: crate::names::Names,
+    /// The runtimes' containers by namespace inode, at the last look.
+    pub(crate) owners: std::collections::HashMap<u64, crate::names::Owner>,
+    /// The agent's own namespace's inode (no container owns it).
+    pub(crate) own_inode: Option<u64>,
 }
 
 impl Host {
@@ -141,6 +155,9 @@ impl Host {
             waiting: Vec::new(),
             round: Default::default(),
             shared_hinted: false,
+            names: Default::default(),
+            owners: Default::default(),
+            own_inode: None,
         };
         match &cfg.scope {
             Scope::One(name) => {
@@ -151,8 +168,7 @@ impl Host {
                 let identity = Identity {
                     inode: ns.inode(),
                     name: name.clone(),
-                    pid: None,
-                    comm: None,
+                    ..Identity::default()
                 };
                 let t = Tracker::start(
                     &mut host.probe,

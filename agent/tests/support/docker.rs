@@ -128,16 +128,24 @@ impl Dockerd {
 
     /// Starts a container running `cmd` (sh -c); returns its id.
     pub fn run(&self, cmd: &str) -> String {
-        self.ok(&[
-            "run",
-            "-d",
-            "--label",
-            "tcpstate-test",
-            IMAGE,
-            "sh",
-            "-c",
-            cmd,
-        ])
+        self.run_with(&[], cmd)
+    }
+
+    /// Starts a container named `name` running `cmd` (sh -c); returns its id.
+    pub fn run_named(&self, name: &str, cmd: &str) -> String {
+        self.run_with(&["--name", name], cmd)
+    }
+
+    fn run_with(&self, opts: &[&str], cmd: &str) -> String {
+        let mut args = vec!["run", "-d", "--label", "tcpstate-test"];
+        args.extend(opts);
+        args.extend([IMAGE, "sh", "-c", cmd]);
+        self.ok(&args)
+    }
+
+    /// The daemon's API socket (what `run --docker-socket` takes).
+    pub fn socket(&self) -> String {
+        self.host.trim_start_matches("unix://").to_owned()
     }
 
     /// The container's pid (its namespace: /proc/PID/ns/net) and address.

@@ -6,9 +6,14 @@
 
 use crate::snapshot::{NetnsCounts, Selector, Snapshot};
 
-/// How a namespace is named on screen: its `ip netns` name, else its inode
-/// and a process in it.
+/// How a namespace is named on screen: its `ip netns` name, else its pod
+/// (`NAMESPACE/NAME`) or container, else its inode and a process in it.
 pub fn label(ns: &NetnsCounts) -> String {
+    if ns.name.is_none()
+        && let Some(o) = ns.owner().display()
+    {
+        return o;
+    }
     match (&ns.name, ns.pid) {
         (Some(n), _) => n.clone(),
         (None, Some(pid)) => format!(
@@ -102,6 +107,8 @@ mod tests {
             refused: 0,
             drift: Default::default(),
             slot: 0,
+            container: None,
+            pod: None,
         }
     }
 

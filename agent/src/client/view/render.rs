@@ -455,6 +455,8 @@ mod tests {
                 refused: 0,
                 drift: Default::default(),
                 slot: 0,
+                container: None,
+                pod: None,
             }
         };
         snap.namespaces = vec![ns(4026531840, None, 2), ns(4026532281, Some("blue"), 39)];

@@ -7,20 +7,14 @@
 //! State names follow node_exporter's `node_tcp_connection_states{state}`
 //! spelling users already know (`established`, `time_wait`, ...).
 
-use std::{
-    net::{IpAddr, Ipv4Addr, SocketAddr},
-    sync::Arc,
-};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use http_body_util::Full;
 use hyper::{
     Method, Request, Response, StatusCode,
     body::{Bytes, Incoming},
     header::CONTENT_TYPE,
-    server::conn::http1,
-    service::service_fn,
 };
-use hyper_util::rt::TokioIo;
 use prometheus_client::encoding::prometheus_text;
 
 use crate::serve::reader::Reader;
@@ -28,8 +22,10 @@ use crate::serve::reader::Reader;
 mod kernel;
 mod netns;
 mod render;
+mod server;
 
 pub use render::{render, state_label};
+pub use server::serve;
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
@@ -70,27 +66,7 @@ pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
         .map_err(|_| format!("{s:?} is not PORT, :PORT or ADDRESS:PORT"))
 }
 
-/// Serves `/metrics` on `addr` until the task is dropped.
-pub async fn serve(listener: tokio::net::TcpListener, reader: Arc<Reader>) -> std::io::Result<()> {
-    loop {
-        let (stream, _) = listener.accept().await?;
-        let reader = Arc::clone(&reader);
-        tokio::spawn(async move {
-            let service = service_fn(move |req: Request<Incoming>| {
-                let reader = Arc::clone(&reader);
-                async move { Ok::<_, std::convert::Infallible>(respond(&req, &reader)) }
-            });
-            if let Err(e) = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                tracing::debug!("metrics connection: {e}");
-            }
-        });
-    }
-}
-
-fn respond(req: &Request<Incoming>, reader: &Reader) -> Response<Full<Bytes>> {
+pub(super) fn respond(req: &Request<Incoming>, reader: &Reader) -> Response<Full<Bytes>> {
     let reply = |status: StatusCode, kind: &str, body: String| {
         Response::builder()
             .status(status)

@@ -1,0 +1,142 @@
+//! Container names from the Docker Engine API, through bollard (the
+//! maintained async Docker client; it speaks the API over the daemon's Unix
+//! socket with the hyper stack the agent already uses). The watcher
+//! subscribes to the daemon's container events first and then lists the
+//! running containers, so nothing that happens in between is missed; every
+//! container event (start, rename, die, destroy...) lists them again.
+//! Renames and restarts are followed that way: a restarted container is the
+//! same container, found in its new namespace by its new first process.
+
+use std::{collections::HashMap, path::PathBuf, time::Duration};
+
+use bollard::{
+    API_DEFAULT_VERSION, Docker,
+    query_parameters::{EventsOptionsBuilder, ListContainersOptionsBuilder},
+};
+use futures_util::StreamExt;
+
+use super::{Container, Names, Owner, Pod};
+
+/// Where the Docker daemon listens unless `--docker-socket` says otherwise.
+pub const DEFAULT_SOCKET: &str = "/var/run/docker.sock";
+
+/// How long the watcher waits before trying a daemon that did not answer.
+const RETRY: Duration = Duration::from_secs(2);
+
+/// Follows the daemon at `socket` for as long as the task lives, keeping
+/// `names` current. A daemon that is not there (or goes away) is tried
+/// again every [`RETRY`]; what it said meanwhile is forgotten.
+pub async fn follow(socket: PathBuf, names: Names) {
+    let mut said = None::<String>;
+    loop {
+        let why = match watch(&socket, &names).await {
+            Ok(()) => "its event stream ended".to_owned(),
+            Err(e) => e.to_string(),
+        };
+        names.forget("docker");
+        // Said once per reason: a host without Docker is not an error.
+        if said.as_deref() != Some(why.as_str()) {
+            tracing::debug!("Docker at {}: {why}", socket.display());
+            said = Some(why);
+        }
+        tokio::time::sleep(RETRY).await;
+    }
+}
+
+async fn watch(socket: &std::path::Path, names: &Names) -> Result<(), bollard::errors::Error> {
+    let path = socket.to_string_lossy();
+    let docker = Docker::connect_with_unix(&path, 10, API_DEFAULT_VERSION)?;
+    let filters = HashMap::from([("type", vec!["container"])]);
+    let mut events = docker.events(Some(EventsOptionsBuilder::new().filters(&filters).build()));
+    names.set("docker", running(&docker).await?);
+    tracing::info!("naming containers from Docker at {path}");
+    while let Some(event) = events.next().await {
+        event?;
+        names.set("docker", running(&docker).await?);
+    }
+    Ok(())
+}
+
+/// The running containers that have a namespace of their own, by the pid
+/// of their first process.
+async fn running(docker: &Docker) -> Result<HashMap<u32, Owner>, bollard::errors::Error> {
+    let list = docker
+        .list_containers(Some(ListContainersOptionsBuilder::new().build()))
+        .await?;
+    let mut out = HashMap::new();
+    for id in list.into_iter().filter_map(|c| c.id) {
+        // Gone between the list and the look: the next event lists again.
+        let Ok(c) = docker.inspect_container(&id, None).await else {
+            continue;
+        };
+        let mode = c
+            .host_config
+            .as_ref()
+            .and_then(|h| h.network_mode.clone())
+            .unwrap_or_default();
+        // `host`: the host's namespace; `container:X`: X's, named by X.
+        if mode == "host" || mode.starts_with("container:") {
+            continue;
+        }
+        let Some(pid) = c
+            .state
+            .as_ref()
+            .and_then(|s| s.pid)
+            .and_then(|p| u32::try_from(p).ok())
+            .filter(|p| *p > 0)
+        else {
+            continue;
+        };
+        let labels = c.config.and_then(|c| c.labels).unwrap_or_default();
+        out.insert(
+            pid,
+            Owner {
+                container: Some(Container {
+                    runtime: "docker".into(),
+                    id,
+                    name: c.name.map(|n| n.trim_start_matches('/').to_owned()),
+                }),
+                pod: pod_of(&labels),
+            },
+        );
+    }
+    Ok(out)
+}
+
+/// The pod a container belongs to, from the labels the kubelet (through
+/// cri-dockerd) puts on it.
+fn pod_of(labels: &HashMap<String, String>) -> Option<Pod> {
+    let get = |k: &str| labels.get(k).cloned();
+    let pod = Pod {
+        namespace: get("io.kubernetes.pod.namespace"),
+        name: get("io.kubernetes.pod.name"),
+        uid: get("io.kubernetes.pod.uid"),
+    };
+    (pod.name.is_some() || pod.uid.is_some()).then_some(pod)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kubelet_labels_name_the_pod_and_others_none() {
+        let labels: HashMap<String, String> = [
+            ("io.kubernetes.pod.namespace", "shop"),
+            ("io.kubernetes.pod.name", "cart-7d9f"),
+            (
+                "io.kubernetes.pod.uid",
+                "5d3a1f2e-7c4b-4e9a-8f6d-1b2c3d4e5f60",
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        let p = pod_of(&labels).expect("a pod");
+        assert_eq!(
+            (p.namespace.as_deref(), p.name.as_deref()),
+            (Some("shop"), Some("cart-7d9f"))
+        );
+        assert_eq!(pod_of(&HashMap::new()), None);
+    }
+}
