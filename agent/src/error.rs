@@ -49,6 +49,8 @@ pub enum Error {
         "permission denied at {0}: the agent answers only root there, and the members of the group `run --socket-group GROUP` named; run as root or join that group"
     )]
     NoAccess(PathBuf),
+    #[error("web config {0}: {1}")]
+    WebConfig(PathBuf, String),
     #[error("eBPF: {0}")]
     Ebpf(#[from] aya::EbpfError),
     #[error("eBPF map: {0}")]

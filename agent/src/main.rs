@@ -118,6 +118,11 @@ struct RunArgs {
     /// `top`) without root; by default only root may.
     #[arg(long, value_name = "GROUP")]
     socket_group: Option<String>,
+    /// TLS and basic auth for --metrics, in the format of the Prometheus
+    /// exporter-toolkit's web-config.yml (tls_server_config,
+    /// basic_auth_users with bcrypt hashes), as node_exporter reads it.
+    #[arg(long, visible_alias = "web.config.file", value_name = "FILE")]
+    web_config_file: Option<PathBuf>,
     /// Connections tracked at once per address family (flow map capacity); beyond it new flows are counted as map_full.
     #[arg(long, default_value_t = 262_144)]
     max_flows: u32,
@@ -322,6 +327,7 @@ fn run(args: RunArgs) -> ExitCode {
         metrics: args.metrics,
         docker_socket: args.docker_socket,
         socket_group: args.socket_group,
+        web_config: args.web_config_file,
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -1,28 +1,26 @@
 //! The agent as something exposed on a node: its metrics endpoint under
-//! thousands of slow and idle clients still answers a real scrape at once,
-//! and lets go of them within seconds. Needs root: `cargo xtask test` runs
-//! it.
+//! thousands of slow and idle clients still answers a real scrape at once
+//! and lets go of them within seconds; over TLS with basic auth it answers
+//! only the right password (curl, and a real Prometheus scraping it), and
+//! refuses plain HTTP; its control socket is root's unless a group is
+//! named, and its expensive answers are made once a second. Needs root:
+//! `cargo xtask test` runs it.
 
 mod support;
 
 use std::{
     io::{ErrorKind, Read, Write},
-    net::{TcpListener, TcpStream},
+    net::TcpStream,
+    path::{Path, PathBuf},
+    process::Command,
     time::{Duration, Instant},
 };
 
-use support::{Agent, VethPair, require_root};
+use support::{Agent, VethPair, http::free_port, prometheus::Prometheus, require_root};
+use tcpstate_common::TcpState;
 
 /// The slow clients: as many as the landed agent was tried with.
 const SLOW: usize = 6_000;
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// One scrape of /metrics: (how long it took, status line, body).
 fn scrape(addr: &str) -> (Duration, String, String) {
@@ -246,4 +244,245 @@ fn the_control_socket_is_roots_unless_a_group_is_named() {
     // Not a member: still refused, and told why.
     let out = count_as_nobody(&agent.socket, &[]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("permission denied"));
+}
+
+/// A folder with a CA, a server certificate for 127.0.0.1 signed by it, and
+/// a bcrypt hash made by the system's crypt(3) (libxcrypt): nothing of it
+/// from the agent's own code. Removed on drop.
+struct Pki(PathBuf);
+
+impl Pki {
+    fn make() -> Pki {
+        let dir = std::env::temp_dir().join(support::unique("tcpstate-pki-"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let openssl = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(&dir)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=tcpstate test CA",
+        ]);
+        openssl(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ]);
+        std::fs::write(
+            dir.join("san.ext"),
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+        )
+        .unwrap();
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.crt",
+            "-days",
+            "1",
+            "-extfile",
+            "san.ext",
+        ]);
+        Pki(dir)
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Pki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// crypt(3)'s bcrypt of `password`.
+fn bcrypt_of(password: &str) -> String {
+    let out = Command::new("python3")
+        .args(["-W", "ignore", "-c", "import crypt,sys; print(crypt.crypt(sys.argv[1], crypt.mksalt(crypt.METHOD_BLOWFISH)))", password])
+        .output()
+        .unwrap();
+    let hash = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert!(hash.starts_with("$2"), "no bcrypt from crypt(3): {hash:?}");
+    hash
+}
+
+/// curl's status code for `url` with `args`.
+fn curl(url: &str, ca: &Path, args: &[&str]) -> (String, String) {
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "--max-time",
+            "5",
+            "-o",
+            "-",
+            "-w",
+            "\n%{http_code}",
+            "--cacert",
+        ])
+        .arg(ca)
+        .args(args)
+        .arg(url)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (code.to_owned(), body.to_owned())
+}
+
+fn established_in(body: &str) -> Option<u64> {
+    body.lines()
+        .find(|l| l.starts_with("tcpstate_connections{state=\"established\"}"))
+        .and_then(|l| l.split_whitespace().last()?.parse().ok())
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn metrics_over_tls_with_basic_auth_answer_only_the_right_password() {
+    require_root();
+    let pki = Pki::make();
+    let web = pki.path("web.yml");
+    std::fs::write(
+        &web,
+        format!(
+            "tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\nbasic_auth_users:\n  alice: '{}'\n",
+            bcrypt_of("s3cret")
+        ),
+    )
+    .unwrap();
+    let net = VethPair::new();
+    let _held = net.left.listen(&format!("{}:7", net.left_v4));
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let agent = Agent::start(
+        &net.left,
+        &[
+            "--metrics",
+            &addr,
+            "--web-config-file",
+            web.to_str().unwrap(),
+        ],
+    );
+    let url = format!("https://{addr}/metrics");
+    let ca = pki.path("ca.crt");
+    let (code, body) = curl(&url, &ca, &["-u", "alice:s3cret"]);
+    assert_eq!(code, "200", "{body}");
+    assert_eq!(
+        established_in(&body),
+        Some(net.left.ss_counts().get(TcpState::Established)),
+        "{body}"
+    );
+    for wrong in [&["-u", "alice:wrong"][..], &["-u", "bob:s3cret"], &[]] {
+        let (code, _) = curl(&url, &ca, wrong);
+        assert_eq!(code, "401", "{wrong:?}");
+    }
+    // Plain HTTP to the TLS port: refused, with the reason.
+    let (code, body) = curl(
+        &format!("http://{addr}/metrics"),
+        &ca,
+        &["-u", "alice:s3cret"],
+    );
+    assert_eq!(code, "400", "{body}");
+    assert!(body.contains("HTTPS"), "{body}");
+    // A real Prometheus over TLS with basic auth gets the counts.
+    let prom = Prometheus::start_with(
+        &addr,
+        "    scheme: https\n    tls_config:\n      ca_file: ca.crt\n    basic_auth:\n      username: alice\n      password: s3cret\n",
+        &[("ca.crt", &std::fs::read(&ca).unwrap())],
+    );
+    let want = net.left.ss_counts().get(TcpState::Listen) as f64;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut got = None;
+    while Instant::now() < deadline && got != Some(want) {
+        got = prom.query("tcpstate_connections{job=\"tcpstate\",state=\"listen\"}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(got, Some(want), "Prometheus over TLS and basic auth vs ss");
+    assert_eq!(prom.query("up{job=\"tcpstate\"}"), Some(1.0));
+    // One with the wrong password is refused: its target is down.
+    let bad = Prometheus::start_with(
+        &addr,
+        "    scheme: https\n    tls_config:\n      ca_file: ca.crt\n    basic_auth:\n      username: alice\n      password: nope\n",
+        &[("ca.crt", &std::fs::read(&ca).unwrap())],
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut up = None;
+    while Instant::now() < deadline && up != Some(0.0) {
+        up = bad.query("up{job=\"tcpstate\"}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(up, Some(0.0), "a wrong password scraped");
+    drop(agent);
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn a_bad_web_config_is_one_clear_line_before_anything_is_attached() {
+    require_root();
+    let dir = std::env::temp_dir().join(support::unique("tcpstate-webbad-"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let web = dir.join("web.yml");
+    std::fs::write(
+        &web,
+        "tls_server_config:\n  cert_file: missing.crt\n  key_file: missing.key\n",
+    )
+    .unwrap();
+    let net = VethPair::new();
+    let out = support::tcpstate()
+        .args([
+            "run",
+            "--netns",
+            &net.left.name,
+            "--metrics",
+            &free_port().to_string(),
+            "--web-config-file",
+        ])
+        .arg(&web)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("web.yml") && err.contains("missing.crt"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("monitoring"),
+        "attached before reading it: {err}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
 }

@@ -11,45 +11,20 @@ use std::{
     io::{Read, Write},
     net::{TcpListener, TcpStream},
     path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     thread::sleep,
     time::{Duration, Instant},
 };
 
 use support::{
-    Agent, Netns, VethPair, require_root, sockaddr, tcpstate, thread_caps,
+    Agent, Netns, VethPair,
+    http::{free_port, http_get},
+    prometheus::Prometheus,
+    require_root, sockaddr, tcpstate, thread_caps,
     tmux::{Tmux, row_count},
 };
 use tcpstate::snapshot::StateCounts;
 use tcpstate_common::TcpState;
-
-/// A free TCP port on 127.0.0.1 (bound then released).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A plain HTTP/1.1 GET; returns (status line, body).
-fn http_get(addr: &str, path: &str, accept: Option<&str>) -> (String, String) {
-    let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connecting to {addr}: {e}"));
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let accept = accept.map_or(String::new(), |a| format!("Accept: {a}\r\n"));
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{accept}Connection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    (
-        head.lines().next().unwrap_or("").to_owned(),
-        body.to_owned(),
-    )
-}
 
 /// `tcpstate_connections{state="..."}` values of a scrape.
 fn scraped_states(body: &str) -> StateCounts {
@@ -225,69 +200,6 @@ fn metrics_equal_ss_and_pass_promtool() {
     let (status, _) = http_get(&addr, "/nothing", None);
     assert_eq!(status, "HTTP/1.1 404 Not Found");
     drop(agent);
-}
-
-/// A Prometheus server, stopped and its data removed on drop.
-struct Prometheus {
-    child: Child,
-    dir: PathBuf,
-    pub addr: String,
-}
-
-impl Prometheus {
-    fn start(target: &str) -> Prometheus {
-        let dir = std::env::temp_dir().join(support::unique("tcpstate-prom-"));
-        std::fs::create_dir_all(&dir).unwrap();
-        let config = format!(
-            "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\nscrape_configs:\n  - job_name: tcpstate\n    static_configs:\n      - targets: ['{target}']\n"
-        );
-        std::fs::write(dir.join("prometheus.yml"), config).unwrap();
-        let addr = format!("127.0.0.1:{}", free_port());
-        let child = Command::new("prometheus")
-            .arg(format!(
-                "--config.file={}",
-                dir.join("prometheus.yml").display()
-            ))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.join("data").display()
-            ))
-            .arg(format!("--web.listen-address={addr}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("prometheus (Debian package prometheus)");
-        Prometheus { child, dir, addr }
-    }
-
-    /// The value of an instant query with one result, if there is one.
-    fn query(&self, promql: &str) -> Option<f64> {
-        let q: String = promql
-            .bytes()
-            .map(|b| match b {
-                b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'_' => (b as char).to_string(),
-                _ => format!("%{b:02X}"),
-            })
-            .collect();
-        let stream = TcpStream::connect(&self.addr).ok()?;
-        drop(stream);
-        let (status, body) = http_get(&self.addr, &format!("/api/v1/query?query={q}"), None);
-        if !status.contains("200") {
-            return None;
-        }
-        // Chunked or not, the JSON object is the part between the braces.
-        let json = &body[body.find('{')?..=body.rfind('}')?];
-        let v: serde_json::Value = serde_json::from_str(json).ok()?;
-        v["data"]["result"][0]["value"][1].as_str()?.parse().ok()
-    }
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
 }
 
 #[test]

@@ -62,6 +62,9 @@ pub struct Config {
     pub docker_socket: PathBuf,
     /// The group whose members may use the control socket (else root only).
     pub socket_group: Option<String>,
+    /// TLS and basic auth for the metrics endpoint (exporter-toolkit's
+    /// web-config.yml).
+    pub web_config: Option<PathBuf>,
 }
 
 /// Runs the agent until SIGINT, SIGTERM or SIGHUP.
@@ -71,6 +74,14 @@ pub async fn run(
     cfg: Config,
     stop: Option<tokio::sync::oneshot::Receiver<()>>,
 ) -> anyhow::Result<()> {
+    // A bad web config is said before anything is loaded or attached.
+    let web = Arc::new(match &cfg.web_config {
+        Some(p) => crate::serve::metrics::web_config::WebConfig::load(p)?,
+        None => crate::serve::metrics::web_config::WebConfig {
+            tls: None,
+            auth: None,
+        },
+    });
     let socket_path = control::claim(&cfg.socket)?;
     let mut agent = Host::start(&cfg.agent)?;
     let what = match &cfg.agent.scope {
@@ -133,12 +144,19 @@ pub async fn run(
     // The metrics task lives as long as this function (aborted on return).
     let _metrics = metrics.map(|listener| {
         tracing::info!(
-            "metrics at http://{}/metrics",
-            listener.local_addr().map_or("?".into(), |a| a.to_string())
+            "metrics at {}://{}/metrics{}",
+            if web.tls.is_some() { "https" } else { "http" },
+            listener.local_addr().map_or("?".into(), |a| a.to_string()),
+            if web.auth.is_some() {
+                " (basic auth)"
+            } else {
+                ""
+            }
         );
         AbortOnDrop(tokio::spawn(crate::serve::metrics::serve(
             listener,
             Arc::clone(&reader),
+            Arc::clone(&web),
         )))
     });
     // The control socket is served by its own task: answers never wait for

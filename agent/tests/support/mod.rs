@@ -7,7 +7,9 @@ pub mod crafted;
 pub mod docker;
 pub mod frames;
 pub mod hosts;
+pub mod http;
 pub mod machine;
+pub mod prometheus;
 pub mod sampler;
 pub mod tmux;
 

@@ -23,6 +23,7 @@ mod kernel;
 mod netns;
 mod render;
 mod server;
+pub mod web_config;
 
 pub use render::{render, state_label};
 pub use server::serve;

@@ -1,4 +1,6 @@
-//! The metrics endpoint's connections, kept from exhausting the agent: a
+//! The metrics endpoint's connections: TLS and basic auth where the web
+//! config asks for them (`web_config.rs`), and kept from exhausting the
+//! agent: a
 //! client gets [`HEADER_TIMEOUT`] to send its request's headers (and a kept
 //! connection as long to send the next), and at most [`MAX_CONNECTIONS`]
 //! are open at once: one more closes the oldest. A slow or idle client
@@ -13,10 +15,19 @@ use std::{
     time::Duration,
 };
 
-use hyper::{Request, body::Incoming, server::conn::http1, service::service_fn};
+use http_body_util::Full;
+use hyper::{
+    Request, Response, StatusCode,
+    body::{Bytes, Incoming},
+    header::{AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE},
+    server::conn::http1,
+    service::service_fn,
+};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::task::AbortHandle;
+use tokio::{io::AsyncWriteExt, net::TcpStream, sync::Semaphore, task::AbortHandle};
+use tokio_rustls::TlsAcceptor;
 
+use super::web_config::WebConfig;
 use crate::serve::reader::Reader;
 
 /// How long a client may take to send a request's headers, or to start the
@@ -34,9 +45,16 @@ struct Open {
     conns: VecDeque<(u64, AbortHandle)>,
 }
 
-/// Serves `/metrics` on `listener` until the task is dropped.
-pub async fn serve(listener: tokio::net::TcpListener, reader: Arc<Reader>) -> std::io::Result<()> {
+/// Serves `/metrics` on `listener` until the task is dropped, with TLS and
+/// basic auth where `web` configures them.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    reader: Arc<Reader>,
+    web: Arc<WebConfig>,
+) -> std::io::Result<()> {
     let open = Arc::new(Mutex::new(Open::default()));
+    // bcrypt is slow by design: a few checks at a time, whatever is asked.
+    let checks = Arc::new(Semaphore::new(2));
     loop {
         let stream = match listener.accept().await {
             Ok((s, _)) => s,
@@ -48,25 +66,18 @@ pub async fn serve(listener: tokio::net::TcpListener, reader: Arc<Reader>) -> st
                 continue;
             }
         };
-        let reader = Arc::clone(&reader);
+        let ctx = Ctx {
+            reader: Arc::clone(&reader),
+            web: Arc::clone(&web),
+            checks: Arc::clone(&checks),
+        };
         let done = Arc::clone(&open);
         // Held until the connection is listed, so its end always finds it.
         let mut o = open.lock().expect("connections lock");
         o.next += 1;
         let id = o.next;
         let task = tokio::spawn(async move {
-            let service = service_fn(move |req: Request<Incoming>| {
-                let reader = Arc::clone(&reader);
-                async move { Ok::<_, std::convert::Infallible>(super::respond(&req, &reader)) }
-            });
-            if let Err(e) = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                tracing::debug!("metrics connection: {e}");
-            }
+            connection(stream, ctx).await;
             done.lock()
                 .expect("connections lock")
                 .conns
@@ -79,4 +90,97 @@ pub async fn serve(listener: tokio::net::TcpListener, reader: Arc<Reader>) -> st
             }
         }
     }
+}
+
+/// What answering a request needs.
+#[derive(Clone)]
+struct Ctx {
+    reader: Arc<Reader>,
+    web: Arc<WebConfig>,
+    checks: Arc<Semaphore>,
+}
+
+/// One connection: TLS first where configured (plain HTTP refused), then
+/// HTTP/1.1.
+async fn connection(stream: TcpStream, ctx: Ctx) {
+    let Some(tls) = ctx.web.tls.clone() else {
+        return http(TokioIo::new(stream), ctx).await;
+    };
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(HEADER_TIMEOUT, stream.peek(&mut first)).await {
+        Ok(Ok(1)) if first[0].is_ascii_alphabetic() => return refuse_plain(stream).await,
+        Ok(Ok(1)) => {}
+        _ => return,
+    }
+    match tokio::time::timeout(HEADER_TIMEOUT, TlsAcceptor::from(tls).accept(stream)).await {
+        Ok(Ok(s)) => http(TokioIo::new(s), ctx).await,
+        Ok(Err(e)) => tracing::debug!("metrics connection: TLS: {e}"),
+        Err(_) => tracing::debug!("metrics connection: no TLS handshake within {HEADER_TIMEOUT:?}"),
+    }
+}
+
+/// A plain HTTP request to the TLS endpoint: told so, as exporter-toolkit
+/// tells it, and closed.
+async fn refuse_plain(mut stream: TcpStream) {
+    let body = "Client sent an HTTP request to an HTTPS server.\n";
+    let reply = format!(
+        "HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.write_all(reply.as_bytes()).await;
+    let _ = stream.shutdown().await;
+}
+
+async fn http<I>(io: I, ctx: Ctx)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req: Request<Incoming>| {
+        let ctx = ctx.clone();
+        async move { Ok::<_, std::convert::Infallible>(answer(req, ctx).await) }
+    });
+    if let Err(e) = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .serve_connection(io, service)
+        .await
+    {
+        tracing::debug!("metrics connection: {e}");
+    }
+}
+
+/// 401 without the right user and password (where basic auth is on), else
+/// the answer.
+async fn answer(req: Request<Incoming>, ctx: Ctx) -> Response<Full<Bytes>> {
+    if ctx.web.auth.is_some() {
+        let header = req
+            .headers()
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let Ok(_permit) = ctx.checks.acquire().await else {
+            return unauthorized();
+        };
+        let web = Arc::clone(&ctx.web);
+        let ok = tokio::task::spawn_blocking(move || {
+            web.auth
+                .as_ref()
+                .is_some_and(|a| a.allows(header.as_deref()))
+        })
+        .await
+        .unwrap_or(false);
+        if !ok {
+            return unauthorized();
+        }
+    }
+    super::respond(&req, &ctx.reader)
+}
+
+fn unauthorized() -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(StatusCode::UNAUTHORIZED)
+        .header(WWW_AUTHENTICATE, "Basic realm=\"tcpstate\"")
+        .header(CONTENT_TYPE, "text/plain")
+        .body(Full::new(Bytes::from_static(b"Unauthorized\n")))
+        .expect("a valid response")
 }
