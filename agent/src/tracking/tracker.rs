@@ -9,6 +9,8 @@ use std::{sync::Arc, time::Duration};
 use netlink_packet_sock_diag::inet::StateFlags;
 use tcpstate_common::{Ask, Event, FlowEntry, Side, TcpState};
 
+mod walk;
+
 use crate::{
     error::{Error, Result},
     kernel::{
@@ -20,9 +22,9 @@ use crate::{
         probe::Probe,
         sockdiag::SockDiag,
     },
-    snapshot::{PortFilter, Snapshot, StateCounts, by_state, live_counts},
+    snapshot::{Snapshot, StateCounts, by_state, live_counts},
     tracking::{
-        breakdown::{Breakdown, local_ends},
+        breakdown::Breakdown,
         host::Identity,
         interfaces::{Changes, Interfaces},
         reconcile::Reconciler,
@@ -406,118 +408,6 @@ impl Tracker {
         }
         snap.entries = Some(entries.json());
         Ok(snap)
-    }
-
-    /// Once a second: with this namespace's entries of one walk of the flow
-    /// maps (and the translations read just before it), applies the kernel's
-    /// timers and breaks the connections down by port and by peer. With
-    /// `look`, reads the listeners from the socket table (else those of the
-    /// last look), and with `listen_counted` too holds the probe's LISTEN
-    /// count to the table's.
-    pub fn sweep(
-        &mut self,
-        probe: &mut Probe,
-        entries: &[(FlowRef, FlowEntry)],
-        translations: Vec<(FlowRef, FlowRef)>,
-        listen_counted: bool,
-        look: bool,
-    ) -> Result<()> {
-        let mut b = Breakdown::default();
-        for (flow, e) in entries {
-            for end in local_ends(flow, tcpstate_common::Word(e.word)) {
-                b.add(&end);
-            }
-        }
-        if look {
-            let mut ports = Vec::new();
-            self.diag
-                .for_each(StateFlags::LISTEN, |s| ports.push(s.local_port))?;
-            self.listening = ports.len() as u64;
-            self.listener_ports = ports;
-            if listen_counted {
-                self.hold_listening(probe, self.listening)?;
-            }
-        }
-        for p in &self.listener_ports {
-            b.add_listener(*p);
-        }
-        self.breakdown = b;
-        let v4 = entries
-            .iter()
-            .filter(|(f, _)| matches!(f, FlowRef::V4(_)))
-            .count() as u64;
-        self.flows_in_map = [v4, entries.len() as u64 - v4];
-        let stats = self
-            .timers
-            .file(entries, probe, &mut self.diag, &self.timeouts)?;
-        self.count(stats);
-        self.forget_translations(probe, translations, entries)
-    }
-
-    /// The probe's LISTEN count against the table's: a difference seen at
-    /// two walks in a row (a report the kernel skipped, a listener made
-    /// while the count was seeded) is corrected; one seen once may be a
-    /// listener opening between the two reads.
-    fn hold_listening(&mut self, probe: &Probe, table: u64) -> Result<()> {
-        let ours = probe.counters(self.slot)?.states[TcpState::Listen as usize];
-        let off = ours - table as i64;
-        if off != 0 && self.listen_off == Some(off) {
-            seed::seed_listening_by(probe, self.slot, -off)?;
-            self.reconciler.corrections[TcpState::Listen as usize] += off.unsigned_abs();
-            self.listen_off = None;
-        } else {
-            self.listen_off = (off != 0).then_some(off);
-        }
-        Ok(())
-    }
-
-    /// Local NAT: translations whose connection the flow maps no longer
-    /// hold (or hold dead) are forgotten.
-    fn forget_translations(
-        &mut self,
-        probe: &mut Probe,
-        translations: Vec<(FlowRef, FlowRef)>,
-        entries: &[(FlowRef, FlowEntry)],
-    ) -> Result<()> {
-        if translations.is_empty() {
-            return Ok(());
-        }
-        let live: std::collections::HashSet<FlowRef> = entries
-            .iter()
-            .filter(|(_, e)| !tcpstate_common::Word(e.word).is_dead())
-            .map(|(f, _)| *f)
-            .collect();
-        for (wire, socket) in translations {
-            if !live.contains(&socket) {
-                probe.forget_translation(&wire)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// The counts of the connections `filter` selects, read now from the
-    /// flow maps (and LISTEN from the socket table): O(connections).
-    pub fn count_filtered(&mut self, probe: &Probe, filter: &PortFilter) -> Result<StateCounts> {
-        let mut c = StateCounts::default();
-        for (flow, e) in probe.flow_entries()? {
-            if flow.netns() != self.slot {
-                continue;
-            }
-            for end in local_ends(&flow, tcpstate_common::Word(e.word)) {
-                if filter.matches(end.local_port, end.remote_port) {
-                    c.set(end.state, c.get(end.state) + 1);
-                }
-            }
-        }
-        let mut listening = 0;
-        self.diag.for_each(StateFlags::LISTEN, |s| {
-            // A listener has no remote port: only a local or any-side filter picks it.
-            if filter.matches(s.local_port, 0) && filter.port != Some(0) {
-                listening += 1;
-            }
-        })?;
-        c.set(TcpState::Listen, listening);
-        Ok(c)
     }
 
     /// Acts on the timers and questions that are due; returns when the next
