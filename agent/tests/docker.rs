@@ -66,7 +66,8 @@ fn containers_are_named_through_rename_restart_and_removal() {
     let before = firewall();
     {
         let docker = Dockerd::start();
-        let agent = Agent::start_all(&["--docker-socket", &docker.socket()]);
+        let port = support::http::free_port().to_string();
+        let agent = Agent::start_all(&["--docker-socket", &docker.socket(), "--metrics", &port]);
         let id = docker.run_named(
             "tsweb",
             "nc -ll -p 80 -e /bin/cat & sleep 1; sleep 1000 | nc 127.0.0.1 80",
@@ -90,6 +91,22 @@ fn containers_are_named_through_rename_restart_and_removal() {
             );
             assert_eq!(t.get(TcpState::Established), 2, "{sel}: {t:?}");
         }
+        // The metrics carry the name as cAdvisor's `container` label.
+        let (_, body) = support::http::http_get(&format!("127.0.0.1:{port}"), "/metrics", None);
+        let series = format!(
+            "tcpstate_netns_connections{{netns=\"{inode}\",name=\"\",namespace=\"\",pod=\"\",container=\"tsweb\",state=\"established\"}} "
+        );
+        let line = body.lines().find(|l| l.starts_with(&series));
+        assert_eq!(
+            line.and_then(|l| l.split_whitespace().last()),
+            Some(
+                nsenter_ss(pid)
+                    .get(TcpState::Established)
+                    .to_string()
+                    .as_str()
+            ),
+            "{series} in:\n{body}"
+        );
         // Renamed: the new name within 2 s, the old one no longer selects.
         docker.ok(&["rename", "tsweb", "tsweb2"]);
         row_of(&agent, "tsweb2", 2, |r| r["netns"] == inode)
