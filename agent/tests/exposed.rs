@@ -246,9 +246,9 @@ fn the_control_socket_is_roots_unless_a_group_is_named() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("permission denied"));
 }
 
-/// A folder with a CA, a server certificate for 127.0.0.1 signed by it, and
-/// a bcrypt hash made by the system's crypt(3) (libxcrypt): nothing of it
-/// from the agent's own code. Removed on drop.
+/// A folder with a CA and a server certificate for 127.0.0.1 signed by it,
+/// made by openssl (and the password's hash by htpasswd): nothing of it from
+/// the agent's own code. Removed on drop.
 struct Pki(PathBuf);
 
 impl Pki {
@@ -330,14 +330,22 @@ impl Drop for Pki {
     }
 }
 
-/// crypt(3)'s bcrypt of `password`.
+/// htpasswd's bcrypt of `password` (apache2-utils: what exporter-toolkit's
+/// documentation tells users to make their hashes with).
 fn bcrypt_of(password: &str) -> String {
-    let out = Command::new("python3")
-        .args(["-W", "ignore", "-c", "import crypt,sys; print(crypt.crypt(sys.argv[1], crypt.mksalt(crypt.METHOD_BLOWFISH)))", password])
+    let out = Command::new("htpasswd")
+        .args(["-nbBC", "10", "alice", password])
         .output()
-        .unwrap();
-    let hash = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    assert!(hash.starts_with("$2"), "no bcrypt from crypt(3): {hash:?}");
+        .expect("htpasswd (apt-get install apache2-utils)");
+    let line = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let hash = line
+        .split_once(':')
+        .map(|(_, h)| h.to_owned())
+        .unwrap_or_default();
+    assert!(
+        hash.starts_with("$2y$"),
+        "no bcrypt from htpasswd: {line:?}"
+    );
     hash
 }
 

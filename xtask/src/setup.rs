@@ -166,7 +166,8 @@ fn ensure_bpf_linker(sysroot: &Path) -> Result<PathBuf> {
 /// purpose, `tmux` to drive the live view as a person would, `promtool` and a
 /// Prometheus server to check and scrape the metrics, `iperf3` for the
 /// throughput benchmark, Docker for the containers test (installed, never
-/// started as a service: the test runs a private daemon).
+/// started as a service: the test runs a private daemon), openssl, curl,
+/// setpriv, groupadd and htpasswd (bcrypt) for the exposed agent's tests.
 fn ensure_packages() -> Result<()> {
     let wanted = [
         ("ss", "iproute2"),
@@ -181,6 +182,13 @@ fn ensure_packages() -> Result<()> {
         ("dockerd", "docker.io"),
         ("busybox", "busybox-static"),
         ("iptables-save", "iptables"),
+        // The exposed agent: certificates, HTTPS with basic auth, a user
+        // that is not root, a group made for the test.
+        ("openssl", "openssl"),
+        ("curl", "curl"),
+        ("setpriv", "util-linux"),
+        ("groupadd", "passwd"),
+        ("htpasswd", "apache2-utils"),
     ];
     let mut missing: Vec<&str> = wanted
         .iter()
