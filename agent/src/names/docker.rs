@@ -3,7 +3,7 @@
 //! socket with the hyper stack the agent already uses). The watcher
 //! subscribes to the daemon's container events first and then lists the
 //! running containers, so nothing that happens in between is missed; every
-//! container event (start, rename, die, destroy...) lists them again.
+//! start, rename, die or destroy lists them again.
 //! Renames and restarts are followed that way: a restarted container is the
 //! same container, found in its new namespace by its new first process.
 
@@ -46,7 +46,12 @@ pub async fn follow(socket: PathBuf, names: Names) {
 async fn watch(socket: &std::path::Path, names: &Names) -> Result<(), bollard::errors::Error> {
     let path = socket.to_string_lossy();
     let docker = Docker::connect_with_unix(&path, 10, API_DEFAULT_VERSION)?;
-    let filters = HashMap::from([("type", vec!["container"])]);
+    // Only what changes a name or a namespace: health checks and `docker
+    // exec` are container events too, every few seconds per container.
+    let filters = HashMap::from([
+        ("type", vec!["container"]),
+        ("event", vec!["start", "die", "rename", "destroy"]),
+    ]);
     let mut events = docker.events(Some(EventsOptionsBuilder::new().filters(&filters).build()));
     names.set("docker", running(&docker).await?);
     tracing::info!("naming containers from Docker at {path}");

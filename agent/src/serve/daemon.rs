@@ -77,10 +77,7 @@ pub async fn run(
     // A bad web config is said before anything is loaded or attached.
     let web = Arc::new(match &cfg.web_config {
         Some(p) => crate::serve::metrics::web_config::WebConfig::load(p)?,
-        None => crate::serve::metrics::web_config::WebConfig {
-            tls: None,
-            auth: None,
-        },
+        None => Default::default(),
     });
     let socket_path = control::claim(&cfg.socket)?;
     let mut agent = Host::start(&cfg.agent)?;

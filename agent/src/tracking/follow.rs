@@ -72,11 +72,7 @@ impl Host {
                 tracing::warn!("forgetting namespace slot {slot}: {e}");
             }
         }
-        let own = crate::kernel::discover::net_inode(
-            &std::fs::read_link("/proc/self/ns/net")
-                .map(|p| p.display().to_string())
-                .unwrap_or_default(),
-        );
+        let own = self.own_inode;
         let pid_netns: HashMap<u32, u64> = found
             .values()
             .flat_map(|f| f.pids.iter().map(|p| (*p, f.inode)))
@@ -94,7 +90,6 @@ impl Host {
                     Names::owner(&self.owners, t.identity.inode, own, &t.identity.cgroup);
             }
         }
-        self.own_inode = own;
         let tracked: Vec<u64> = self.trackers.values().map(|t| t.identity.inode).collect();
         let mut new: Waiting = found
             .into_iter()

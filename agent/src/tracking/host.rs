@@ -183,6 +183,11 @@ impl Host {
             }
             Scope::All => {
                 host.keeper = Some(NetNs::keeper()?);
+                host.own_inode = crate::kernel::discover::net_inode(
+                    &std::fs::read_link("/proc/self/ns/net")
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default(),
+                );
                 // The rest (hundreds of namespaces take seconds) is
                 // followed by the ticks, with the agent already answering.
                 host.look_for_namespaces();

@@ -123,7 +123,8 @@ impl Tracker {
             }
             // Before attaching: the first segments already need to know
             // which endpoints are local.
-            probe.set_local_addresses(slot, &nsinfo::local_addresses()?)?;
+            let addrs = address_set(&nsinfo::local_addresses()?);
+            probe.set_local_addresses(slot, &addrs)?;
             interfaces.attach_all(probe, &present)?;
             let mut diag = SockDiag::open()?;
             let timeouts = Timeouts::from_sysctls(clock, probe.kernel_reports());
@@ -141,9 +142,9 @@ impl Tracker {
                 seeded.already,
                 seeded.map_full
             );
-            Ok((diag, timeouts, listening, buckets))
+            Ok((diag, timeouts, listening, buckets, addrs))
         });
-        let (diag, timeouts, listening, table_buckets) = match started {
+        let (diag, timeouts, listening, table_buckets, addrs) = match started {
             Ok(s) => s,
             Err(e) => {
                 let _ = probe.forget_netns(slot);
@@ -175,7 +176,7 @@ impl Tracker {
             flows_in_map: [0; 2],
             top_k,
             started: std::time::Instant::now(),
-            local_addrs: None,
+            local_addrs: Some(addrs),
             table_buckets,
         })
     }
@@ -274,7 +275,6 @@ impl Tracker {
         Arc::clone(&self.ns)
     }
 
-    /// Makes `addrs` the addresses the probe takes for local here.
     /// Sets this namespace's local addresses in the probe, when they
     /// changed since the last time (syncing them reads the whole address
     /// maps, every namespace's entries: hundreds of namespaces doing so
@@ -284,9 +284,7 @@ impl Tracker {
         probe: &mut Probe,
         addrs: &[std::net::IpAddr],
     ) -> Result<()> {
-        let mut addrs = addrs.to_vec();
-        addrs.sort();
-        addrs.dedup();
+        let addrs = address_set(addrs);
         if self.local_addrs.as_ref() == Some(&addrs) {
             return Ok(());
         }
@@ -428,4 +426,13 @@ impl Tracker {
         self.asked[0] += stats.asked;
         self.asked[1] += stats.answered;
     }
+}
+
+/// Addresses as the tracker keeps them: sorted, each once, so that two
+/// reads of the same set compare equal.
+fn address_set(addrs: &[std::net::IpAddr]) -> Vec<std::net::IpAddr> {
+    let mut v = addrs.to_vec();
+    v.sort();
+    v.dedup();
+    v
 }

@@ -41,7 +41,8 @@ struct TlsFile {
     max_version: Option<String>,
 }
 
-/// What the endpoint enforces.
+/// What the endpoint enforces (by default: nothing, plain HTTP).
+#[derive(Default)]
 pub struct WebConfig {
     /// TLS, when configured: plain HTTP is then refused.
     pub tls: Option<Arc<rustls::ServerConfig>>,
