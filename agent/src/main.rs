@@ -114,6 +114,12 @@ struct RunArgs {
     /// names of containers (a daemon not there is tried again every 2 s).
     #[arg(long, default_value = tcpstate::names::docker::DEFAULT_SOCKET, value_name = "PATH")]
     docker_socket: PathBuf,
+    /// With --all-namespaces: a Kubernetes CRI runtime's socket (containerd,
+    /// CRI-O), asked for the pods; repeat for several. By default
+    /// containerd's and CRI-O's usual sockets (one not there is tried again
+    /// every 5 s).
+    #[arg(long = "cri-socket", value_name = "PATH", default_values = tcpstate::names::cri::DEFAULT_SOCKETS)]
+    cri_sockets: Vec<PathBuf>,
     /// Let this group's members use the control socket (`count`, `watch`,
     /// `top`) without root; by default only root may.
     #[arg(long, value_name = "GROUP")]
@@ -326,6 +332,7 @@ fn run(args: RunArgs) -> ExitCode {
             .then(|| Duration::from_secs(args.reconcile_interval)),
         metrics: args.metrics,
         docker_socket: args.docker_socket,
+        cri_sockets: args.cri_sockets,
         socket_group: args.socket_group,
         web_config: args.web_config_file,
     };

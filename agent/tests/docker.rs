@@ -94,7 +94,7 @@ fn containers_are_named_through_rename_restart_and_removal() {
         // The metrics carry the name as cAdvisor's `container` label.
         let (_, body) = support::http::http_get(&format!("127.0.0.1:{port}"), "/metrics", None);
         let series = format!(
-            "tcpstate_netns_connections{{netns=\"{inode}\",name=\"\",namespace=\"\",pod=\"\",container=\"tsweb\",state=\"established\"}} "
+            "tcpstate_netns_connections{{netns=\"{inode}\",name=\"\",namespace=\"\",pod=\"\",uid=\"\",container=\"tsweb\",state=\"established\"}} "
         );
         let line = body.lines().find(|l| l.starts_with(&series));
         assert_eq!(

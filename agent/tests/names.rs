@@ -71,7 +71,8 @@ fn a_kubelet_style_cgroup_gives_the_pod_uid_and_container_id() {
     let cg = Cgroup::make(&format!("kubepods/besteffort/pod{uid}/{id}"));
     cg.add(held.pid());
     let inode = inode_of(&format!("/proc/{}/ns/net", held.pid()));
-    let agent = Agent::start_all(&[]);
+    let port = support::http::free_port().to_string();
+    let agent = Agent::start_all(&["--metrics", &port]);
     let deadline = Instant::now() + Duration::from_secs(5);
     let row = loop {
         let row = by_netns(&agent).into_iter().find(|r| r["netns"] == inode);
@@ -95,6 +96,23 @@ fn a_kubelet_style_cgroup_gives_the_pod_uid_and_container_id() {
         Duration::from_secs(3),
         || view.try_counts(),
         || nsenter_ss(held.pid()),
+    );
+    // Its metrics carry the UID as kube-state-metrics' `uid` label (the
+    // only key a dashboard can join a nameless pod on), the container
+    // empty as for every pod.
+    let (_, body) = support::http::http_get(&format!("127.0.0.1:{port}"), "/metrics", None);
+    let series = format!(
+        "tcpstate_netns_connections{{netns=\"{inode}\",name=\"\",namespace=\"\",pod=\"\",uid=\"{uid}\",container=\"\",state=\"established\"}} "
+    );
+    let value = body
+        .lines()
+        .find(|l| l.starts_with(&series))
+        .and_then(|l| l.split_whitespace().last());
+    let truth = nsenter_ss(held.pid()).get(tcpstate_common::TcpState::Established);
+    assert_eq!(
+        value,
+        Some(truth.to_string().as_str()),
+        "{series} in:\n{body}"
     );
     drop(cg);
 }

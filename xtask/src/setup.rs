@@ -167,9 +167,16 @@ fn ensure_bpf_linker(sysroot: &Path) -> Result<PathBuf> {
 /// Prometheus server to check and scrape the metrics, `iperf3` for the
 /// throughput benchmark, Docker for the containers test (installed, never
 /// started as a service: the test runs a private daemon), openssl, curl,
-/// setpriv, groupadd and htpasswd (bcrypt) for the exposed agent's tests.
+/// setpriv, groupadd and htpasswd (bcrypt) for the exposed agent's tests;
+/// protoc, which the CRI client's build compiles the CRI's proto with, and
+/// containerd with the CNI plugins for the CRI test's private runtime.
 fn ensure_packages() -> Result<()> {
     let wanted = [
+        ("protoc", "protobuf-compiler"),
+        ("containerd", "containerd"),
+        ("ctr", "containerd"),
+        // A file, not a command: the CNI plugin the CRI test gives pods their veth with.
+        ("/usr/lib/cni/ptp", "containernetworking-plugins"),
         ("ss", "iproute2"),
         ("ip", "iproute2"),
         ("nft", "nftables"),
@@ -195,6 +202,7 @@ fn ensure_packages() -> Result<()> {
         .filter(|(cmd, _)| !on_path(cmd))
         .map(|(_, pkg)| *pkg)
         .collect();
+    missing.sort_unstable();
     missing.dedup();
     if missing.is_empty() {
         return Ok(());
@@ -220,6 +228,9 @@ fn ensure_packages() -> Result<()> {
 }
 
 fn on_path(cmd: &str) -> bool {
+    if cmd.starts_with('/') {
+        return Path::new(cmd).is_file();
+    }
     std::env::var_os("PATH")
         .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(cmd).is_file()))
         || Path::new("/usr/sbin").join(cmd).is_file()

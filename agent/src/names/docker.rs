@@ -2,8 +2,8 @@
 //! maintained async Docker client; it speaks the API over the daemon's Unix
 //! socket with the hyper stack the agent already uses). The watcher
 //! subscribes to the daemon's container events first and then lists the
-//! running containers, so nothing that happens in between is missed; every
-//! start, rename, die or destroy lists them again.
+//! running containers, so nothing that happens in between is missed; each
+//! start, rename, die or destroy inspects the one container it is about.
 //! Renames and restarts are followed that way: a restarted container is the
 //! same container, found in its new namespace by its new first process.
 
@@ -15,7 +15,7 @@ use bollard::{
 };
 use futures_util::StreamExt;
 
-use super::{Container, Names, Owner, Pod};
+use super::{Container, Names, Owner, Pod, Where};
 
 /// Where the Docker daemon listens unless `--docker-socket` says otherwise.
 pub const DEFAULT_SOCKET: &str = "/var/run/docker.sock";
@@ -53,59 +53,67 @@ async fn watch(socket: &std::path::Path, names: &Names) -> Result<(), bollard::e
         ("event", vec!["start", "die", "rename", "destroy"]),
     ]);
     let mut events = docker.events(Some(EventsOptionsBuilder::new().filters(&filters).build()));
-    names.set("docker", running(&docker).await?);
+    // Subscribed first, listed second: an event in between is applied to
+    // the list, not lost.
+    let mut known: HashMap<String, (Where, Owner)> = HashMap::new();
+    let list = docker
+        .list_containers(Some(ListContainersOptionsBuilder::new().build()))
+        .await?;
+    for id in list.into_iter().filter_map(|c| c.id) {
+        if let Some(found) = inspect(&docker, &id).await {
+            known.insert(id, found);
+        }
+    }
+    names.set("docker", known.values().cloned().collect());
     tracing::info!("naming containers from Docker at {path}");
     while let Some(event) = events.next().await {
-        event?;
-        names.set("docker", running(&docker).await?);
+        // Only the container the event is about is looked at again: a
+        // host with hundreds of containers asks once per event, not
+        // hundreds of times.
+        let Some(id) = event?.actor.and_then(|a| a.id) else {
+            continue;
+        };
+        match inspect(&docker, &id).await {
+            Some(found) => known.insert(id, found),
+            None => known.remove(&id),
+        };
+        names.set("docker", known.values().cloned().collect());
     }
     Ok(())
 }
 
-/// The running containers that have a namespace of their own, by the pid
-/// of their first process.
-async fn running(docker: &Docker) -> Result<HashMap<u32, Owner>, bollard::errors::Error> {
-    let list = docker
-        .list_containers(Some(ListContainersOptionsBuilder::new().build()))
-        .await?;
-    let mut out = HashMap::new();
-    for id in list.into_iter().filter_map(|c| c.id) {
-        // Gone between the list and the look: the next event lists again.
-        let Ok(c) = docker.inspect_container(&id, None).await else {
-            continue;
-        };
-        let mode = c
-            .host_config
-            .as_ref()
-            .and_then(|h| h.network_mode.clone())
-            .unwrap_or_default();
-        // `host`: the host's namespace; `container:X`: X's, named by X.
-        if mode == "host" || mode.starts_with("container:") {
-            continue;
-        }
-        let Some(pid) = c
-            .state
-            .as_ref()
-            .and_then(|s| s.pid)
-            .and_then(|p| u32::try_from(p).ok())
-            .filter(|p| *p > 0)
-        else {
-            continue;
-        };
-        let labels = c.config.and_then(|c| c.labels).unwrap_or_default();
-        out.insert(
-            pid,
-            Owner {
-                container: Some(Container {
-                    runtime: "docker".into(),
-                    id,
-                    name: c.name.map(|n| n.trim_start_matches('/').to_owned()),
-                }),
-                pod: pod_of(&labels),
-            },
-        );
+/// A running container with a namespace of its own: where that namespace
+/// is (the pid of its first process) and who it is. `None` for one that
+/// stopped, is gone, or shares another's namespace.
+async fn inspect(docker: &Docker, id: &str) -> Option<(Where, Owner)> {
+    let c = docker.inspect_container(id, None).await.ok()?;
+    let mode = c
+        .host_config
+        .as_ref()
+        .and_then(|h| h.network_mode.clone())
+        .unwrap_or_default();
+    // `host`: the host's namespace; `container:X`: X's, named by X.
+    if mode == "host" || mode.starts_with("container:") {
+        return None;
     }
-    Ok(out)
+    let state = c.state.as_ref()?;
+    if state.running != Some(true) {
+        return None;
+    }
+    let pid = state
+        .pid
+        .and_then(|p| u32::try_from(p).ok())
+        .filter(|p| *p > 0)?;
+    let labels = c.config.and_then(|c| c.labels).unwrap_or_default();
+    let owner = Owner {
+        container: Some(Container {
+            runtime: "docker".into(),
+            id: c.id.unwrap_or_else(|| id.to_owned()),
+            name: c.name.map(|n| n.trim_start_matches('/').to_owned()),
+        }),
+        pod: pod_of(&labels),
+    };
+    Some((Where::Pid(pid), owner))
 }
 
 /// The pod a container belongs to, from the labels the kubelet (through

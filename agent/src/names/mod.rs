@@ -8,6 +8,7 @@
 //! once, as the host's.
 
 pub mod cgroup;
+pub mod cri;
 pub mod docker;
 
 use std::{
@@ -91,35 +92,51 @@ pub fn short_id(id: &str) -> String {
     id.chars().take(12).collect()
 }
 
-/// What the runtimes' watchers last said: for each runtime, its running
-/// containers by the pid of their first process (the watchers cannot read
-/// other processes' namespaces; the host's look can, and matches them).
+/// How a runtime points at a container's network namespace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Where {
+    /// The pid of a process in it (the host's look knows which namespace
+    /// each process is in, so the watchers need not read /proc).
+    Pid(u32),
+    /// The namespace's inode itself, from a bind mount the runtime named
+    /// (a CRI sandbox's netns path) when it gave no pid.
+    Inode(u64),
+}
+
+/// What the runtimes' watchers last said: for each runtime (by the socket it
+/// answers on), its running containers and where their namespaces are.
 #[derive(Clone, Default)]
 pub struct Names {
-    by_runtime: Arc<Mutex<BTreeMap<&'static str, HashMap<u32, Owner>>>>,
+    by_runtime: Arc<Mutex<BTreeMap<String, HashMap<Where, Owner>>>>,
 }
 
 impl Names {
     /// A runtime's whole list of running containers, replacing its last.
-    pub fn set(&self, runtime: &'static str, by_pid: HashMap<u32, Owner>) {
+    pub fn set(&self, runtime: &str, found: HashMap<Where, Owner>) {
         self.by_runtime
             .lock()
             .expect("names lock")
-            .insert(runtime, by_pid);
+            .insert(runtime.to_owned(), found);
     }
 
     /// A runtime that stopped answering: what it said is no longer known.
-    pub fn forget(&self, runtime: &'static str) {
+    pub fn forget(&self, runtime: &str) {
         self.by_runtime.lock().expect("names lock").remove(runtime);
     }
 
     /// The owners of namespaces, by inode, for the runtimes' containers:
-    /// `inode_of` says which namespace a pid is in.
+    /// `inode_of` says which namespace a pid is in. Where two runtimes
+    /// name one namespace (a pod's sandbox seen through both Docker and
+    /// cri-dockerd), the first in the runtimes' order wins.
     pub fn by_inode(&self, inode_of: impl Fn(u32) -> Option<u64>) -> HashMap<u64, Owner> {
         let all = self.by_runtime.lock().expect("names lock");
         let mut out = HashMap::new();
-        for (pid, owner) in all.values().flatten() {
-            if let Some(inode) = inode_of(*pid) {
+        for (at, owner) in all.values().flatten() {
+            let inode = match *at {
+                Where::Pid(pid) => inode_of(pid),
+                Where::Inode(inode) => Some(inode),
+            };
+            if let Some(inode) = inode {
                 out.entry(inode).or_insert_with(|| owner.clone());
             }
         }
@@ -169,7 +186,7 @@ mod tests {
     #[test]
     fn a_runtimes_containers_are_matched_to_namespaces_by_pid() {
         let names = Names::default();
-        names.set("docker", HashMap::from([(4242, web())]));
+        names.set("docker", HashMap::from([(Where::Pid(4242), web())]));
         let by = names.by_inode(|pid| (pid == 4242).then_some(4026532300));
         assert_eq!(by.get(&4026532300), Some(&web()));
         let cg = cgroup::FromCgroup::default();

@@ -60,6 +60,8 @@ pub struct Config {
     pub metrics: Option<std::net::SocketAddr>,
     /// With every namespace: the Docker daemon asked for container names.
     pub docker_socket: PathBuf,
+    /// With every namespace: the CRI runtimes asked for pod names.
+    pub cri_sockets: Vec<PathBuf>,
     /// The group whose members may use the control socket (else root only).
     pub socket_group: Option<String>,
     /// TLS and basic auth for the metrics endpoint (exporter-toolkit's
@@ -184,14 +186,18 @@ pub async fn run(
     let _links = links.map(|watch| follow(watch, Arc::clone(&agent)));
     let all = cfg.agent.scope == Scope::All;
     let _starter = all.then(|| AbortOnDrop(tokio::spawn(starter(Arc::clone(&agent)))));
-    // Container names from Docker, when it runs (tried again every 2 s).
-    let _docker = all.then(|| {
-        let names = agent.lock().expect("agent lock").names.clone();
-        AbortOnDrop(tokio::spawn(crate::names::docker::follow(
-            cfg.docker_socket.clone(),
-            names,
-        )))
-    });
+    // Container names from Docker and pod names from the CRI runtimes,
+    // where they run (each tried again while it does not answer).
+    let names = agent.lock().expect("agent lock").names.clone();
+    let mut _namers = Vec::new();
+    if all {
+        let docker = crate::names::docker::follow(cfg.docker_socket.clone(), names.clone());
+        _namers.push(AbortOnDrop(tokio::spawn(docker)));
+        for socket in &cfg.cri_sockets {
+            let cri = crate::names::cri::follow(socket.clone(), names.clone());
+            _namers.push(AbortOnDrop(tokio::spawn(cri)));
+        }
+    }
     let stop = async move {
         match stop {
             Some(rx) => {

@@ -168,27 +168,10 @@ impl Drop for Dockerd {
             let _ = self.docker(&["rm", "-f", id]);
         }
         let _ = self.docker(&["rmi", "-f", IMAGE]);
-        if let Some(mut c) = self.child.take() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(c.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while c.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
+        if let Some(c) = self.child.take() {
+            super::stop_daemon(c, Duration::from_secs(20));
         }
         // Its containerd, if it is still shutting down.
-        let _ = Command::new("pkill")
-            .args(["-f", &self.root.join("exec").display().to_string()])
-            .status();
-        let _ = Command::new("umount")
-            .args(["-R", "-l"])
-            .arg(&self.root)
-            .stderr(Stdio::null())
-            .status();
-        let _ = std::fs::remove_dir_all(&self.root);
+        super::remove_daemon_root(&self.root, &self.root.join("exec"));
     }
 }

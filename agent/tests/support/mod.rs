@@ -3,6 +3,7 @@
 //! `ss` as the ground truth.
 #![allow(dead_code)]
 
+pub mod containerd;
 pub mod crafted;
 pub mod docker;
 pub mod frames;
@@ -26,6 +27,49 @@ use std::{
 use nix::sched::{CloneFlags, setns};
 use tcpstate::snapshot::StateCounts;
 use tcpstate_common::TcpState;
+
+/// Runs `f` on a thread inside the network namespace of file `path`
+/// (`/run/netns/NAME`, `/proc/PID/ns/net`): sockets it makes live there.
+pub fn run_in<T: Send>(path: &str, f: impl FnOnce() -> T + Send) -> T {
+    let file = File::open(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            setns(file.as_fd(), CloneFlags::CLONE_NEWNET).expect("setns");
+            f()
+        })
+        .join()
+        .expect("namespace thread panicked")
+    })
+}
+
+/// Stops a daemon the test started: SIGTERM, up to `grace` to exit, then
+/// SIGKILL.
+pub fn stop_daemon(mut c: Child, grace: Duration) {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(c.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let deadline = Instant::now() + grace;
+    while c.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = c.kill();
+    let _ = c.wait();
+}
+
+/// Removes a daemon's private folder: what still runs from it (`pattern`
+/// in its command line) killed, what is mounted under it unmounted.
+pub fn remove_daemon_root(root: &std::path::Path, pattern: &std::path::Path) {
+    let _ = Command::new("pkill")
+        .args(["-f", &pattern.display().to_string()])
+        .status();
+    let _ = Command::new("umount")
+        .args(["-R", "-l"])
+        .arg(root)
+        .stderr(Stdio::null())
+        .status();
+    let _ = std::fs::remove_dir_all(root);
+}
 
 pub fn require_root() {
     assert!(
@@ -83,15 +127,7 @@ impl Netns {
 
     /// Runs `f` on a thread inside the namespace: sockets it makes live there.
     pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let file = File::open(format!("/run/netns/{}", self.name)).expect("namespace file");
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                setns(file.as_fd(), CloneFlags::CLONE_NEWNET).expect("setns");
-                f()
-            })
-            .join()
-            .expect("namespace thread panicked")
-        })
+        run_in(&format!("/run/netns/{}", self.name), f)
     }
 
     pub fn listen(&self, addr: &str) -> TcpListener {

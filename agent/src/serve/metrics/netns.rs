@@ -11,13 +11,16 @@ use super::render::{Labels, counter_family, gauge_family, label, state_label};
 use crate::snapshot::Snapshot;
 
 /// The labels Kubernetes dashboards join on, as kube-state-metrics and
-/// cAdvisor spell them: `namespace` and `pod` for a pod's namespace (its
-/// containers share it, so `container` stays empty), `container` for a
-/// container outside Kubernetes. Empty labels are absent to Prometheus.
-fn kube_labels(ns: &crate::snapshot::NetnsCounts) -> (String, String, String) {
+/// cAdvisor spell them: `namespace`, `pod` and `uid` for a pod's namespace
+/// (its containers share it, so `container` stays empty; `uid` alone names
+/// a pod only its cgroup told of, and joins `kube_pod_info{uid}`),
+/// `container` for a container outside Kubernetes. Empty labels are absent
+/// to Prometheus.
+fn kube_labels(ns: &crate::snapshot::NetnsCounts) -> [String; 4] {
     let pod = ns.pod.as_ref();
     let k8s_ns = pod.and_then(|p| p.namespace.clone()).unwrap_or_default();
     let pod_name = pod.and_then(|p| p.name.clone()).unwrap_or_default();
+    let uid = pod.and_then(|p| p.uid.clone()).unwrap_or_default();
     let container = match (pod, &ns.container) {
         (None, Some(c)) => c
             .name
@@ -25,7 +28,7 @@ fn kube_labels(ns: &crate::snapshot::NetnsCounts) -> (String, String, String) {
             .unwrap_or_else(|| crate::names::short_id(&c.id)),
         _ => String::new(),
     };
-    (k8s_ns, pod_name, container)
+    [k8s_ns, pod_name, uid, container]
 }
 
 pub(super) fn register(r: &mut Registry, snap: &Snapshot) {
@@ -35,12 +38,13 @@ pub(super) fn register(r: &mut Registry, snap: &Snapshot) {
     for ns in &snap.namespaces {
         let inode = ns.netns.to_string();
         let name = ns.name.clone().unwrap_or_default();
-        let (k8s_ns, pod, container) = kube_labels(ns);
+        let [k8s_ns, pod, uid, container] = kube_labels(ns);
         let id = [
             ("netns", inode.as_str()),
             ("name", name.as_str()),
             ("namespace", k8s_ns.as_str()),
             ("pod", pod.as_str()),
+            ("uid", uid.as_str()),
             ("container", container.as_str()),
         ];
         let with = |extra: (&'static str, &str)| {
@@ -61,7 +65,7 @@ pub(super) fn register(r: &mut Registry, snap: &Snapshot) {
     gauge_family(
         r,
         "netns_connections",
-        "TCP connections of each monitored network namespace by state, as ss -tan inside it counts them (netns: its inode; name: its ip netns name; namespace, pod: its Kubernetes pod; container: its container outside Kubernetes); their sum is tcpstate_connections",
+        "TCP connections of each monitored network namespace by state, as ss -tan inside it counts them (netns: its inode; name: its ip netns name; namespace, pod, uid: its Kubernetes pod; container: its container outside Kubernetes); their sum is tcpstate_connections",
         &conns,
     );
     counter_family(
