@@ -28,7 +28,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Attach the probe and run in the foreground (prints the counts once a second on a terminal).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print the eleven state counts of the running agent, one `STATE N` line
     /// each (with `run -A`: summed over every namespace of the host).
     Count {
@@ -114,6 +114,10 @@ struct RunArgs {
     /// names of containers (a daemon not there is tried again every 2 s).
     #[arg(long, default_value = tcpstate::names::docker::DEFAULT_SOCKET, value_name = "PATH")]
     docker_socket: PathBuf,
+    /// With --all-namespaces: podman's API socket (`podman system service`,
+    /// Docker's API), asked for the names of its containers.
+    #[arg(long, default_value = tcpstate::names::docker::PODMAN_SOCKET, value_name = "PATH")]
+    podman_socket: PathBuf,
     /// With --all-namespaces: a Kubernetes CRI runtime's socket (containerd,
     /// CRI-O), asked for the pods; repeat for several. By default
     /// containerd's and CRI-O's usual sockets (one not there is tried again
@@ -170,7 +174,7 @@ enum Mode {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Cmd::Run(args) => run(args),
+        Cmd::Run(args) => run(*args),
         Cmd::Count {
             json,
             verify,
@@ -332,6 +336,7 @@ fn run(args: RunArgs) -> ExitCode {
             .then(|| Duration::from_secs(args.reconcile_interval)),
         metrics: args.metrics,
         docker_socket: args.docker_socket,
+        podman_socket: args.podman_socket,
         cri_sockets: args.cri_sockets,
         socket_group: args.socket_group,
         web_config: args.web_config_file,

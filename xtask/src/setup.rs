@@ -168,6 +168,7 @@ fn ensure_bpf_linker(sysroot: &Path) -> Result<PathBuf> {
 /// throughput benchmark, Docker for the containers test (installed, never
 /// started as a service: the test runs a private daemon), openssl, curl,
 /// setpriv, groupadd and htpasswd (bcrypt) for the exposed agent's tests;
+/// podman for its Docker-compatible API service;
 /// protoc, which the CRI client's build compiles the CRI's proto with, and
 /// containerd with the CNI plugins for the CRI test's private runtime.
 fn ensure_packages() -> Result<()> {
@@ -187,6 +188,7 @@ fn ensure_packages() -> Result<()> {
         // A real container runtime under `run --all-namespaces`, and the
         // static busybox its test image is made of (no registry here).
         ("dockerd", "docker.io"),
+        ("podman", "podman"),
         ("busybox", "busybox-static"),
         ("iptables-save", "iptables"),
         // The exposed agent: certificates, HTTPS with basic auth, a user

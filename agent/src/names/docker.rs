@@ -1,4 +1,5 @@
-//! Container names from the Docker Engine API, through bollard (the
+//! Container names from the Docker Engine API (Docker's, and podman's
+//! service, which speaks the same API), through bollard (the
 //! maintained async Docker client; it speaks the API over the daemon's Unix
 //! socket with the hyper stack the agent already uses). The watcher
 //! subscribes to the daemon's container events first and then lists the
@@ -20,30 +21,57 @@ use super::{Container, Names, Owner, Pod, Where};
 /// Where the Docker daemon listens unless `--docker-socket` says otherwise.
 pub const DEFAULT_SOCKET: &str = "/var/run/docker.sock";
 
+/// Where rootful podman's API service (`podman system service`, the
+/// `podman.socket` unit) listens unless `--podman-socket` says otherwise.
+/// It speaks Docker's API, so the same client and watcher serve it.
+pub const PODMAN_SOCKET: &str = "/run/podman/podman.sock";
+
+/// Which engine answers a socket: it names the containers' `runtime`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Engine {
+    Docker,
+    Podman,
+}
+
+impl Engine {
+    fn name(self) -> &'static str {
+        match self {
+            Engine::Docker => "docker",
+            Engine::Podman => "podman",
+        }
+    }
+}
+
 /// How long the watcher waits before trying a daemon that did not answer.
 const RETRY: Duration = Duration::from_secs(2);
 
 /// Follows the daemon at `socket` for as long as the task lives, keeping
 /// `names` current. A daemon that is not there (or goes away) is tried
 /// again every [`RETRY`]; what it said meanwhile is forgotten.
-pub async fn follow(socket: PathBuf, names: Names) {
+pub async fn follow(socket: PathBuf, names: Names, engine: Engine) {
+    let key = format!("{}:{}", engine.name(), socket.display());
     let mut said = None::<String>;
     loop {
-        let why = match watch(&socket, &names).await {
+        let why = match watch(&socket, &names, &key, engine).await {
             Ok(()) => "its event stream ended".to_owned(),
             Err(e) => e.to_string(),
         };
-        names.forget("docker");
+        names.forget(&key);
         // Said once per reason: a host without Docker is not an error.
         if said.as_deref() != Some(why.as_str()) {
-            tracing::debug!("Docker at {}: {why}", socket.display());
+            tracing::debug!("{} at {}: {why}", engine.name(), socket.display());
             said = Some(why);
         }
         tokio::time::sleep(RETRY).await;
     }
 }
 
-async fn watch(socket: &std::path::Path, names: &Names) -> Result<(), bollard::errors::Error> {
+async fn watch(
+    socket: &std::path::Path,
+    names: &Names,
+    key: &str,
+    engine: Engine,
+) -> Result<(), bollard::errors::Error> {
     let path = socket.to_string_lossy();
     let docker = Docker::connect_with_unix(&path, 10, API_DEFAULT_VERSION)?;
     // Only what changes a name or a namespace: health checks and `docker
@@ -60,12 +88,12 @@ async fn watch(socket: &std::path::Path, names: &Names) -> Result<(), bollard::e
         .list_containers(Some(ListContainersOptionsBuilder::new().build()))
         .await?;
     for id in list.into_iter().filter_map(|c| c.id) {
-        if let Some(found) = inspect(&docker, &id).await {
+        if let Some(found) = inspect(&docker, &id, engine).await {
             known.insert(id, found);
         }
     }
-    names.set("docker", known.values().cloned().collect());
-    tracing::info!("naming containers from Docker at {path}");
+    names.set(key, known.values().cloned().collect());
+    tracing::info!("naming containers from {} at {path}", engine.name());
     while let Some(event) = events.next().await {
         // Only the container the event is about is looked at again: a
         // host with hundreds of containers asks once per event, not
@@ -73,11 +101,11 @@ async fn watch(socket: &std::path::Path, names: &Names) -> Result<(), bollard::e
         let Some(id) = event?.actor.and_then(|a| a.id) else {
             continue;
         };
-        match inspect(&docker, &id).await {
+        match inspect(&docker, &id, engine).await {
             Some(found) => known.insert(id, found),
             None => known.remove(&id),
         };
-        names.set("docker", known.values().cloned().collect());
+        names.set(key, known.values().cloned().collect());
     }
     Ok(())
 }
@@ -85,7 +113,7 @@ async fn watch(socket: &std::path::Path, names: &Names) -> Result<(), bollard::e
 /// A running container with a namespace of its own: where that namespace
 /// is (the pid of its first process) and who it is. `None` for one that
 /// stopped, is gone, or shares another's namespace.
-async fn inspect(docker: &Docker, id: &str) -> Option<(Where, Owner)> {
+async fn inspect(docker: &Docker, id: &str, engine: Engine) -> Option<(Where, Owner)> {
     let c = docker.inspect_container(id, None).await.ok()?;
     let mode = c
         .host_config
@@ -107,7 +135,7 @@ async fn inspect(docker: &Docker, id: &str) -> Option<(Where, Owner)> {
     let labels = c.config.and_then(|c| c.labels).unwrap_or_default();
     let owner = Owner {
         container: Some(Container {
-            runtime: "docker".into(),
+            runtime: engine.name().into(),
             id: c.id.unwrap_or_else(|| id.to_owned()),
             name: c.name.map(|n| n.trim_start_matches('/').to_owned()),
         }),

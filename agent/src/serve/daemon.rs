@@ -60,6 +60,8 @@ pub struct Config {
     pub metrics: Option<std::net::SocketAddr>,
     /// With every namespace: the Docker daemon asked for container names.
     pub docker_socket: PathBuf,
+    /// With every namespace: podman's API service asked for container names.
+    pub podman_socket: PathBuf,
     /// With every namespace: the CRI runtimes asked for pod names.
     pub cri_sockets: Vec<PathBuf>,
     /// The group whose members may use the control socket (else root only).
@@ -191,8 +193,15 @@ pub async fn run(
     let names = agent.lock().expect("agent lock").names.clone();
     let mut _namers = Vec::new();
     if all {
-        let docker = crate::names::docker::follow(cfg.docker_socket.clone(), names.clone());
-        _namers.push(AbortOnDrop(tokio::spawn(docker)));
+        use crate::names::docker::{Engine, follow};
+        let engines = [
+            (&cfg.docker_socket, Engine::Docker),
+            (&cfg.podman_socket, Engine::Podman),
+        ];
+        for (socket, engine) in engines {
+            let watcher = follow(socket.clone(), names.clone(), engine);
+            _namers.push(AbortOnDrop(tokio::spawn(watcher)));
+        }
         for socket in &cfg.cri_sockets {
             let cri = crate::names::cri::follow(socket.clone(), names.clone());
             _namers.push(AbortOnDrop(tokio::spawn(cri)));

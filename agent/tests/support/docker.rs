@@ -36,6 +36,33 @@ pub fn firewall() -> String {
     .unwrap_or_default()
 }
 
+/// Makes a root filesystem of busybox-static (sh, nc, sleep, cat) under
+/// `dir` and pipes its tar into `import` (`docker import -`, `podman
+/// import -`), which must succeed.
+pub fn import_busybox(dir: &std::path::Path, mut import: Command) {
+    let rootfs = dir.join("rootfs");
+    let bin = rootfs.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::copy("/usr/bin/busybox", bin.join("busybox")).expect("busybox-static");
+    for tool in ["sh", "nc", "sleep", "cat"] {
+        std::os::unix::fs::symlink("busybox", bin.join(tool)).unwrap();
+    }
+    let mut tar = Command::new("tar")
+        .arg("-C")
+        .arg(&rootfs)
+        .args(["-c", "."])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let st = import
+        .stdin(tar.stdout.take().unwrap())
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(tar.wait().unwrap().success(), "tar of the image's root");
+    assert!(st.success(), "{import:?}");
+}
+
 impl Dockerd {
     pub fn start() -> Dockerd {
         let name = unique("tsdock");
@@ -102,28 +129,9 @@ impl Dockerd {
     }
 
     fn import_image(&self) {
-        let rootfs = self.root.join("rootfs");
-        let bin = rootfs.join("bin");
-        std::fs::create_dir_all(&bin).unwrap();
-        std::fs::copy("/usr/bin/busybox", bin.join("busybox")).expect("busybox-static");
-        for tool in ["sh", "nc", "sleep", "cat"] {
-            std::os::unix::fs::symlink("busybox", bin.join(tool)).unwrap();
-        }
-        let mut tar = Command::new("tar")
-            .arg("-C")
-            .arg(&rootfs)
-            .args(["-c", "."])
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let st = Command::new("docker")
-            .args(["--host", &self.host, "import", "-", IMAGE])
-            .stdin(tar.stdout.take().unwrap())
-            .stdout(Stdio::null())
-            .status()
-            .unwrap();
-        assert!(tar.wait().unwrap().success(), "tar of the image's root");
-        assert!(st.success(), "docker import");
+        let mut import = Command::new("docker");
+        import.args(["--host", &self.host, "import", "-", IMAGE]);
+        import_busybox(&self.root, import);
     }
 
     /// Starts a container running `cmd` (sh -c); returns its id.

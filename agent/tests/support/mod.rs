@@ -10,6 +10,7 @@ pub mod frames;
 pub mod hosts;
 pub mod http;
 pub mod machine;
+pub mod podman;
 pub mod prometheus;
 pub mod sampler;
 pub mod tmux;
