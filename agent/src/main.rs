@@ -4,14 +4,14 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use tcpstate::{
-    client::{control, count, view, watch},
+    client::{conns, control, count, view, watch},
     error::Error,
     kernel::probe::{Ingress, ProbeOptions},
     serve::{
         daemon::{self, Config},
         metrics,
     },
-    snapshot::{PortFilter, PortSide, Snapshot, verify_table},
+    snapshot::{PortFilter, PortSide, Snapshot, conns::ConnFilter, verify_table},
     tracking::host::{self, Scope},
 };
 
@@ -70,6 +70,43 @@ enum Cmd {
         /// Stop after this many snapshots (default: until interrupted).
         #[arg(long, value_name = "N")]
         count: Option<u64>,
+        #[arg(long, default_value = control::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+    /// The connections themselves, as `ss -tan` lists them, with how long
+    /// each has been in its state (`>=`: since before the agent watched)
+    /// and, with --process, who holds it; the oldest first.
+    Conns {
+        /// Only this state (repeatable): close-wait, time-wait, estab, ...
+        #[arg(long = "state", value_name = "S", value_parser = parse_state)]
+        states: Vec<tcpstate_common::TcpState>,
+        /// Only connections with this port at either end.
+        #[arg(long, value_name = "N")]
+        port: Option<u16>,
+        /// Only those in their state this long or longer: 30s, 5m, 1h, 1.5s.
+        #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+        older: Option<Duration>,
+        /// The processes holding each socket, as `ss -p` finds them.
+        #[arg(long)]
+        process: bool,
+        /// One namespace (as `count --netns`).
+        #[arg(long, value_name = "SEL")]
+        netns: Option<String>,
+        /// One JSON array of {state, local, peer, age_s, age_at_least, owners, netns}.
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value = control::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+    /// One row per listening address and port: the accept queue and its
+    /// backlog (`ss -ltn` Recv-Q/Send-Q), handshakes under way (SYN_RECV),
+    /// connections; and the namespace's ListenOverflows and ListenDrops.
+    Listeners {
+        /// One namespace (as `count --netns`).
+        #[arg(long, value_name = "SEL")]
+        netns: Option<String>,
+        #[arg(long)]
+        json: bool,
         #[arg(long, default_value = control::DEFAULT_SOCKET)]
         socket: PathBuf,
     },
@@ -220,6 +257,39 @@ fn main() -> ExitCode {
                 Err(e) => client_error(&e),
             }
         }
+        Cmd::Conns {
+            states,
+            port,
+            older,
+            process,
+            netns,
+            json,
+            socket,
+        } => {
+            logging(None);
+            let filter = ConnFilter {
+                states: states.iter().map(|s| *s as u8).collect(),
+                port,
+                older_s: older.map(|d| d.as_secs_f64()),
+                process,
+                netns: None,
+            };
+            match conns::run(&socket, filter, netns.as_deref(), json) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => client_error(&e),
+            }
+        }
+        Cmd::Listeners {
+            netns,
+            json,
+            socket,
+        } => {
+            logging(None);
+            match conns::listeners(&socket, netns.as_deref(), json) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => client_error(&e),
+            }
+        }
         Cmd::Top {
             socket,
             netns,
@@ -232,6 +302,34 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+fn parse_state(s: &str) -> Result<tcpstate_common::TcpState, String> {
+    tcpstate::snapshot::conns::parse_state(s).ok_or_else(|| {
+        format!("no TCP state {s:?} (established, syn-sent, syn-recv, fin-wait-1, fin-wait-2, time-wait, close, close-wait, last-ack, listen, closing)")
+    })
+}
+
+/// `30s`, `5m`, `1h`, `250ms`, or plain seconds (`1.5`).
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s
+        .find(|c: char| c.is_ascii_alphabetic())
+        .map_or((s, "s"), |i| s.split_at(i));
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 30s, 5m, 1h"))?;
+    let scale = match unit {
+        "ms" => 0.001,
+        "s" => 1.0,
+        "m" => 60.0,
+        "h" => 3600.0,
+        "d" => 86400.0,
+        _ => return Err(format!("{s:?}: the unit is one of ms, s, m, h, d")),
+    };
+    if !(n * scale).is_finite() || n < 0.0 {
+        return Err(format!("{s:?} is not a duration"));
+    }
+    Ok(Duration::from_secs_f64(n * scale))
 }
 
 fn seconds(s: f64) -> Duration {

@@ -482,12 +482,15 @@ fn one_thread_keeps_what_following_namespaces_takes() {
     // 19, CAP_SYS_ADMIN 21, CAP_PERFMON 38.
     let attach = mask(&[12, 39]);
     let follow = mask(&[2, 12, 19, 21, 38, 39]);
+    // The reader of /proc/PID/fd (`conns --process`): CAP_DAC_READ_SEARCH, CAP_SYS_PTRACE.
+    let read_fds = mask(&[2, 19]);
     let check = |when: &str| {
         let caps = thread_caps(agent.pid());
         for (task, name, eff) in &caps {
             let want = match name.as_str() {
                 "tcpstate-keeper" => &follow,
                 "tcpstate-netns" => &attach,
+                "tcpstate-owners" => &read_fds,
                 _ => "0000000000000000",
             };
             assert_eq!(eff, want, "{task} ({name}) {when}");

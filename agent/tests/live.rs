@@ -69,6 +69,10 @@ fn traffic(net: &VethPair) -> Traffic {
         sleep(Duration::from_millis(50));
         drop(c);
     }
+    // One the peer closes and the monitored side holds: CLOSE_WAIT on 8080.
+    let c = peer.connect(api.local_addr().unwrap());
+    held.push(api.accept().unwrap().0);
+    drop(c);
     // One outgoing connection from the monitored side to the peer's 9000.
     let out = peer.listen(&sockaddr(&net.right_v4, 9000));
     held.push(mon.connect(out.local_addr().unwrap()));
@@ -114,7 +118,7 @@ fn metrics_equal_ss_and_pass_promtool() {
             let by_port = net.left.ss_counts_where(&["sport", "=", &format!(":{p}")]);
             for s in TcpState::REPORTED {
                 let line = format!(
-                    "tcpstate_port_connections{{port=\"{p}\",state=\"{}\"}} {}",
+                    "tcpstate_port_connections{{port=\"{p}\",side=\"local\",state=\"{}\"}} {}",
                     s.name().to_ascii_lowercase(),
                     by_port.get(s)
                 );
@@ -139,7 +143,20 @@ fn metrics_equal_ss_and_pass_promtool() {
     });
     let truth = net.left.ss_counts();
     assert!(body.contains("port=\"other\""), "{body}");
-    assert!(!body.contains("port=\"9000\""), "only the top 2 and other");
+    // The outgoing connection to the peer's 9000 is the service `→9000`,
+    // third: summed into other.
+    assert!(
+        !body.contains("tcpstate_port_connections{port=\"9000\""),
+        "only the top 2 and other"
+    );
+    // Its port pressure: one port of this namespace's range toward it.
+    assert!(
+        body.lines()
+            .any(|l| l.starts_with("tcpstate_port_pressure_ports{")
+                && l.contains("port=\"9000\"")
+                && l.ends_with(" 1")),
+        "{body}"
+    );
     // promtool lints the classic format served to clients that do not ask
     // for OpenMetrics.
     let mut promtool = Command::new("promtool")
@@ -384,7 +401,7 @@ fn top_in_a_terminal_shows_what_ss_shows_and_q_quits() {
     });
     let screen =
         shown.unwrap_or_else(|| panic!("the view never showed ss's counts:\n{}", tmux.screen()));
-    assert!(screen.contains("Top local ports"), "{screen}");
+    assert!(screen.contains("Top services"), "{screen}");
     assert!(screen.contains("per second:"), "{screen}");
     // The view follows: close everything, the counts move within seconds.
     drop(traffic);
@@ -437,15 +454,20 @@ fn run_with_top_opens_the_view_and_q_stops_the_agent() {
 /// to an interface that appears later takes.
 const ATTACH_CAPS: &str = "0000008000001000";
 
-/// The namespace's thread keeps only what attaching takes; every other
-/// thread holds nothing.
+/// CAP_DAC_READ_SEARCH (2) and CAP_SYS_PTRACE (19): what reading other
+/// processes' /proc/PID/fd takes (`conns --process`).
+const READ_FDS_CAPS: &str = "0000000000080004";
+
+/// The namespace's thread keeps only what attaching takes, the owners'
+/// reader only what reading descriptors takes; every other thread holds
+/// nothing.
 fn assert_caps(pid: u32, when: &str) -> usize {
     let caps = thread_caps(pid);
     for (task, name, eff) in &caps {
-        let want = if name == "tcpstate-netns" {
-            ATTACH_CAPS
-        } else {
-            "0000000000000000"
+        let want = match name.as_str() {
+            "tcpstate-netns" => ATTACH_CAPS,
+            "tcpstate-owners" => READ_FDS_CAPS,
+            _ => "0000000000000000",
         };
         assert_eq!(eff, want, "{task} ({name}) {when}");
     }

@@ -27,6 +27,9 @@ EXPORTED = {
     "tcpstate_drift", "tcpstate_build_info",
     "tcpstate_netns_connections", "tcpstate_netns_refused_total",
     "tcpstate_netns_drift",
+    "tcpstate_listen_queue_length", "tcpstate_listen_queue_limit",
+    "tcpstate_oldest_connection_seconds", "tcpstate_old_connections",
+    "tcpstate_port_pressure_ratio", "tcpstate_port_pressure_ports",
 }
 # A metric name not inside a recording rule name (level:metric:operations).
 METRIC = re.compile(r"(?<![\w:])tcpstate_\w+(?![\w:])")

@@ -11,7 +11,10 @@ use std::{
 
 use crate::{
     error::{Error, Result},
-    snapshot::{PortFilter, Snapshot, StateCounts},
+    snapshot::{
+        PortFilter, Snapshot, StateCounts,
+        conns::{Conn, ConnFilter, Listener, NetnsRows},
+    },
 };
 
 pub const DEFAULT_SOCKET: &str = "/run/tcpstate/tcpstate.sock";
@@ -21,6 +24,10 @@ pub const REQUEST: &str = "snapshot\n";
 pub const VERIFY: &str = "verify\n";
 /// `count FILTER-JSON`: the counts of the connections a [`PortFilter`] selects.
 pub const COUNT: &str = "count ";
+/// `conns FILTER-JSON`: the connections a [`ConnFilter`] selects.
+pub const CONNS: &str = "conns ";
+/// `listeners NETNS-JSON`: the listeners of every namespace (`null`) or one.
+pub const LISTENERS: &str = "listeners ";
 
 /// Asks the agent at `path` for a snapshot.
 pub fn query(path: &Path) -> Result<Snapshot> {
@@ -37,6 +44,25 @@ pub fn count(path: &Path, filter: &PortFilter) -> Result<StateCounts> {
     let request = format!(
         "{COUNT}{}\n",
         serde_json::to_string(filter).expect("a filter serializes")
+    );
+    ask(path, &request)
+}
+
+/// Asks the agent at `path` for the connections `filter` selects.
+pub fn conns(path: &Path, filter: &ConnFilter) -> Result<Vec<NetnsRows<Conn>>> {
+    let request = format!(
+        "{CONNS}{}\n",
+        serde_json::to_string(filter).expect("a filter serializes")
+    );
+    ask(path, &request)
+}
+
+/// Asks the agent at `path` for the listeners of namespace `netns` (its
+/// inode), or of every one.
+pub fn listeners(path: &Path, netns: Option<u64>) -> Result<Vec<NetnsRows<Listener>>> {
+    let request = format!(
+        "{LISTENERS}{}\n",
+        serde_json::to_string(&netns).expect("an inode serializes")
     );
     ask(path, &request)
 }

@@ -1,6 +1,7 @@
 //! The programs that ask a running agent over its control socket:
-//! `count`, `watch` and the live view (`top`).
+//! `count`, `conns`, `listeners`, `watch` and the live view (`top`).
 
+pub mod conns;
 pub mod control;
 pub mod count;
 pub mod live;

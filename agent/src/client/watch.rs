@@ -26,6 +26,8 @@ pub struct Line<'a> {
     pub rates: Option<Rates>,
     pub ports: &'a [Keyed],
     pub peers: &'a [Keyed],
+    /// The worst listeners, oldest CLOSE_WAIT/FIN_WAIT2 and port pressure.
+    pub attention: &'a crate::snapshot::attention::Attention,
     pub events: &'a serde_json::Map<String, serde_json::Value>,
     pub drift: &'a serde_json::Map<String, serde_json::Value>,
     /// Each namespace's counts, as `count --by-netns --json` prints them.
@@ -41,6 +43,7 @@ impl<'a> Line<'a> {
             rates,
             ports: &snap.ports,
             peers: &snap.peers,
+            attention: &snap.attention,
             events: &snap.events,
             drift: &snap.drift,
             namespaces: snap

@@ -12,6 +12,7 @@ pub mod links;
 pub mod maps;
 pub mod netns;
 pub mod nsinfo;
+pub mod owners;
 pub mod privileges;
 pub mod probe;
 pub mod slots;

@@ -50,6 +50,13 @@ impl NetNs {
         NetNs::start_as("tcpstate-keeper", None, None)
     }
 
+    /// A thread of the agent's own namespace whose jobs read other
+    /// processes' descriptors (the owners of sockets: it keeps what that
+    /// takes), named `tcpstate-owners`.
+    pub fn owner_reader() -> Result<NetNs> {
+        NetNs::start_as("tcpstate-owners", None, None)
+    }
+
     /// A namespace made by `ip netns add NAME` (bound at /run/netns/NAME).
     pub fn named(name: &str) -> Result<NetNs> {
         if name.is_empty() || name.contains('/') {

@@ -31,6 +31,14 @@ pub fn sysctl_u64(path: &str) -> Option<u64> {
         .ok()
 }
 
+/// `net.ipv4.ip_local_port_range` of the calling thread's namespace: the
+/// ports connect() picks from (inclusive).
+pub fn local_port_range() -> Option<(u16, u16)> {
+    let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    let mut it = text.split_whitespace().map(|n| n.parse::<u16>().ok());
+    Some((it.next()??, it.next()??))
+}
+
 /// The buckets of the calling thread's namespace's TCP socket table
 /// (`net.ipv4.tcp_ehash_entries`, Linux 6.1+): negative when the namespace
 /// shares the initial namespace's table (the default), in which case every

@@ -56,6 +56,11 @@ pub const FOLLOW_ALL: [Capability; 6] = [
     Capability::CAP_DAC_READ_SEARCH,
 ];
 
+/// What reading other processes' /proc/PID/fd takes (the owners of
+/// sockets, as `ss -p` finds them): kept by one thread only, which does
+/// nothing else.
+pub const READ_FDS: [Capability; 2] = [Capability::CAP_SYS_PTRACE, Capability::CAP_DAC_READ_SEARCH];
+
 /// Drops every capability of the calling thread but `keep` (the bounding set
 /// too: nothing it runs later can regain the others).
 pub fn keep_only(keep: &[Capability]) -> Result<()> {

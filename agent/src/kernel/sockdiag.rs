@@ -204,6 +204,13 @@ pub struct SockInfo {
     /// 4 zero-window probe) and the time until it fires.
     pub timer: u8,
     pub expires: Duration,
+    /// `idiag_rqueue`/`idiag_wqueue`, what `ss` shows as Recv-Q/Send-Q: for
+    /// a listener the accept queue's length and its backlog.
+    pub recv_queue: u32,
+    pub send_queue: u32,
+    /// The socket's inode (0 for TIME_WAIT and request sockets, which no
+    /// process holds): how `ss -p` finds its owner in /proc/PID/fd.
+    pub inode: u32,
 }
 
 /// An address with an IPv4-mapped IPv6 address as its IPv4 one.
@@ -240,6 +247,9 @@ impl SockInfo {
             timewait_left,
             timer,
             expires,
+            recv_queue: h.recv_queue,
+            send_queue: h.send_queue,
+            inode: h.inode,
         }
     }
 

@@ -12,10 +12,10 @@ use std::{
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 use crate::{
-    client::control::{COUNT, REQUEST, VERIFY},
+    client::control::{CONNS, COUNT, LISTENERS, REQUEST, VERIFY},
     error::{Error, Result},
     serve::reader::Reader,
-    snapshot::PortFilter,
+    snapshot::{PortFilter, conns::ConnFilter},
     tracking::host::Host,
 };
 
@@ -119,21 +119,39 @@ pub async fn answer(
                     .await??;
             serde_json::to_vec(&snap)?
         }
-        _ => match line.strip_prefix(COUNT) {
-            Some(filter) => {
-                let filter: PortFilter = serde_json::from_str(filter)?;
-                let counts = tokio::task::spawn_blocking(move || {
-                    agent.lock().expect("agent lock").count_filtered(&filter)
-                })
-                .await??;
-                serde_json::to_vec(&counts)?
-            }
-            None => anyhow::bail!("unknown request {line:?}"),
-        },
+        _ => expensive(&line, agent).await?,
     };
     out.push(b'\n');
     recent.insert(line, (Instant::now(), out.clone()));
     drop(recent);
     write.write_all(&out).await?;
     Ok(())
+}
+
+/// The answers that walk the flow maps or read the socket table, made off
+/// the runtime thread: `count FILTER`, `conns FILTER`, `listeners NETNS`.
+async fn expensive(line: &str, agent: Arc<Mutex<Host>>) -> anyhow::Result<Vec<u8>> {
+    let (verb, arg) = [COUNT, CONNS, LISTENERS]
+        .into_iter()
+        .find_map(|v| line.strip_prefix(v).map(|a| (v, a.to_owned())))
+        .ok_or_else(|| anyhow::anyhow!("unknown request {line:?}"))?;
+    let out = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<u8>> {
+        let host = || agent.lock().expect("agent lock");
+        Ok(match verb {
+            COUNT => {
+                let filter: PortFilter = serde_json::from_str(&arg)?;
+                serde_json::to_vec(&host().count_filtered(&filter)?)?
+            }
+            CONNS => {
+                let filter: ConnFilter = serde_json::from_str(&arg)?;
+                serde_json::to_vec(&host().conns(&filter)?)?
+            }
+            _ => {
+                let netns: Option<u64> = serde_json::from_str(&arg)?;
+                serde_json::to_vec(&host().listeners(netns)?)?
+            }
+        })
+    })
+    .await??;
+    Ok(out)
 }

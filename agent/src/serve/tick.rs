@@ -38,6 +38,8 @@ struct Read {
     addrs: Result<Vec<IpAddr>>,
     signals: Result<[Option<u64>; 2]>,
     timeouts: Result<Timeouts>,
+    /// `net.ipv4.ip_local_port_range` (what tells a client's port from a service's).
+    ports: Option<(u16, u16)>,
 }
 
 /// One tick. `round_due`: a new round of socket-table checks may start, to
@@ -52,6 +54,7 @@ pub fn tick(host: &Mutex<Host>, reader: &Reader, walk_due: bool, round_due: Opti
                 addrs: ns.run(nsinfo::local_addresses),
                 signals: ns.run(|| Ok(KernelSignal::read_all())),
                 timeouts: Tracker::timeouts_now(&ns, &like),
+                ports: ns.run(|| Ok(nsinfo::local_port_range())).ok().flatten(),
             };
             (slot, r)
         })
@@ -149,6 +152,9 @@ fn apply_reads(h: &mut Host, read: BTreeMap<u32, Read>) {
             .and_then(|addrs| t.set_local_addresses(probe, &addrs))
         {
             tracing::warn!("{}: reading the addresses failed: {e}", t.identity);
+        }
+        if let Some(range) = r.ports {
+            t.ephemeral = range;
         }
         match r.timeouts {
             Ok(to) => t.set_timeouts(to),

@@ -1,6 +1,8 @@
 //! What the agent reports: the eleven state counts and the probe's events,
 //! and how `tcpstate count` prints them.
 
+pub mod attention;
+pub mod conns;
 mod netns;
 
 pub use netns::{NetnsCounts, Selector};
@@ -179,12 +181,17 @@ pub struct Snapshot {
     /// this answer (`count --verify`): the in-kernel counters must equal them.
     #[serde(default)]
     pub entries: Option<serde_json::Value>,
-    /// Connections by local port, the top K and "other" (LISTEN included).
+    /// Connections by service (a local port that listens, `→PORT` for the
+    /// remote port of connections this host made), the top K and "other"
+    /// (LISTEN included).
     #[serde(default)]
     pub ports: Vec<Keyed>,
     /// Connections by remote address, the top K and "other".
     #[serde(default)]
     pub peers: Vec<Keyed>,
+    /// The worst listeners, oldest CLOSE_WAIT/FIN_WAIT2 and port pressure.
+    #[serde(default)]
+    pub attention: attention::Attention,
     /// Entries in the IPv4 and the IPv6 flow map at the last walk (each map
     /// holds up to `flow_map_capacity`).
     #[serde(default)]
@@ -245,6 +252,7 @@ impl Snapshot {
             entries: None,
             ports: Vec::new(),
             peers: Vec::new(),
+            attention: Default::default(),
             flows_in_map: [0; 2],
             asked: [0; 2],
             kernel_reports: false,

@@ -163,6 +163,9 @@ mod tests {
             timewait_left: (timer == 3).then(|| Duration::from_millis(left_ms)),
             timer,
             expires: Duration::from_millis(left_ms),
+            recv_queue: 0,
+            send_queue: 0,
+            inode: 0,
         }
     }
 

@@ -1,8 +1,13 @@
-//! Connections per local port and per remote address, by state. Built from
+//! Connections per service and per remote address, by state. Built from
 //! the flow map on the agent's once-a-second walk (and from the socket table
 //! for LISTEN), cut to the top K keys by total with the rest summed as
 //! "other", so what the view and the metrics show stays bounded however many
 //! ports and peers a host has.
+//!
+//! A service is a port: a local port something listens on (`8080`), or for
+//! a connection this host made, the remote port it went to (`→443`). An
+//! ephemeral port is never a key of its own: fifty clients of one upstream
+//! are one row, not fifty rows of one connection each.
 
 use std::{
     collections::HashMap,
@@ -19,6 +24,7 @@ use crate::{
 /// A local endpoint of a tracked connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LocalEnd {
+    pub local: IpAddr,
     pub local_port: u16,
     pub remote: IpAddr,
     pub remote_port: u16,
@@ -32,9 +38,10 @@ pub fn local_ends(flow: &FlowRef, word: Word) -> impl Iterator<Item = LocalEnd> 
         if state == TcpState::None {
             return None;
         }
-        let (_, local_port) = flow.endpoint(side);
+        let (local, local_port) = flow.endpoint(side);
         let (remote, remote_port) = flow.endpoint(side.other());
         Some(LocalEnd {
+            local,
             local_port,
             remote,
             remote_port,
@@ -67,25 +74,81 @@ fn v6(words: &[u32; 4]) -> Ipv6Addr {
     Ipv6Addr::from(b)
 }
 
-/// Connections by local port and by remote address.
+/// The service a connection belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Service {
+    /// A local port: something listens there, or the port is outside the
+    /// ephemeral range (a server whose listener has closed).
+    Local(u16),
+    /// The remote port of a connection from a local ephemeral port.
+    Remote(u16),
+}
+
+/// The prefix of a [`Service::Remote`] key: `→443`.
+pub const REMOTE_MARK: char = '→';
+
+impl std::fmt::Display for Service {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Service::Local(p) => write!(f, "{p}"),
+            Service::Remote(p) => write!(f, "{REMOTE_MARK}{p}"),
+        }
+    }
+}
+
+/// What tells a service from a client: the namespace's listening ports and
+/// its `net.ipv4.ip_local_port_range`.
+#[derive(Clone, Debug, Default)]
+pub struct Services {
+    pub listening: std::collections::HashSet<u16>,
+    /// Inclusive; `(0, 0)` when unknown (then only listening ports are local
+    /// services).
+    pub ephemeral: (u16, u16),
+}
+
+impl Services {
+    pub fn of(&self, end: &LocalEnd) -> Service {
+        let (lo, hi) = self.ephemeral;
+        let ephemeral = (lo..=hi).contains(&end.local_port) && hi > 0;
+        if self.listening.contains(&end.local_port) || (!ephemeral && hi > 0) {
+            Service::Local(end.local_port)
+        } else {
+            Service::Remote(end.remote_port)
+        }
+    }
+}
+
+/// Connections by service and by remote address.
 #[derive(Clone, Debug, Default)]
 pub struct Breakdown {
-    ports: HashMap<u16, StateCounts>,
+    services: Services,
+    ports: HashMap<Service, StateCounts>,
     peers: HashMap<IpAddr, StateCounts>,
 }
 
 impl Breakdown {
+    pub fn new(services: Services) -> Breakdown {
+        Breakdown {
+            services,
+            ..Breakdown::default()
+        }
+    }
+
     pub fn add(&mut self, end: &LocalEnd) {
-        bump(self.ports.entry(end.local_port).or_default(), end.state);
+        let service = self.services.of(end);
+        bump(self.ports.entry(service).or_default(), end.state);
         bump(self.peers.entry(end.remote).or_default(), end.state);
     }
 
     /// A listening socket: counted under its port (it has no peer).
     pub fn add_listener(&mut self, port: u16) {
-        bump(self.ports.entry(port).or_default(), TcpState::Listen);
+        bump(
+            self.ports.entry(Service::Local(port)).or_default(),
+            TcpState::Listen,
+        );
     }
 
-    /// The `k` local ports with the most connections, then "other".
+    /// The `k` services with the most connections, then "other".
     pub fn top_ports(&self, k: usize) -> Vec<Keyed> {
         top(self.ports.iter().map(|(p, c)| (p.to_string(), *c)), k)
     }
@@ -144,10 +207,12 @@ fn top(rows: impl Iterator<Item = (String, StateCounts)>, k: usize) -> Vec<Keyed
     rows
 }
 
-/// Numbers in numeric order (port 80 before 443), anything else as text.
+/// Numbers in numeric order (port 80 before 443, `→80` before `→443`),
+/// anything else as text.
 fn natural(a: &str, b: &str) -> std::cmp::Ordering {
-    match (a.parse::<u64>(), b.parse::<u64>()) {
-        (Ok(x), Ok(y)) => x.cmp(&y),
+    let num = |s: &str| s.trim_start_matches(REMOTE_MARK).parse::<u64>();
+    match (num(a), num(b)) {
+        (Ok(x), Ok(y)) => x.cmp(&y).then_with(|| a.cmp(b)),
         _ => a.cmp(b),
     }
 }
@@ -161,6 +226,7 @@ mod tests {
 
     fn end(local_port: u16, remote: &str, state: TcpState) -> LocalEnd {
         LocalEnd {
+            local: "10.0.0.100".parse().unwrap(),
             local_port,
             remote: remote.parse().unwrap(),
             remote_port: 40000,
@@ -170,7 +236,10 @@ mod tests {
 
     #[test]
     fn top_k_keeps_the_largest_and_sums_the_rest_as_other() {
-        let mut b = Breakdown::default();
+        let mut b = Breakdown::new(Services {
+            listening: [443, 80, 22, 8080].into(),
+            ephemeral: (32768, 60999),
+        });
         for _ in 0..5 {
             b.add(&end(443, "10.0.0.1", TcpState::Established));
         }
@@ -197,6 +266,56 @@ mod tests {
     }
 
     #[test]
+    fn clients_are_grouped_by_the_service_they_reach() {
+        let mut b = Breakdown::new(Services {
+            listening: [8080].into(),
+            ephemeral: (32768, 60999),
+        });
+        let client = |local_port, remote_port| LocalEnd {
+            local: "10.0.0.1".parse().unwrap(),
+            local_port,
+            remote: "10.0.0.9".parse().unwrap(),
+            remote_port,
+            state: TcpState::Established,
+        };
+        // Fifty clients of one upstream, each from its own ephemeral port.
+        for i in 0..50 {
+            b.add(&client(52264 + i, 443));
+        }
+        // Three clients of this host's listener (their ports are ephemeral
+        // too, but the local end is the service).
+        for i in 0..3 {
+            b.add(&client(8080, 40000 + i));
+        }
+        // A server port outside the range whose listener has closed.
+        b.add(&client(9000, 41000));
+        // A listener inside the ephemeral range is still a service.
+        b.services.listening.insert(40100);
+        b.add(&client(40100, 41001));
+        let rows: Vec<(String, u64)> = b
+            .top_ports(10)
+            .into_iter()
+            .map(|r| (r.key, r.total))
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                ("→443".to_owned(), 50),
+                ("8080".to_owned(), 3),
+                ("9000".to_owned(), 1),
+                ("40100".to_owned(), 1),
+            ]
+        );
+        // Unknown range: only listening ports are local services.
+        let s = Services {
+            listening: [8080].into(),
+            ephemeral: (0, 0),
+        };
+        assert_eq!(s.of(&client(9000, 41000)), Service::Remote(41000));
+        assert_eq!(s.of(&client(8080, 41000)), Service::Local(8080));
+    }
+
+    #[test]
     fn local_ends_name_the_local_port_and_the_remote_address() {
         // 10.0.0.2:8080 (local, ESTABLISHED) talking to 10.0.0.9:50000.
         let local = u32::from_ne_bytes([10, 0, 0, 2]);
@@ -211,6 +330,7 @@ mod tests {
         assert_eq!(
             ends,
             [LocalEnd {
+                local: "10.0.0.2".parse().unwrap(),
                 local_port: 8080,
                 remote: "10.0.0.9".parse().unwrap(),
                 remote_port: 50000,

@@ -106,6 +106,8 @@ pub struct Host {
     /// what following new namespaces takes ([`privileges::FOLLOW_ALL`]);
     /// every namespace is found and entered from it.
     pub(crate) keeper: Option<NetNs>,
+    /// The thread that reads other processes' descriptors (`conns --process`).
+    pub(crate) fd_reader: NetNs,
     /// Kernel reports skipped, at the last look (one count for the host).
     reports_missed: u64,
     /// The kernel's jiffies paired with CLOCK_MONOTONIC, for every tracker.
@@ -150,6 +152,7 @@ impl Host {
             trackers: BTreeMap::new(),
             cfg: cfg.clone(),
             keeper: None,
+            fd_reader: NetNs::owner_reader()?,
             reports_missed: 0,
             started: std::time::Instant::now(),
             waiting: Vec::new(),
@@ -248,7 +251,8 @@ impl Host {
 
     /// Drops every capability on this thread and on each namespace's
     /// thread but what attaching to a new interface takes; with every
-    /// namespace, the keeper thread keeps what following them takes.
+    /// namespace, the keeper thread keeps what following them takes, and
+    /// the descriptor reader what reading /proc/PID/fd takes.
     pub fn drop_privileges(&self) -> Result<()> {
         for t in self.trackers.values() {
             t.netns()
@@ -257,6 +261,8 @@ impl Host {
         if let Some(k) = &self.keeper {
             k.run(|| privileges::keep_only(&privileges::FOLLOW_ALL))?;
         }
+        self.fd_reader
+            .run(|| privileges::keep_only(&privileges::READ_FDS))?;
         privileges::drop_all()
     }
 
@@ -368,6 +374,10 @@ impl Host {
             .collect();
         let snaps: Vec<Snapshot> = parts.into_iter().map(|(_, _, s)| s).collect();
         let total = Snapshot::sum(&snaps);
+        let attention = crate::snapshot::attention::Attention::merge(
+            snaps.iter().map(|s| &s.attention),
+            self.cfg.top_k,
+        );
         let mut total = total.unwrap_or_else(|| {
             Snapshot::new(
                 None,
@@ -382,6 +392,7 @@ impl Host {
             total.netns = None;
             total.all_namespaces = true;
         }
+        total.attention = attention;
         total.namespaces = namespaces;
         total.uptime_ms = self.started.elapsed().as_millis() as u64;
         total

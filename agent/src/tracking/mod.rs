@@ -6,10 +6,13 @@
 //! host's namespaces (`follow.rs`).
 
 pub mod answers;
+pub mod attention;
 pub mod breakdown;
 pub mod follow;
 pub mod host;
+pub mod inspect;
 pub mod interfaces;
+pub mod listeners;
 pub mod pacing;
 pub mod reconcile;
 pub mod seed;

@@ -165,6 +165,9 @@ mod tests {
             timewait_left: None,
             timer: 0,
             expires: Duration::ZERO,
+            recv_queue: 0,
+            send_queue: 0,
+            inode: 0,
         }
     }
 

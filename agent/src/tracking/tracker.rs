@@ -9,6 +9,7 @@ use std::{sync::Arc, time::Duration};
 use netlink_packet_sock_diag::inet::StateFlags;
 use tcpstate_common::{Ask, Event, FlowEntry, Side, TcpState};
 
+mod conns;
 mod walk;
 
 use crate::{
@@ -20,7 +21,7 @@ use crate::{
         netns::NetNs,
         nsinfo,
         probe::Probe,
-        sockdiag::SockDiag,
+        sockdiag::{SockDiag, SockInfo},
     },
     snapshot::{Snapshot, StateCounts, by_state, live_counts},
     tracking::{
@@ -62,12 +63,19 @@ pub struct Tracker {
     reports_missed: u64,
     /// Connections by port and by peer, as of the last walk.
     breakdown: Breakdown,
+    /// What needs attention, as of the last walk.
+    attention: crate::snapshot::attention::Attention,
     /// LISTEN sockets in the socket table at the last walk, and whether the
     /// probe's count (moved by the kernel's reports) differed from it then.
     listening: u64,
     listen_off: Option<i64>,
-    /// The listeners' ports at the last look at the table.
-    listener_ports: Vec<u16>,
+    /// The listeners at the last look at the table.
+    listeners: Vec<SockInfo>,
+    /// `net.ipv4.ip_local_port_range` as last read (inclusive).
+    pub(crate) ephemeral: (u16, u16),
+    /// CLOCK_MONOTONIC when the socket table was seeded: a state stamped
+    /// before it began before the agent watched.
+    seeded_ns: u64,
     /// Entries in the IPv4 and IPv6 flow maps at the last walk.
     flows_in_map: [u64; 2],
     top_k: usize,
@@ -131,6 +139,8 @@ impl Tracker {
             // After attaching: from here on packets are seen, so every
             // connection is either seeded now or tracked from its packets.
             let seeded = seed::seed(probe, slot, &mut diag, &timeouts)?;
+            let seeded_ns = crate::tracking::timers::monotonic_ns();
+            let ephemeral = nsinfo::local_port_range().unwrap_or((0, 0));
             // The kernel's reports move LISTEN from now on; the table says
             // where it starts.
             let listening = diag.listening()?;
@@ -142,15 +152,16 @@ impl Tracker {
                 seeded.already,
                 seeded.map_full
             );
-            Ok((diag, timeouts, listening, buckets, addrs))
+            Ok((diag, timeouts, listening, buckets, addrs, (seeded_ns, ephemeral)))
         });
-        let (diag, timeouts, listening, table_buckets, addrs) = match started {
-            Ok(s) => s,
-            Err(e) => {
-                let _ = probe.forget_netns(slot);
-                return Err(e);
-            }
-        };
+        let (diag, timeouts, listening, table_buckets, addrs, (seeded_ns, ephemeral)) =
+            match started {
+                Ok(s) => s,
+                Err(e) => {
+                    let _ = probe.forget_netns(slot);
+                    return Err(e);
+                }
+            };
         Ok(Tracker {
             slot,
             identity,
@@ -170,9 +181,12 @@ impl Tracker {
             reports_missed_seen: 0,
             reports_missed: 0,
             breakdown: Breakdown::default(),
+            attention: Default::default(),
             listening,
             listen_off: None,
-            listener_ports: Vec::new(),
+            listeners: Vec::new(),
+            ephemeral,
+            seeded_ns,
             flows_in_map: [0; 2],
             top_k,
             started: std::time::Instant::now(),
@@ -347,6 +361,7 @@ impl Tracker {
         snap.time_wait_overflow = self.tw_overflow_seen;
         snap.ports = self.breakdown.top_ports(self.top_k);
         snap.peers = self.breakdown.top_peers(self.top_k);
+        snap.attention = self.attention.clone();
         snap.flows_in_map = self.flows_in_map;
         snap.asked = self.asked;
         snap.kernel_reports = probe.kernel_reports();

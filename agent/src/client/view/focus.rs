@@ -64,6 +64,10 @@ pub fn apply(mut snap: Snapshot, focus: Option<u64>) -> (Snapshot, Option<String
     };
     snap.states = ns.states.json();
     snap.netns = Some(format!("netns {}", label(&ns)));
+    let a = &mut snap.attention;
+    a.queues.retain(|q| q.netns == inode);
+    a.oldest.retain(|o| o.netns == inode);
+    a.pressure.retain(|p| p.netns == inode);
     (snap, None)
 }
 

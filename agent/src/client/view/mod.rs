@@ -5,6 +5,7 @@
 //! every namespace watched, `n` focuses the next namespace and `a` all
 //! ([`focus`]).
 
+pub mod attention;
 pub mod focus;
 pub mod render;
 
@@ -109,7 +110,9 @@ fn show(
         problem: None,
         log: log.map(|l| l.display().to_string()),
         interval_s: interval.as_secs_f64(),
+        attention: Vec::new(),
     };
+    let mut owner = attention::Owner::default();
     let mut next = Instant::now()
         + if view.live.last.is_some() {
             interval
@@ -132,6 +135,10 @@ fn show(
                 Ok(s) => {
                     latest = Some(s.clone());
                     status.problem = view.take(s);
+                    if let Some(shown) = &view.live.last {
+                        owner.refresh(socket, &shown.attention);
+                        status.attention = attention::lines(shown, &owner);
+                    }
                 }
                 Err(Error::NoAgent(_)) if view.live.last.is_none() => {
                     status.problem = Some("starting the agent...".into());
@@ -161,6 +168,9 @@ fn show(
                     if let (Some(f), Some(s)) = (focus, latest.clone()) {
                         view.refocus(f);
                         status.problem = view.take(s);
+                        if let Some(shown) = &view.live.last {
+                            status.attention = attention::lines(shown, &owner);
+                        }
                     }
                 }
                 Ok(_) => {}

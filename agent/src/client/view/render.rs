@@ -28,6 +28,8 @@ pub struct Status {
     pub log: Option<String>,
     /// Seconds between snapshots (the time one history sample covers).
     pub interval_s: f64,
+    /// What needs attention, worst first ([`super::attention::lines`]).
+    pub attention: Vec<String>,
 }
 
 /// The states a port or peer row shows, with their column titles.
@@ -50,13 +52,24 @@ pub fn draw(frame: &mut Frame, live: &Live, status: &Status) {
     frame.render_widget(Paragraph::new(title_line(live, status)), title);
     draw_states(frame, states, live, status);
     frame.render_widget(Paragraph::new(rates_line(live)), rates);
+    // What needs attention takes up to four lines from the tables, and
+    // only when there is something.
+    let tops = if status.attention.is_empty() {
+        tops
+    } else {
+        let n = status.attention.len().min(4) as u16 + 2;
+        let [warn, rest] =
+            Layout::vertical([Constraint::Length(n), Constraint::Min(4)]).areas(tops);
+        super::attention::draw(frame, warn, &status.attention);
+        rest
+    };
     let [ports, peers] =
         Layout::horizontal([Constraint::Percentage(50), Constraint::Percentage(50)]).areas(tops);
     let snap = live.last.as_ref();
     draw_top(
         frame,
         ports,
-        (" Top local ports (* listening) ", "PORT", 6),
+        (" Top services (* listening, →out) ", "SERVICE", 7),
         snap.map_or(&[][..], |s| &s.ports),
     );
     // With every namespace watched, the namespaces take the peers' place.
@@ -304,7 +317,7 @@ pub fn rate(v: f64) -> String {
     }
 }
 
-fn duration(secs: u64) -> String {
+pub(super) fn duration(secs: u64) -> String {
     match secs {
         s if s < 60 => format!("{s}s"),
         s if s < 3600 => format!("{}m{:02}s", s / 60, s % 60),
@@ -357,7 +370,11 @@ mod tests {
                 states: st,
             }
         };
-        s.ports = vec![row("443", 30, 100), row("80", 11, 18), row("other", 0, 0)];
+        s.ports = vec![
+            row("443", 30, 100),
+            row("→5432", 11, 18),
+            row("other", 0, 0),
+        ];
         s.ports[0].states.set(TcpState::Listen, 1);
         s.peers = vec![
             row("10.0.0.7", 25, 60),
@@ -416,10 +433,10 @@ mod tests {
             );
         }
         let boxes = [
-            "┌ Top local ports (* listening) ───────┐┌ Top remote peers ────────────────────┐",
-            "│PORT    TOTAL  ESTAB TW    CW    SYN_R││PEER                TOTAL  ESTAB TW   │",
+            "┌ Top services (* listening, →out) ────┐┌ Top remote peers ────────────────────┐",
+            "│SERVICE TOTAL  ESTAB TW    CW    SYN_R││PEER                TOTAL  ESTAB TW   │",
             "│443*    130    30    100   0     0    ││10.0.0.7            85     25    60   │",
-            "│80      29     11    18    0     0    ││2001:db8:aaaa:bbbb… 74     16    58   │",
+            "│→5432   29     11    18    0     0    ││2001:db8:aaaa:bbbb… 74     16    58   │",
             "│other   0      0     0     0     0    ││                                      │",
         ];
         for (i, want) in boxes.iter().enumerate() {
@@ -436,6 +453,39 @@ mod tests {
             lines[23].trim_end(),
             "probe: 300 pkt/s  parse errors 0  map 160+2 (0.1%)  map full 0  drift 0"
         );
+    }
+
+    #[test]
+    fn what_needs_attention_sits_above_the_tables_and_leaves_them_room() {
+        let status = Status {
+            interval_s: 1.0,
+            attention: vec!["accept queue 0.0.0.0:443 129/128 FULL  SYN_RECV 2".into()],
+            ..Status::default()
+        };
+        let lines = screen(&live(), &status, 80, 24);
+        assert!(
+            lines[14].starts_with("┌ Needs attention"),
+            "{}",
+            lines.join("\n")
+        );
+        assert_eq!(
+            lines[15].trim_end(),
+            "│accept queue 0.0.0.0:443 129/128 FULL  SYN_RECV 2                             │"
+        );
+        assert!(lines[16].starts_with("└"));
+        assert!(
+            lines[17].starts_with("┌ Top services"),
+            "{}",
+            lines.join("\n")
+        );
+        assert!(
+            lines[19].starts_with("│443*    130"),
+            "{}",
+            lines.join("\n")
+        );
+        // Nothing to say: no box.
+        let quiet = screen(&live(), &Status::default(), 80, 24);
+        assert!(!quiet.join("\n").contains("Needs attention"));
     }
 
     #[test]

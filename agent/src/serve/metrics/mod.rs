@@ -19,6 +19,7 @@ use prometheus_client::encoding::prometheus_text;
 
 use crate::serve::reader::Reader;
 
+mod attention;
 mod kernel;
 mod netns;
 mod render;
@@ -143,11 +144,20 @@ mod tests {
         let mut snap = Snapshot::new(None, vec![], states, &c, 4096, 2);
         let mut port = StateCounts::default();
         port.set(TcpState::Established, 5);
-        snap.ports = vec![Keyed {
-            key: "443".into(),
-            total: 5,
-            states: port,
-        }];
+        let mut upstream = StateCounts::default();
+        upstream.set(TcpState::Established, 2);
+        snap.ports = vec![
+            Keyed {
+                key: "443".into(),
+                total: 5,
+                states: port,
+            },
+            Keyed {
+                key: "→5432".into(),
+                total: 2,
+                states: upstream,
+            },
+        ];
         let text = render(&snap, Format::OpenMetrics);
         for s in TcpState::REPORTED {
             let want = if s == TcpState::TimeWait { 3 } else { 0 };
@@ -161,7 +171,8 @@ mod tests {
             "tcpstate_resets_total 7\n",
             "tcpstate_packets_total{direction=\"out\"} 11\n",
             "tcpstate_timer_expirations_total 2\n",
-            "tcpstate_port_connections{port=\"443\",state=\"established\"} 5\n",
+            "tcpstate_port_connections{port=\"443\",side=\"local\",state=\"established\"} 5\n",
+            "tcpstate_port_connections{port=\"5432\",side=\"remote\",state=\"established\"} 2\n",
             "tcpstate_flow_map_capacity{family=\"ipv6\"} 4096\n",
         ] {
             assert!(text.contains(line), "{line} missing:\n{text}");

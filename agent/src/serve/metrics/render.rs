@@ -60,6 +60,16 @@ pub(super) fn gauge_family(
     registry.register(name, help, f);
 }
 
+/// A service key of the breakdown (`8080`, `→443`, `other`) as the
+/// `port` and `side` labels.
+pub(super) fn service_labels(key: &str) -> (&str, &str) {
+    match key.strip_prefix(crate::tracking::breakdown::REMOTE_MARK) {
+        Some(port) => (port, "remote"),
+        None if key == OTHER => (key, ""),
+        None => (key, "local"),
+    }
+}
+
 /// One snapshot in `format`.
 pub fn render(snap: &Snapshot, format: Format) -> String {
     let mut r = Registry::with_prefix("tcpstate");
@@ -77,9 +87,10 @@ pub fn render(snap: &Snapshot, format: Format) -> String {
 
     let mut ports = Vec::new();
     for row in &snap.ports {
+        let (port, side) = service_labels(&row.key);
         for s in TcpState::REPORTED {
             ports.push((
-                label(&[("port", &row.key), ("state", &state_label(s))]),
+                label(&[("port", port), ("side", side), ("state", &state_label(s))]),
                 row.states.get(s) as i64,
             ));
         }
@@ -88,7 +99,7 @@ pub fn render(snap: &Snapshot, format: Format) -> String {
         &mut r,
         "port_connections",
         &format!(
-            "Connections by local port and state: the ports with the most connections (run --top-k), the rest summed under port=\"{OTHER}\""
+            "Connections by service and state: side=\"local\" a local port that listens (or lies outside ip_local_port_range), side=\"remote\" the remote port of connections this host made; the services with the most connections (run --top-k), the rest summed under port=\"{OTHER}\""
         ),
         &ports,
     );
@@ -257,6 +268,7 @@ pub fn render(snap: &Snapshot, format: Format) -> String {
 
     super::kernel::register(&mut r, snap);
     super::netns::register(&mut r, snap);
+    super::attention::register(&mut r, snap);
 
     gauge_family(
         &mut r,

@@ -10,8 +10,10 @@ use crate::{
     kernel::{maps::FlowRef, probe::Probe},
     snapshot::{PortFilter, StateCounts},
     tracking::{
-        breakdown::{Breakdown, local_ends},
+        attention::Watch,
+        breakdown::{Breakdown, Services, local_ends},
         seed,
+        timers::monotonic_ns,
     },
 };
 
@@ -30,25 +32,33 @@ impl Tracker {
         listen_counted: bool,
         look: bool,
     ) -> Result<()> {
-        let mut b = Breakdown::default();
-        for (flow, e) in entries {
-            for end in local_ends(flow, tcpstate_common::Word(e.word)) {
-                b.add(&end);
-            }
-        }
         if look {
-            let mut ports = Vec::new();
+            let mut listeners = Vec::new();
             self.diag
-                .for_each(StateFlags::LISTEN, |s| ports.push(s.local_port))?;
-            self.listening = ports.len() as u64;
-            self.listener_ports = ports;
+                .for_each(StateFlags::LISTEN, |s| listeners.push(s.clone()))?;
+            self.listening = listeners.len() as u64;
+            self.listeners = listeners;
             if listen_counted {
                 self.hold_listening(probe, self.listening)?;
             }
         }
-        for p in &self.listener_ports {
-            b.add_listener(*p);
+        let services = Services {
+            listening: self.listeners.iter().map(|s| s.local_port).collect(),
+            ephemeral: self.ephemeral,
+        };
+        let now = monotonic_ns();
+        let mut watch = Watch::new(self.identity.inode, &services, &self.listeners, now);
+        let mut b = Breakdown::new(services.clone());
+        for (flow, e) in entries {
+            for end in local_ends(flow, tcpstate_common::Word(e.word)) {
+                b.add(&end);
+                watch.add(&end, e.changed_ns(now));
+            }
         }
+        for s in &self.listeners {
+            b.add_listener(s.local_port);
+        }
+        self.attention = watch.done(self.top_k);
         self.breakdown = b;
         let v4 = entries
             .iter()
