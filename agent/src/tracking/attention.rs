@@ -2,11 +2,9 @@
 //! each local endpoint is added once, in constant memory per listener,
 //! service and upstream (never per connection).
 
-use std::{
-    collections::HashMap,
-    net::{IpAddr, SocketAddr},
-};
+use std::net::{IpAddr, SocketAddr};
 
+use foldhash::{HashMap, HashMapExt};
 use tcpstate_common::TcpState;
 
 use crate::{
@@ -43,10 +41,12 @@ impl<'a> Watch<'a> {
         }
     }
 
-    /// One local endpoint whose state last changed at `changed_ns`.
-    pub fn add(&mut self, end: &LocalEnd, changed_ns: u64) {
-        self.listeners.add(end);
-        let service = self.services.of(end);
+    /// One local endpoint of `service` whose state last changed at
+    /// `changed_ns`.
+    pub fn add(&mut self, end: &LocalEnd, service: Service, changed_ns: u64) {
+        if self.services.listening.contains(end.local_port) {
+            self.listeners.add(end);
+        }
         if matches!(end.state, TcpState::CloseWait | TcpState::FinWait2) {
             let age = self.now_ns.saturating_sub(changed_ns);
             let old = age as f64 >= OLD_AFTER_S * 1e9;
@@ -134,20 +134,17 @@ mod tests {
         let mut w = Watch::new(7, &services, &[], 1000 * SEC);
         // 30 ports to one upstream (TIME_WAIT counts), 10 to another.
         for i in 0..30 {
-            w.add(
-                &end(60000 + i, "10.0.0.9", 5432, TcpState::TimeWait),
-                999 * SEC,
-            );
+            let e = end(60000 + i, "10.0.0.9", 5432, TcpState::TimeWait);
+            w.add(&e, services.of(&e), 999 * SEC);
         }
         for i in 0..10 {
-            w.add(
-                &end(60050 + i, "10.0.0.8", 443, TcpState::Established),
-                999 * SEC,
-            );
+            let e = end(60050 + i, "10.0.0.8", 443, TcpState::Established);
+            w.add(&e, services.of(&e), 999 * SEC);
         }
         // CLOSE_WAIT at the service: 90 s, 70 s and 5 s old.
         for at in [910, 930, 995] {
-            w.add(&end(8080, "10.0.0.7", 40000, TcpState::CloseWait), at * SEC);
+            let e = end(8080, "10.0.0.7", 40000, TcpState::CloseWait);
+            w.add(&e, services.of(&e), at * SEC);
         }
         let a = w.done(5);
         let p: Vec<(String, u64, f64)> = a

@@ -9,11 +9,9 @@
 //! ephemeral port is never a key of its own: fifty clients of one upstream
 //! are one row, not fifty rows of one connection each.
 
-use std::{
-    collections::HashMap,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
-};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use foldhash::HashMap;
 use tcpstate_common::{Side, TcpState, Word};
 
 use crate::{
@@ -96,11 +94,48 @@ impl std::fmt::Display for Service {
     }
 }
 
+/// A set of ports, one bit each (8 KiB): asked once per entry on the walk,
+/// where a hash lookup would cost more than the rest of the entry.
+#[derive(Clone, Debug)]
+pub struct PortSet(Box<[u64; 1024]>);
+
+impl Default for PortSet {
+    fn default() -> Self {
+        PortSet(Box::new([0; 1024]))
+    }
+}
+
+impl PortSet {
+    pub fn insert(&mut self, port: u16) {
+        self.0[usize::from(port >> 6)] |= 1 << (port & 63);
+    }
+
+    pub fn contains(&self, port: u16) -> bool {
+        self.0[usize::from(port >> 6)] & (1 << (port & 63)) != 0
+    }
+}
+
+impl FromIterator<u16> for PortSet {
+    fn from_iter<I: IntoIterator<Item = u16>>(it: I) -> Self {
+        let mut s = PortSet::default();
+        for p in it {
+            s.insert(p);
+        }
+        s
+    }
+}
+
+impl<const N: usize> From<[u16; N]> for PortSet {
+    fn from(ports: [u16; N]) -> Self {
+        ports.into_iter().collect()
+    }
+}
+
 /// What tells a service from a client: the namespace's listening ports and
 /// its `net.ipv4.ip_local_port_range`.
 #[derive(Clone, Debug, Default)]
 pub struct Services {
-    pub listening: std::collections::HashSet<u16>,
+    pub listening: PortSet,
     /// Inclusive; `(0, 0)` when unknown (then only listening ports are local
     /// services).
     pub ephemeral: (u16, u16),
@@ -110,7 +145,7 @@ impl Services {
     pub fn of(&self, end: &LocalEnd) -> Service {
         let (lo, hi) = self.ephemeral;
         let ephemeral = (lo..=hi).contains(&end.local_port) && hi > 0;
-        if self.listening.contains(&end.local_port) || (!ephemeral && hi > 0) {
+        if self.listening.contains(end.local_port) || (!ephemeral && hi > 0) {
             Service::Local(end.local_port)
         } else {
             Service::Remote(end.remote_port)
@@ -136,8 +171,18 @@ impl Breakdown {
 
     pub fn add(&mut self, end: &LocalEnd) {
         let service = self.services.of(end);
+        self.add_as(end, service);
+    }
+
+    /// `end`, whose service the caller already knows.
+    pub fn add_as(&mut self, end: &LocalEnd, service: Service) {
         bump(self.ports.entry(service).or_default(), end.state);
         bump(self.peers.entry(end.remote).or_default(), end.state);
+    }
+
+    /// What tells services from clients here.
+    pub fn services(&self) -> &Services {
+        &self.services
     }
 
     /// A listening socket: counted under its port (it has no peer).

@@ -2,11 +2,9 @@
 //! from the socket table, its handshakes under way (SYN_RECV) and its
 //! connections from the flow maps.
 
-use std::{
-    collections::HashMap,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
+use foldhash::{HashMap, HashMapExt};
 use tcpstate_common::TcpState;
 
 use crate::{kernel::sockdiag::SockInfo, snapshot::conns::Listener, tracking::breakdown::LocalEnd};

@@ -51,8 +51,9 @@ impl Tracker {
         let mut b = Breakdown::new(services.clone());
         for (flow, e) in entries {
             for end in local_ends(flow, tcpstate_common::Word(e.word)) {
-                b.add(&end);
-                watch.add(&end, e.changed_ns(now));
+                let service = services.of(&end);
+                b.add_as(&end, service);
+                watch.add(&end, service, e.changed_ns(now));
             }
         }
         for s in &self.listeners {
