@@ -89,18 +89,21 @@ fn ss_rows(ns: &Netns, process: bool) -> BTreeMap<Row, Vec<(u32, String, u32)>> 
 
 /// `tcpstate conns --json ARGS` as a user runs it.
 fn conns(agent: &Agent, args: &[&str]) -> Vec<serde_json::Value> {
+    try_conns(agent, args).unwrap_or_else(|e| panic!("conns failed: {e}"))
+}
+
+/// The same, with what it said on failure (a namespace not monitored yet).
+fn try_conns(agent: &Agent, args: &[&str]) -> Result<Vec<serde_json::Value>, String> {
     let out = tcpstate()
         .args(["conns", "--json", "--socket"])
         .arg(&agent.socket)
         .args(args)
         .output()
         .expect("tcpstate conns");
-    assert!(
-        out.status.success(),
-        "conns failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("conns --json prints a JSON array")
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    Ok(serde_json::from_slice(&out.stdout).expect("conns --json prints a JSON array"))
 }
 
 fn row_of(v: &serde_json::Value) -> Row {
@@ -544,5 +547,63 @@ fn top_services_group_clients_by_the_port_they_reach() {
     let p = &line["attention"]["pressure"][0];
     assert_eq!(p["remote"], upstream_addr.to_string(), "{line}");
     assert_eq!(p["ports"], 12);
+    drop(held);
+}
+
+#[test]
+#[ignore = "needs root and the probe: run through `cargo xtask test`"]
+fn every_namespace_has_its_own_listeners_and_port_range() {
+    require_root();
+    let agent = Agent::start_all(&[]);
+    let (a, b) = (Netns::new("tia"), Netns::new("tib"));
+    a.sysctl("net.ipv4.ip_local_port_range=40000 40049");
+    b.sysctl("net.ipv4.ip_local_port_range=50000 50199");
+    let (la, lb) = (a.listen("127.0.0.1:7401"), b.listen("127.0.0.1:7402"));
+    let mut held = Vec::new();
+    for (ns, l, n) in [(&a, &la, 5), (&b, &lb, 8)] {
+        for _ in 0..n {
+            held.push(ns.connect(l.local_addr().unwrap()));
+            held.push(l.accept().unwrap().0);
+        }
+    }
+    let inode = |ns: &Netns| support::hosts::inode_of(&format!("/run/netns/{}", ns.name));
+    for (ns, l, n, range) in [(&a, &la, 5u64, 50u64), (&b, &lb, 8, 200)] {
+        let sel = ns.name.clone();
+        agree_within(&format!("conns of {sel}"), Duration::from_secs(10), || {
+            let ours: BTreeSet<Row> = match try_conns(&agent, &["--netns", &sel]) {
+                Ok(rows) => rows.iter().map(row_of).collect(),
+                Err(e) => return Some(e),
+            };
+            let truth: BTreeSet<Row> = ss_rows(ns, false).into_keys().collect();
+            (ours != truth).then(|| format!("tcpstate {ours:?}\nss {truth:?}"))
+        });
+        // Its port pressure against its own range, in the host's snapshot.
+        let upstream = l.local_addr().unwrap();
+        agree_within(&format!("pressure in {sel}"), LIMIT, || {
+            let snap = agent.snapshot();
+            let p = snap
+                .attention
+                .pressure
+                .iter()
+                .find(|p| p.netns == inode(ns) && p.remote == upstream)
+                .cloned();
+            match p {
+                Some(p) if (p.ports, p.range) == (n, range) => None,
+                other => Some(format!("{other:?}: want {n} of {range}")),
+            }
+        });
+        let out = tcpstate()
+            .args(["listeners", "--json", "--netns", &sel, "--socket"])
+            .arg(&agent.socket)
+            .output()
+            .unwrap();
+        let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(answer.as_array().unwrap().len(), 1, "{answer}");
+        let rows = answer[0]["listeners"].as_array().unwrap();
+        assert_eq!(rows.len(), 1, "{answer}");
+        assert_eq!(rows[0]["local"], upstream.to_string());
+        assert_eq!(rows[0]["connections"], n, "{answer}");
+        assert_eq!(rows[0]["backlog"], ss_queue(ns, upstream).1);
+    }
     drop(held);
 }
