@@ -72,7 +72,9 @@ pub async fn follow(socket: PathBuf, names: Names) {
     }
 }
 
-async fn connect(socket: &Path) -> Result<Channel, tonic::transport::Error> {
+/// A channel to the CRI runtime at `socket` (a Unix socket; tonic speaks
+/// HTTP/2 over it through this connector).
+pub async fn connect(socket: &Path) -> Result<Channel, tonic::transport::Error> {
     let path = socket.to_path_buf();
     // The URI is a placeholder: every connection goes to the socket.
     Endpoint::from_static("http://cri.sock")
@@ -102,23 +104,24 @@ async fn watch(socket: &Path, names: &Names, key: &str) -> Result<(), Error> {
         version.runtime_version,
         socket.display()
     );
-    // Each ready sandbox's namespace, asked once: `None` for one that has
-    // none of its own (hostNetwork) or could not be placed.
-    let mut known: HashMap<String, Option<(Where, Owner)>> = HashMap::new();
+    // Each ready sandbox's namespace, asked once it is placed.
+    let mut known: HashMap<String, Known> = HashMap::new();
     loop {
         let ready = ready_sandboxes(&mut client).await?;
         known.retain(|id, _| ready.iter().any(|s| &s.id == id));
         for sb in &ready {
-            if known.contains_key(&sb.id) {
-                continue;
-            }
+            let tries = match known.get(&sb.id) {
+                Some(Known::Unplaced(n)) if *n < PLACE_TRIES => n + 1,
+                Some(_) => continue,
+                None => 1,
+            };
             let status = client
                 .pod_sandbox_status(PodSandboxStatusRequest {
                     pod_sandbox_id: sb.id.clone(),
                     verbose: true,
                 })
                 .await;
-            let placed = match status {
+            let found = match status {
                 Ok(r) => {
                     let r = r.into_inner();
                     let own_netns = r
@@ -128,21 +131,48 @@ async fn watch(socket: &Path, names: &Names, key: &str) -> Result<(), Error> {
                         .and_then(|l| l.namespaces.as_ref())
                         .and_then(|n| n.options.as_ref())
                         .is_none_or(|o| o.network() != NamespaceMode::Node);
-                    own_netns
-                        .then(|| netns_of(&r.info))
-                        .flatten()
-                        .map(|at| (at, owner_of(sb, runtime)))
+                    match (own_netns, netns_of(&r.info)) {
+                        (false, _) => Known::Node,
+                        (true, Some(at)) => Known::Placed(at, owner_of(sb, runtime)),
+                        (true, None) => {
+                            if tries == PLACE_TRIES {
+                                tracing::debug!(
+                                    "CRI sandbox {}: no pid or netns path after {tries} looks; left unnamed",
+                                    sb.id
+                                );
+                            }
+                            Known::Unplaced(tries)
+                        }
+                    }
                 }
                 // Gone between the list and the look: the next list says.
                 Err(s) if s.code() == tonic::Code::NotFound => continue,
                 Err(s) => return Err(s.into()),
             };
-            known.insert(sb.id.clone(), placed);
+            known.insert(sb.id.clone(), found);
         }
-        names.set(key, known.values().flatten().cloned().collect());
+        let placed = known.values().filter_map(|k| match k {
+            Known::Placed(at, owner) => Some((*at, owner.clone())),
+            _ => None,
+        });
+        names.set(key, placed.collect());
         tokio::time::sleep(POLL).await;
     }
 }
+
+/// What a ready sandbox's status said.
+enum Known {
+    /// Its namespace, and whose it is.
+    Placed(Where, Owner),
+    /// It has none of its own (`hostNetwork`): nothing to name.
+    Node,
+    /// Neither a pid nor a netns path yet (caught while starting): asked
+    /// again on the next polls, up to [`PLACE_TRIES`] looks.
+    Unplaced(u8),
+}
+
+/// Looks at a sandbox that could not be placed before it is left unnamed.
+const PLACE_TRIES: u8 = 10;
 
 async fn ready_sandboxes(
     client: &mut RuntimeServiceClient<Channel>,

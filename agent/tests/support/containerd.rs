@@ -14,13 +14,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use hyper_util::rt::TokioIo;
 use k8s_cri::v1::{
     LinuxPodSandboxConfig, LinuxSandboxSecurityContext, NamespaceMode, NamespaceOption,
     PodSandboxConfig, PodSandboxMetadata, PodSandboxStatusRequest, RemovePodSandboxRequest,
     RunPodSandboxRequest, StopPodSandboxRequest, runtime_service_client::RuntimeServiceClient,
 };
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
 use super::unique;
 
@@ -319,14 +318,7 @@ impl Containerd {
 }
 
 async fn connect(socket: &Path) -> RuntimeServiceClient<Channel> {
-    let path = socket.to_path_buf();
-    let channel = Endpoint::from_static("http://cri.sock")
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
-            }
-        }))
+    let channel = tcpstate::names::cri::connect(socket)
         .await
         .expect("connect to containerd's CRI");
     RuntimeServiceClient::new(channel)
