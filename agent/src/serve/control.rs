@@ -144,7 +144,9 @@ async fn expensive(line: &str, agent: Arc<Mutex<Host>>) -> anyhow::Result<Vec<u8
             }
             CONNS => {
                 let filter: ConnFilter = serde_json::from_str(&arg)?;
-                serde_json::to_vec(&host().conns(&filter)?)?
+                // Owners are read after the lock is given back.
+                let found = host().conns(&filter)?;
+                serde_json::to_vec(&found.finish()?)?
             }
             _ => {
                 let netns: Option<u64> = serde_json::from_str(&arg)?;

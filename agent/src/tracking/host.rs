@@ -107,7 +107,7 @@ pub struct Host {
     /// every namespace is found and entered from it.
     pub(crate) keeper: Option<NetNs>,
     /// The thread that reads other processes' descriptors (`conns --process`).
-    pub(crate) fd_reader: NetNs,
+    pub(crate) fd_reader: Arc<NetNs>,
     /// Kernel reports skipped, at the last look (one count for the host).
     reports_missed: u64,
     /// The kernel's jiffies paired with CLOCK_MONOTONIC, for every tracker.
@@ -152,7 +152,7 @@ impl Host {
             trackers: BTreeMap::new(),
             cfg: cfg.clone(),
             keeper: None,
-            fd_reader: NetNs::owner_reader()?,
+            fd_reader: Arc::new(NetNs::owner_reader()?),
             reports_missed: 0,
             started: std::time::Instant::now(),
             waiting: Vec::new(),

@@ -4,11 +4,11 @@
 //! namespace's socket table, made when a client asks (and given again for
 //! a second: `serve::control`).
 
-use std::collections::HashSet;
+use std::{collections::HashSet, sync::Arc};
 
 use crate::{
     error::Result,
-    kernel::owners,
+    kernel::{netns::NetNs, owners},
     snapshot::conns::{Conn, ConnFilter, Listener, NetnsRows},
     tracking::{
         host::{Host, by_slot},
@@ -17,9 +17,11 @@ use crate::{
 };
 
 impl Host {
-    /// The connections `filter` selects, per namespace, with their owners
-    /// when it asks for them.
-    pub fn conns(&mut self, filter: &ConnFilter) -> Result<Vec<NetnsRows<Conn>>> {
+    /// The connections `filter` selects, per namespace; their owners, when
+    /// it asks for them, are read by [`Found::finish`], after the host's
+    /// lock is given back (a read of every process's descriptors must not
+    /// hold up the kernel's timers).
+    pub fn conns(&mut self, filter: &ConnFilter) -> Result<Found> {
         let mut by_slot = by_slot(self.probe.flow_entries()?);
         let now = monotonic_ns();
         let mut found = Vec::new();
@@ -29,35 +31,18 @@ impl Host {
                 continue;
             }
             let rows = t.conns(&mine, filter, now)?;
-            found.push((t.identity.inode, t.identity.name.clone(), rows));
-        }
-        let owners = if filter.process {
-            let inodes: HashSet<u32> = found
-                .iter()
-                .flat_map(|(_, _, rows)| rows.iter().map(|(_, i)| *i))
-                .filter(|i| *i != 0)
-                .collect();
-            self.fd_reader
-                .run(move || Ok(owners::of_inodes(std::path::Path::new("/proc"), &inodes)))?
-        } else {
-            Default::default()
-        };
-        Ok(found
-            .into_iter()
-            .map(|(netns, name, rows)| NetnsRows {
-                netns,
-                name,
-                rows: rows
-                    .into_iter()
-                    .map(|(mut c, inode)| {
-                        c.owners = owners.get(&inode).cloned().unwrap_or_default();
-                        c
-                    })
-                    .collect(),
+            found.push(NetnsRows {
+                netns: t.identity.inode,
+                name: t.identity.name.clone(),
+                rows,
                 listen_overflows: None,
                 listen_drops: None,
-            })
-            .collect())
+            });
+        }
+        Ok(Found {
+            found,
+            reader: filter.process.then(|| self.fd_reader.clone()),
+        })
     }
 
     /// Every namespace's listeners (or only the one with inode `netns`).
@@ -72,5 +57,48 @@ impl Host {
             out.push(t.listeners(&mine)?);
         }
         Ok(out)
+    }
+}
+
+/// Connections found under the host's lock, each with its socket's inode.
+pub struct Found {
+    found: Vec<NetnsRows<(Conn, u32)>>,
+    /// The descriptor reader, when owners were asked for.
+    reader: Option<Arc<NetNs>>,
+}
+
+impl Found {
+    /// The answer, with each socket's owners when they were asked for.
+    pub fn finish(self) -> Result<Vec<NetnsRows<Conn>>> {
+        let owners = match &self.reader {
+            Some(reader) => {
+                let inodes: HashSet<u32> = self
+                    .found
+                    .iter()
+                    .flat_map(|ns| ns.rows.iter().map(|(_, i)| *i))
+                    .filter(|i| *i != 0)
+                    .collect();
+                reader.run(move || Ok(owners::of_inodes(std::path::Path::new("/proc"), &inodes)))?
+            }
+            None => Default::default(),
+        };
+        Ok(self
+            .found
+            .into_iter()
+            .map(|ns| NetnsRows {
+                netns: ns.netns,
+                name: ns.name,
+                rows: ns
+                    .rows
+                    .into_iter()
+                    .map(|(mut c, inode)| {
+                        c.owners = owners.get(&inode).cloned().unwrap_or_default();
+                        c
+                    })
+                    .collect(),
+                listen_overflows: None,
+                listen_drops: None,
+            })
+            .collect())
     }
 }
