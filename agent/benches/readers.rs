@@ -25,7 +25,6 @@ mod support;
 use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
-    os::fd::AsRawFd,
     path::PathBuf,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -181,13 +180,7 @@ fn main() {
         &["--max-flows", "1048576", "--reconcile-interval", "10"],
     );
     let listeners: Vec<TcpListener> = (0..LISTENERS)
-        .map(|i| {
-            let l = mon.listen(&sockaddr(&net.left_v4, 9100 + i));
-            // SAFETY: a listening socket this function owns; listen() again
-            // only raises its backlog.
-            assert_eq!(unsafe { libc::listen(l.as_raw_fd(), 65535) }, 0);
-            l
-        })
+        .map(|i| mon.listen_backlog(sockaddr(&net.left_v4, 9100 + i).parse().unwrap(), 65535))
         .collect();
     let targets: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
     let mut holders = Holders {

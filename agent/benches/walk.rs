@@ -117,16 +117,14 @@ fn walk(entries: &[(FlowRef, FlowEntry)], listeners: &[SockInfo], attention: boo
         ephemeral: (32768, 60999),
     };
     let now = 2_000_000_000;
-    let mut b = Breakdown::new(services.clone());
+    let mut b = Breakdown::default();
     let mut w = Watch::new(1, &services, listeners, now);
     for (flow, e) in entries {
         for end in local_ends(flow, Word(e.word)) {
+            let service = services.of(&end);
+            b.add(&end, service);
             if attention {
-                let service = services.of(&end);
-                b.add_as(&end, service);
                 w.add(&end, service, e.changed_ns(now));
-            } else {
-                b.add(&end);
             }
         }
     }

@@ -252,10 +252,7 @@ fn main() -> ExitCode {
             socket,
         } => {
             logging(None);
-            match watch::run(&socket, seconds(interval), json, count) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => client_error(&e),
-            }
+            finish(watch::run(&socket, seconds(interval), json, count))
         }
         Cmd::Conns {
             states,
@@ -274,10 +271,7 @@ fn main() -> ExitCode {
                 process,
                 netns: None,
             };
-            match conns::run(&socket, filter, netns.as_deref(), json) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => client_error(&e),
-            }
+            finish(conns::run(&socket, filter, netns.as_deref(), json))
         }
         Cmd::Listeners {
             netns,
@@ -285,10 +279,7 @@ fn main() -> ExitCode {
             socket,
         } => {
             logging(None);
-            match conns::listeners(&socket, netns.as_deref(), json) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => client_error(&e),
-            }
+            finish(conns::listeners(&socket, netns.as_deref(), json))
         }
         Cmd::Top {
             socket,
@@ -296,10 +287,12 @@ fn main() -> ExitCode {
             interval,
         } => {
             logging(None);
-            match view::run(&socket, seconds(interval), None, netns.as_deref()) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => client_error(&e),
-            }
+            finish(view::run(
+                &socket,
+                seconds(interval),
+                None,
+                netns.as_deref(),
+            ))
         }
     }
 }
@@ -349,6 +342,11 @@ fn logging(file: Option<&std::path::Path>) {
             .init(),
         None => builder.with_writer(std::io::stderr).init(),
     }
+}
+
+/// A client's exit: success, or its error as one line.
+fn finish(r: Result<(), Error>) -> ExitCode {
+    r.map_or_else(|e| client_error(&e), |()| ExitCode::SUCCESS)
 }
 
 fn client_error(e: &Error) -> ExitCode {

@@ -12,7 +12,7 @@ mod support;
 
 use std::{
     io::{Read, Write},
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpStream},
     os::fd::{AsRawFd, OwnedFd},
     thread::sleep,
     time::{Duration, Instant},
@@ -105,17 +105,6 @@ fn each_way(scenario: impl Fn(bool, &[&str])) {
     }
 }
 
-/// A listener with an explicit backlog (std's is 128).
-fn listen_backlog(ns: &Netns, addr: SocketAddr, backlog: i32) -> TcpListener {
-    ns.run(|| {
-        let l = TcpListener::bind(addr).expect("bind");
-        // SAFETY: a valid listening socket; listen(2) may be called again to
-        // change the backlog.
-        assert_eq!(unsafe { libc::listen(l.as_raw_fd(), backlog) }, 0);
-        l
-    })
-}
-
 fn setsockopt_int(fd: &impl AsRawFd, level: i32, name: i32, value: i32) {
     // SAFETY: a valid socket and a pointer to an int of the given size.
     let rc = unsafe {
@@ -196,7 +185,7 @@ fn syns_the_hosts_output_chain_drops_are_syn_sent() {
 fn a_full_accept_queue_is_counted_as_the_kernel_holds_it() {
     each_way(|v6, extra| {
         let c = Ctx::new(v6, extra);
-        let listener = listen_backlog(c.mon(), c.mon_addr(7003), 1);
+        let listener = c.mon().listen_backlog(c.mon_addr(7003), 1);
         c.exact("a full accept queue", || {
             let held: Vec<OwnedFd> = (0..10)
                 .map(|_| connect_nonblocking(c.peer(), c.mon_addr(7003)))
@@ -453,7 +442,7 @@ fn icmp_errors_to_syn_acks_drop_requests_as_the_kernel_does() {
 fn a_burst_at_a_small_backlog_is_counted_as_the_kernel_holds_it() {
     each_way(|v6, extra| {
         let c = Ctx::new(v6, extra);
-        let listener = listen_backlog(c.mon(), c.mon_addr(7400), 16);
+        let listener = c.mon().listen_backlog(c.mon_addr(7400), 16);
         listener.set_nonblocking(true).unwrap();
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let acceptor = {

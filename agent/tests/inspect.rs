@@ -323,31 +323,6 @@ fn conns_are_what_ss_lists_with_ages_and_owners() {
     check("after everything closed", false);
 }
 
-/// A listening socket with a `backlog` of its own that never accepts.
-fn listen_backlog(ns: &Netns, addr: SocketAddr, backlog: i32) -> OwnedFd {
-    use nix::sys::socket::{
-        AddressFamily, Backlog, SockFlag, SockType, SockaddrStorage, bind, listen, setsockopt,
-        socket, sockopt,
-    };
-    ns.run(|| {
-        let fd = socket(
-            AddressFamily::Inet,
-            SockType::Stream,
-            SockFlag::empty(),
-            None,
-        )
-        .unwrap();
-        setsockopt(&fd, sockopt::ReuseAddr, &true).unwrap();
-        bind(
-            std::os::fd::AsRawFd::as_raw_fd(&fd),
-            &SockaddrStorage::from(addr),
-        )
-        .unwrap();
-        listen(&fd, Backlog::new(backlog).unwrap()).unwrap();
-        fd
-    })
-}
-
 /// `ss -ltnH` of `ns` for `local`: (Recv-Q, Send-Q).
 fn ss_queue(ns: &Netns, local: SocketAddr) -> (u64, u64) {
     let out = Command::new("ip")
@@ -370,7 +345,8 @@ fn listeners_show_the_queue_ss_shows_while_it_overflows() {
     let (mon, peer) = (&net.left, &net.right);
     let agent = Agent::start(mon, &[]);
     let local: SocketAddr = sockaddr(&net.left_v4, 7201).parse().unwrap();
-    let _never_accepts = listen_backlog(mon, local, 2);
+    // A listener that never accepts.
+    let _never_accepts = mon.listen_backlog(local, 2);
     let overflows_before = mon.snmp("TcpExt", "ListenOverflows");
     // Eight clients at once: a queue of 2 holds 3, the rest are dropped
     // and their SYNs (and some final ACKs) retransmitted.

@@ -156,33 +156,16 @@ impl Services {
 /// Connections by service and by remote address.
 #[derive(Clone, Debug, Default)]
 pub struct Breakdown {
-    services: Services,
     ports: HashMap<Service, StateCounts>,
     peers: HashMap<IpAddr, StateCounts>,
 }
 
 impl Breakdown {
-    pub fn new(services: Services) -> Breakdown {
-        Breakdown {
-            services,
-            ..Breakdown::default()
-        }
-    }
-
-    pub fn add(&mut self, end: &LocalEnd) {
-        let service = self.services.of(end);
-        self.add_as(end, service);
-    }
-
-    /// `end`, whose service the caller already knows.
-    pub fn add_as(&mut self, end: &LocalEnd, service: Service) {
+    /// `end`, of `service` ([`Services::of`], which the walk asks once per
+    /// end for this and for what needs attention).
+    pub fn add(&mut self, end: &LocalEnd, service: Service) {
         bump(self.ports.entry(service).or_default(), end.state);
         bump(self.peers.entry(end.remote).or_default(), end.state);
-    }
-
-    /// What tells services from clients here.
-    pub fn services(&self) -> &Services {
-        &self.services
     }
 
     /// A listening socket: counted under its port (it has no peer).
@@ -281,18 +264,20 @@ mod tests {
 
     #[test]
     fn top_k_keeps_the_largest_and_sums_the_rest_as_other() {
-        let mut b = Breakdown::new(Services {
+        let s = Services {
             listening: [443, 80, 22, 8080].into(),
             ephemeral: (32768, 60999),
-        });
+        };
+        let mut b = Breakdown::default();
+        let mut add = |e: LocalEnd| b.add(&e, s.of(&e));
         for _ in 0..5 {
-            b.add(&end(443, "10.0.0.1", TcpState::Established));
+            add(end(443, "10.0.0.1", TcpState::Established));
         }
         for _ in 0..3 {
-            b.add(&end(80, "10.0.0.2", TcpState::TimeWait));
+            add(end(80, "10.0.0.2", TcpState::TimeWait));
         }
-        b.add(&end(22, "10.0.0.3", TcpState::Established));
-        b.add(&end(8080, "10.0.0.3", TcpState::CloseWait));
+        add(end(22, "10.0.0.3", TcpState::Established));
+        add(end(8080, "10.0.0.3", TcpState::CloseWait));
         b.add_listener(443);
         let ports = b.top_ports(2);
         let keys: Vec<&str> = ports.iter().map(|r| r.key.as_str()).collect();
@@ -312,10 +297,11 @@ mod tests {
 
     #[test]
     fn clients_are_grouped_by_the_service_they_reach() {
-        let mut b = Breakdown::new(Services {
+        let mut s = Services {
             listening: [8080].into(),
             ephemeral: (32768, 60999),
-        });
+        };
+        let mut b = Breakdown::default();
         let client = |local_port, remote_port| LocalEnd {
             local: "10.0.0.1".parse().unwrap(),
             local_port,
@@ -325,18 +311,30 @@ mod tests {
         };
         // Fifty clients of one upstream, each from its own ephemeral port.
         for i in 0..50 {
-            b.add(&client(52264 + i, 443));
+            {
+                let e = client(52264 + i, 443);
+                b.add(&e, s.of(&e));
+            }
         }
         // Three clients of this host's listener (their ports are ephemeral
         // too, but the local end is the service).
         for i in 0..3 {
-            b.add(&client(8080, 40000 + i));
+            {
+                let e = client(8080, 40000 + i);
+                b.add(&e, s.of(&e));
+            }
         }
         // A server port outside the range whose listener has closed.
-        b.add(&client(9000, 41000));
+        {
+            let e = client(9000, 41000);
+            b.add(&e, s.of(&e));
+        }
         // A listener inside the ephemeral range is still a service.
-        b.services.listening.insert(40100);
-        b.add(&client(40100, 41001));
+        s.listening.insert(40100);
+        {
+            let e = client(40100, 41001);
+            b.add(&e, s.of(&e));
+        }
         let rows: Vec<(String, u64)> = b
             .top_ports(10)
             .into_iter()

@@ -136,6 +136,20 @@ impl Netns {
         self.run(|| TcpListener::bind(addr).expect("bind"))
     }
 
+    /// A listener with an explicit backlog (std's is 128).
+    pub fn listen_backlog(&self, addr: SocketAddr, backlog: i32) -> TcpListener {
+        self.run(|| {
+            let l = TcpListener::bind(addr).expect("bind");
+            // SAFETY: a valid listening socket; listen(2) may be called again
+            // to change the backlog.
+            assert_eq!(
+                unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&l), backlog) },
+                0
+            );
+            l
+        })
+    }
+
     pub fn connect(&self, addr: SocketAddr) -> TcpStream {
         self.run(|| TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect"))
     }

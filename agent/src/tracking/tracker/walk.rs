@@ -48,11 +48,11 @@ impl Tracker {
         };
         let now = monotonic_ns();
         let mut watch = Watch::new(self.identity.inode, &services, &self.listeners, now);
-        let mut b = Breakdown::new(services.clone());
+        let mut b = Breakdown::default();
         for (flow, e) in entries {
             for end in local_ends(flow, tcpstate_common::Word(e.word)) {
                 let service = services.of(&end);
-                b.add_as(&end, service);
+                b.add(&end, service);
                 watch.add(&end, service, e.changed_ns(now));
             }
         }
