@@ -17,6 +17,9 @@ use crate::flow::{FlowKey4, FlowKey6};
 ///   CLOCK_MONOTONIC into `changed_ns`, jiffies into `expect` (low half)
 ///   and `new` (high half). The agent pairs them to know which jiffy the
 ///   kernel's timers were armed in ([`Command::jiffies`]).
+/// - [`op::CORRECT`]: as [`op::SWAP`], for the agent's correction from
+///   the socket table: the counters move, but the change is no outcome and
+///   no duration (the end itself was not seen).
 /// - [`op::LISTEN`]: add `new` (as an i32) to the LISTEN count of the
 ///   namespace slot in `key4.netns` (family 4): the agent's seed and
 ///   corrections of the count the kernel's reports move.
@@ -41,6 +44,7 @@ pub mod op {
     pub const SEED: u32 = 1;
     pub const CLOCK: u32 = 2;
     pub const LISTEN: u32 = 3;
+    pub const CORRECT: u32 = 4;
 }
 
 /// What the command program returns (XDP action codes, since it is an XDP program).

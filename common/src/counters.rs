@@ -68,12 +68,28 @@ pub enum Event {
     /// of the flow maps (`--max-flows-per-netns`): what a flood in one
     /// namespace costs it, and not the others.
     NetnsShareFull = 23,
+    /// Local endpoints closed after both FINs (or their FIN_WAIT2 timer):
+    /// an orderly close (Zeek's SF). See [`crate::outcome`].
+    ClosedNormal = 24,
+    /// Local connects answered with an RST (Zeek's REJ).
+    ClosedRefused = 25,
+    /// Local endpoints whose handshake never completed: no answer within
+    /// the kernel's retries, an ICMP error, or given up (Zeek's S0).
+    ClosedHandshakeTimeout = 26,
+    /// Local endpoints this host reset or aborted (an RST it sent, retries
+    /// exhausted).
+    ClosedResetLocal = 27,
+    /// Local endpoints the peer reset.
+    ClosedResetRemote = 28,
+    /// Additions to the service table lost because it was full (the
+    /// namespace's totals still have them).
+    ServicesFull = 29,
 }
 
 pub const EVENT_SLOTS: usize = 32;
 
 impl Event {
-    pub const ALL: [Event; 24] = [
+    pub const ALL: [Event; 30] = [
         Event::PacketsIn,
         Event::PacketsOut,
         Event::TcpSegments,
@@ -98,6 +114,21 @@ impl Event {
         Event::SynCookies,
         Event::SlowPathMissing,
         Event::NetnsShareFull,
+        Event::ClosedNormal,
+        Event::ClosedRefused,
+        Event::ClosedHandshakeTimeout,
+        Event::ClosedResetLocal,
+        Event::ClosedResetRemote,
+        Event::ServicesFull,
+    ];
+
+    /// The outcomes of closed local endpoints, and their metric labels.
+    pub const OUTCOMES: [(Event, &'static str); 5] = [
+        (Event::ClosedNormal, "normal"),
+        (Event::ClosedRefused, "refused"),
+        (Event::ClosedHandshakeTimeout, "handshake_timeout"),
+        (Event::ClosedResetLocal, "reset_local"),
+        (Event::ClosedResetRemote, "reset_remote"),
     ];
 
     /// snake_case name used in JSON and metrics.
@@ -127,6 +158,12 @@ impl Event {
             Event::SynCookies => "syn_cookies",
             Event::SlowPathMissing => "slow_path_missing",
             Event::NetnsShareFull => "netns_share_full",
+            Event::ClosedNormal => "closed_normal",
+            Event::ClosedRefused => "closed_refused",
+            Event::ClosedHandshakeTimeout => "closed_handshake_timeout",
+            Event::ClosedResetLocal => "closed_reset_local",
+            Event::ClosedResetRemote => "closed_reset_remote",
+            Event::ServicesFull => "services_full",
         }
     }
 }
@@ -202,7 +239,7 @@ impl CpuSlot {
 
 /// The per-CPU scratch space for the segment being parsed (kept off the
 /// 512-byte BPF stack); meaningless to userspace.
-pub type Scratch = [u32; 32];
+pub type Scratch = [u32; 48];
 
 #[cfg(feature = "user")]
 // SAFETY: `#[repr(C)]`, no padding (sizes asserted above).

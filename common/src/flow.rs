@@ -322,6 +322,28 @@ impl Word {
         }
     }
 
+    /// Whether a change to `new` changes what the entry counts (a local
+    /// endpoint's state, or the entry's life): what its `changed` stamp
+    /// dates. A remote endpoint's own moves do not, so a local endpoint's
+    /// age and its timers run from its own last change.
+    #[inline(always)]
+    ///
+    /// One comparison of masked bits (each branch is a path more for the
+    /// BPF verifier): the state nibbles of the endpoints local before or
+    /// after, and the local, dead and reaping marks.
+    pub const fn restamps(self, new: Word) -> bool {
+        const fn local_states(w: u32) -> u32 {
+            (((w >> 8) & 1) * 0xf) | (((w >> 9) & 1) * 0xf0)
+        }
+        let watched = local_states(self.0)
+            | local_states(new.0)
+            | Self::LOCAL_A
+            | Self::LOCAL_A << 1
+            | Self::DEAD
+            | Self::REAPING;
+        (self.0 ^ new.0) & watched != 0
+    }
+
     /// Marks the word dead when no local endpoint holds a socket any more
     /// (or, for a flow with no local endpoint, when neither side does).
     #[inline(always)]

@@ -8,16 +8,20 @@
 pub mod ask;
 pub mod command;
 pub mod counters;
+pub mod durations;
 pub mod flow;
 pub mod layout;
 pub mod machine;
 pub mod nat;
 pub mod netns;
+pub mod outcome;
+pub mod services;
 pub mod state;
 
 pub use ask::Ask;
 pub use command::Command;
 pub use counters::{Counters, CpuSlot, Event, Scratch};
+pub use durations::Durations;
 pub use flow::{EndSeq, FlowEntry, FlowKey4, FlowKey6, Side, Word};
 pub use layout::SockLayout;
 pub use machine::{Locality, Segment, Step};

@@ -158,6 +158,12 @@ pub(crate) const fn seq_ge(a: u32, b: u32) -> bool {
 /// Beyond the per-state gauges: what a change of the word means for the
 /// event counters.
 impl Segment {
+    /// A SYN-ACK (no RST).
+    #[inline(always)]
+    pub const fn is_syn_ack(&self) -> bool {
+        self.has(SYN) && self.has(ACK) && !self.has(RST)
+    }
+
     /// A connection attempt (SYN without ACK) to an endpoint of this host.
     #[inline(always)]
     pub const fn is_syn_to_local(&self, word: Word, sender: Side) -> bool {

@@ -10,11 +10,16 @@ use aya_log_ebpf::debug;
 use tcpstate_common::{
     Command, EndSeq, FlowEntry, Side, TcpState, Word,
     command::{op, outcome},
+    outcome::Cause,
+    services::Ends,
 };
 
 use crate::{
-    counts::{Atomic, Tally, move_counts, process_slot},
-    track::{EEXIST, FLOWS4, FLOWS6, insert_entry, note_flows, read_word, swap_word},
+    counts::{Atomic, Change, Tally, account, move_counts, process_slot},
+    track::{
+        EEXIST, FLOWS4, FLOWS6, insert_entry, note_flows, now_stamp, read_stamp, read_word,
+        swap_word,
+    },
 };
 
 #[xdp]
@@ -82,14 +87,30 @@ fn try_command(cmd: &Command) -> Result<u32, u32> {
     };
     let p = p.ok_or(outcome::MISSING)?;
     let (old, new) = (Word(cmd.expect), Word(cmd.new));
+    let since = read_stamp(p);
     if !swap_word(p, old, new) {
         return Err(outcome::CHANGED);
     }
-    if cmd.changed_ns != 0 {
+    let now = if cmd.changed_ns != 0 {
+        let at = FlowEntry::stamp(cmd.changed_ns);
         // SAFETY: `p` is a live map value.
-        unsafe { (*p).changed = FlowEntry::stamp(cmd.changed_ns) };
-    }
+        unsafe { (*p).changed = at };
+        at
+    } else {
+        now_stamp()
+    };
     move_counts(&mut c, old, new);
+    // A correction is the agent's: what it ends was not seen ending, and
+    // how long it lasted is not known.
+    if cmd.op != op::CORRECT {
+        let mut ch = Change::of(old, new, now.wrapping_sub(since), Cause::Other);
+        ch.ends = if cmd.family == 6 {
+            Ends::of6(&cmd.key6)
+        } else {
+            Ends::of4(&cmd.key4)
+        };
+        account(&mut c, netns, &ch);
+    }
     if new.is_reaping() {
         // Nothing else writes a reaping entry, so deleting it loses nothing.
         let gone = if cmd.family == 6 {

@@ -14,9 +14,15 @@ use aya_ebpf::{macros::map, maps::PerCpuArray};
 use tcpstate_common::{
     Counters, CpuSlot, Event, Scratch, Side, TcpState, Word,
     machine::{handshakes_failed, resets},
+    outcome::{Cause, ended, outcome},
+    services::{Ends, Kind, What},
 };
 
-use crate::parse::Packet;
+use crate::{
+    durations::note_durations,
+    parse::Packet,
+    services::{listening, note_service},
+};
 
 /// Counters, two slots per namespace and CPU (the agent sizes it at load).
 #[map]
@@ -135,4 +141,134 @@ pub fn move_counts(c: &mut impl Tally, old: Word, new: Word) {
     } else if !was_dead && is_dead {
         c.event(Event::FlowsClosed);
     }
+}
+
+/// What a change means beyond the counts: how each local endpoint that
+/// ended did (`cause`: what closed it), and how long the local endpoints
+/// spent in what they left (`units`: since the entry's stamp), for the
+/// namespace and for the service of each end (`ends`: the flow's).
+#[inline(always)]
+pub fn note_change(
+    c: &mut impl Tally,
+    netns: u32,
+    old: Word,
+    new: Word,
+    units: u32,
+    cause: Cause,
+    ends: &Ends,
+) {
+    let mut full = false;
+    for side in [Side::A, Side::B] {
+        let (o, n) = (old.counted(side), new.counted(side));
+        // A handshake's end is its side's service: SYN_SENT reaches a
+        // remote one, SYN_RECV answers for a local one.
+        let kind = match o {
+            TcpState::SynSent => Kind::REMOTE,
+            TcpState::SynRecv => Kind::LOCAL,
+            _ => Kind::BY_PORT,
+        } as u32;
+        let side_kind = side as u32 | kind << 1;
+        if ended(o, n)
+            && let Some(e) = outcome(o, side, cause)
+        {
+            c.event(e);
+            let what = e as u32 - Event::ClosedNormal as u32;
+            full |= !note_service(netns, ends, side_kind, what, 0);
+        }
+        if n == TcpState::Established && kind != Kind::BY_PORT as u32 {
+            full |= !note_service(netns, ends, side_kind, What::TIME, units);
+        }
+    }
+    if full {
+        c.event(Event::ServicesFull);
+    }
+    note_durations(netns, old.0, new.0, units);
+}
+
+/// A change the data path made, kept in the scratch for after `track`
+/// returns ([`account`]): noting it inside `track` would be checked by the
+/// verifier once per path through the state machine.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+pub struct Change {
+    pub old: u32,
+    pub new: u32,
+    /// Stamp units since the entry's stamp before the change.
+    pub units: u32,
+    /// [`Cause::to_u32`] in bits 0-1, and [`Change::SYN`] or
+    /// [`Change::ANSWER`] with the side of the local end they concern
+    /// ([`Change::SIDE_B`]).
+    pub flags: u32,
+    /// The flow's endpoints (the socket's view).
+    pub ends: Ends,
+}
+
+impl Change {
+    /// A change from `old` to `new`, `units` after the entry's stamp, for
+    /// `cause`, on the flow `ends` writes.
+    #[inline(always)]
+    pub fn of(old: Word, new: Word, units: u32, cause: Cause) -> Change {
+        Change {
+            old: old.0,
+            new: new.0,
+            units,
+            flags: cause.to_u32(),
+            ..Change::NONE
+        }
+    }
+
+    /// A SYN reached a local endpoint and found no connection.
+    pub const SYN: u32 = 1 << 2;
+    /// A local endpoint answered a SYN (a SYN-ACK; a cookie's included).
+    pub const ANSWER: u32 = 1 << 3;
+    /// The end `SYN` or `ANSWER` concerns is B.
+    pub const SIDE_B: u32 = 1 << 4;
+
+    pub const NONE: Change = Change {
+        old: 0,
+        new: 0,
+        units: 0,
+        flags: 0,
+        ends: Ends {
+            addr: [[0; 4]; 2],
+            port: [0; 2],
+            family: 0,
+        },
+    };
+}
+
+/// Notes a change (if any) in namespace slot `netns`: the change itself,
+/// and a SYN to or an answer from a listening port. A subprogram (one per
+/// kind of counters): checked once, not once per path of its caller; in
+/// the slow path after `track`'s frame is gone (their frames together
+/// would pass the 512-byte stack).
+#[inline(never)]
+pub fn account<T: Tally>(c: &mut T, netns: u32, ch: &Change) {
+    let ends = &ch.ends;
+    let what = if ch.flags & Change::SYN != 0 {
+        What::SYN
+    } else if ch.flags & Change::ANSWER != 0 {
+        What::ANSWER
+    } else {
+        0
+    };
+    if what != 0 {
+        let side = if ch.flags & Change::SIDE_B != 0 {
+            Side::B
+        } else {
+            Side::A
+        };
+        // Only a listening port's: a port scan must not fill the table.
+        if listening(netns, ends.port[side.index()])
+            && !note_service(netns, ends, side as u32, what, 0)
+        {
+            c.event(Event::ServicesFull);
+        }
+    }
+    if ch.old == ch.new {
+        return;
+    }
+    let (old, new) = (Word(ch.old), Word(ch.new));
+    let cause = Cause::from_u32(ch.flags & 3);
+    note_change(c, netns, old, new, ch.units, cause, ends);
 }

@@ -33,14 +33,15 @@ use tcpstate_common::{
     layout::SOCK_DONE,
     machine::{Handover, KernelChange, kernel_report},
     netns::DEFAULT_MAX_NETNS,
+    outcome::Cause,
 };
 
 use crate::{
     ask::ask,
-    counts::{Atomic, Tally, move_counts, process_slot},
+    counts::{Atomic, Change as Noted, Tally, account, move_counts, process_slot},
     track::{
-        CAS_ATTEMPTS, EEXIST, FLOWS4, FLOWS6, insert_entry, local4, local6, now_stamp, read_word,
-        swap_word,
+        CAS_ATTEMPTS, EEXIST, FLOWS4, FLOWS6, WriteEnds, insert_entry, local4, local6, now_stamp,
+        read_stamp, read_word, restamp, swap_word,
     },
 };
 
@@ -286,7 +287,7 @@ fn report4(ns: u32, l: u32, lport: u16, r: u32, rport: u16, change: Change, c: &
 /// Applies the report `old -> new` about endpoint `side_is_b` of `key`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn apply<K>(
+fn apply<K: WriteEnds>(
     map: &HashMap<K, FlowEntry>,
     key: &K,
     netns: u32,
@@ -302,6 +303,7 @@ fn apply<K>(
         match map.get_ptr_mut(key) {
             Some(p) => {
                 let w = read_word(p);
+                let since = read_stamp(p);
                 let peer_local = if w.is_dead() {
                     other_local()
                 } else {
@@ -321,9 +323,11 @@ fn apply<K>(
                     }
                     KernelChange::Set(nw) => {
                         if swap_word(p, w, nw) {
-                            // SAFETY: `p` is a live map value.
-                            unsafe { (*p).changed = now_stamp() };
+                            let units = restamp(p, w, nw, since);
                             move_counts(c, w, nw);
+                            let mut ch = Noted::of(w, nw, units, Cause::Other);
+                            key.write_ends(&mut ch.ends);
+                            account(c, netns, &ch);
                             c.event(Event::KernelReports);
                             return;
                         }

@@ -22,9 +22,11 @@
 mod ask;
 mod command;
 mod counts;
+mod durations;
 mod kernel;
 mod nat;
 mod parse;
+mod services;
 mod track;
 
 use aya_ebpf::{
@@ -36,7 +38,7 @@ use aya_ebpf::{
 use tcpstate_common::{Counters, Event, Segment};
 
 use crate::{
-    counts::{Tally, cpu_slot},
+    counts::{Change, Tally, account, cpu_slot},
     nat::{SockTuple, Wire, note_receiver, sock_tuple, to_socket_view},
     parse::{Packet, ParseError, Parsed, parse},
     track::{Attempt, SLOW_ATTEMPTS, fast, icmp, track},
@@ -216,12 +218,15 @@ fn slow<C: aya_ebpf::EbpfContext>(ctx: &C, table: &ProgramArray) {
     let Some((c, pkt)) = cpu_slot() else {
         return;
     };
+    pkt.change = Change::NONE;
     if pkt.kind == Packet::ICMP_ERROR {
         icmp(pkt, c);
+        account(c, pkt.netns, &pkt.change);
         return;
     }
     let attempt = pkt.attempt;
     if track(pkt, c, attempt == 0) == Attempt::Done {
+        account(c, pkt.netns, &pkt.change);
         // The receiving socket's own entry, where a local NAT gives it one.
         if pkt.take_receiver() {
             pkt.attempt = 0;

@@ -48,6 +48,8 @@ pub struct Packet {
     pub other_family: u32,
     pub other_sport: u16,
     pub other_dport: u16,
+    /// What the slow path changed, noted after it (`counts::account`).
+    pub change: crate::counts::Change,
 }
 
 impl Packet {

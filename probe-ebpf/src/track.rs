@@ -18,10 +18,12 @@ use tcpstate_common::{
     Counters, EndSeq, Event, FlowEntry, FlowKey4, FlowKey6, Locality, Segment, Side, Word,
     machine::{IcmpEffect, icmp_error, is_steady, steady_facts, step},
     netns::{DEFAULT_MAX_NETNS, LocalKey4, LocalKey6},
+    outcome::Cause,
+    services::Ends,
 };
 
 use crate::{
-    counts::{Tally, move_counts},
+    counts::{Change, Tally, move_counts},
     nat::{SockTuple, translate4, translate6},
     parse::Packet,
 };
@@ -132,6 +134,26 @@ pub fn read_word(p: *const FlowEntry) -> Word {
     Word(unsafe { core::ptr::read_volatile(&raw const (*p).word) })
 }
 
+/// After a successful swap from `old` (stamped `since`) to `new`: the
+/// entry's stamp moves when what it counts changed ([`Word::restamps`]).
+/// Returns the stamp units from `since` to now.
+#[inline(always)]
+pub fn restamp(p: *mut FlowEntry, old: Word, new: Word, since: u32) -> u32 {
+    let now = now_stamp();
+    if old.restamps(new) {
+        // SAFETY: `p` is a live map value (see `swap_word`).
+        unsafe { (*p).changed = now };
+    }
+    now.wrapping_sub(since)
+}
+
+/// The entry's `changed` stamp.
+#[inline(always)]
+pub fn read_stamp(p: *const FlowEntry) -> u32 {
+    // SAFETY: `p` is a live map value (see `swap_word`).
+    unsafe { core::ptr::read_volatile(&raw const (*p).changed) }
+}
+
 /// Now, as a flow entry's `changed` stamp.
 #[inline(always)]
 pub fn now_stamp() -> u32 {
@@ -185,6 +207,7 @@ pub fn track(pkt: &mut Packet, c: &mut Counters, first: bool) -> Attempt {
             c,
             first,
             ns,
+            &mut pkt.change,
         )
     } else {
         let (key, sender) = FlowKey4::new(pkt.netns, pkt.src[0], pkt.sport, pkt.dst[0], pkt.dport);
@@ -199,6 +222,7 @@ pub fn track(pkt: &mut Packet, c: &mut Counters, first: bool) -> Attempt {
             c,
             first,
             ns,
+            &mut pkt.change,
         )
     }
 }
@@ -255,7 +279,7 @@ fn steady<K>(map: &HashMap<K, FlowEntry>, key: &K, sender: Side, seg: &Segment) 
 /// local marks were set when it was created (fewer paths for the verifier).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn transition<K>(
+fn transition<K: WriteEnds>(
     map: &HashMap<K, FlowEntry>,
     key: &K,
     seg: &mut Segment,
@@ -264,6 +288,7 @@ fn transition<K>(
     c: &mut Counters,
     first: bool,
     netns: u32,
+    change: &mut Change,
 ) -> Attempt {
     // Read opaquely, so that the mask stays in the code for the verifier to
     // bound the index with (the compiler knows the value is 0 or 1 and
@@ -303,6 +328,7 @@ fn transition<K>(
         let local = looked_up();
         let st = step(Word::EMPTY, &none, &none, sender, local, seg);
         count_once(seg, st.word, sender, local.sender, c);
+        note_syn(change, key, seg, st.word, sender, local.sender, leaving);
         // Nothing local holds a socket (a SYN to this host, which its
         // kernel has not answered; a SYN cookie): no new entry, though an
         // existing one may hold the tuple (a TIME_WAIT).
@@ -331,6 +357,7 @@ fn transition<K>(
         };
     };
     let old = read_word(p);
+    let since = read_stamp(p);
     // SAFETY: `p` is a live map value (see `swap_word`).
     let (sf, rf) = unsafe { ((*p).ends[s], (*p).ends[r]) };
     if old.is_reaping() {
@@ -367,8 +394,13 @@ fn transition<K>(
     if !swap_word(p, old, st.word) {
         return Attempt::Again;
     }
-    unsafe { (*p).changed = now_stamp() };
+    let units = restamp(p, old, st.word, since);
     move_counts(c, old, st.word);
+    change.old = old.0;
+    change.new = st.word.0;
+    change.units = units;
+    change.flags = Cause::of_segment(seg.flags, sender).to_u32();
+    key.write_ends(&mut change.ends);
     // A new connection on a live entry's tuple (port reuse through
     // TIME_WAIT): one flow ended, another began.
     if st.restarted && !old.is_dead() {
@@ -376,6 +408,55 @@ fn transition<K>(
         c.event(Event::FlowsOpened);
     }
     Attempt::Done
+}
+
+/// A flow key's endpoints, written where the service table will want
+/// them (field by field: a copy through the stack would grow `track`'s
+/// frame, which with the slow path's is at the 512-byte limit).
+pub trait WriteEnds {
+    fn write_ends(&self, out: &mut Ends);
+}
+
+impl WriteEnds for FlowKey4 {
+    #[inline(always)]
+    fn write_ends(&self, out: &mut Ends) {
+        out.addr = [[self.addr_a, 0, 0, 0], [self.addr_b, 0, 0, 0]];
+        out.port = [self.port_a, self.port_b];
+        out.family = 4;
+    }
+}
+
+impl WriteEnds for FlowKey6 {
+    #[inline(always)]
+    fn write_ends(&self, out: &mut Ends) {
+        out.addr = [self.addr_a, self.addr_b];
+        out.port = [self.port_a, self.port_b];
+        out.family = 6;
+    }
+}
+
+/// Marks a SYN that reached a local endpoint and found no connection, or
+/// a local endpoint's answer to one (a SYN-ACK leaving that found none:
+/// the first, or a cookie's), for the service table (`counts::account`).
+#[inline(always)]
+fn note_syn<K: WriteEnds>(
+    change: &mut Change,
+    key: &K,
+    seg: &Segment,
+    word: Word,
+    sender: Side,
+    sender_local: bool,
+    leaving: bool,
+) {
+    let flags = if seg.is_syn_to_local(word, sender) {
+        Change::SYN | ((sender.other() as u32) << 4)
+    } else if leaving && sender_local && seg.is_syn_ack() {
+        Change::ANSWER | ((sender as u32) << 4)
+    } else {
+        return;
+    };
+    change.flags = flags;
+    key.write_ends(&mut change.ends);
 }
 
 /// A private mark on a segment's `meta` once its events are counted (a
@@ -400,28 +481,49 @@ fn count_once(seg: &mut Segment, word: Word, sender: Side, sender_local: bool, c
 /// An ICMP error quoting a segment this host sent: ends a connect or a
 /// request as the kernel does when it receives it. The quote is the wire's
 /// tuple (translated, where local NAT applies).
-#[inline(always)]
-pub fn icmp(pkt: &Packet, c: &mut Counters) {
+///
+/// A subprogram: its keys stay off the slow path's own frame, which with
+/// `track`'s is at the verifier's 512 bytes.
+#[inline(never)]
+pub fn icmp(pkt: &mut Packet, c: &mut Counters) {
     let effect = IcmpEffect::from_u32(pkt.icmp);
     if pkt.family == 6 {
         let (wire, side) = FlowKey6::new(pkt.netns, pkt.src, pkt.sport, pkt.dst, pkt.dport);
         let (key, sender) = translate6(wire, side, &SockTuple::default());
-        icmp_on(&FLOWS6, &key, sender as u32, effect, pkt.seg.seq, c);
+        icmp_on(
+            &FLOWS6,
+            &key,
+            sender as u32,
+            effect,
+            pkt.seg.seq,
+            c,
+            &mut pkt.change,
+        );
     } else {
         let (wire, side) = FlowKey4::new(pkt.netns, pkt.src[0], pkt.sport, pkt.dst[0], pkt.dport);
         let (key, sender) = translate4(wire, side, &SockTuple::default());
-        icmp_on(&FLOWS4, &key, sender as u32, effect, pkt.seg.seq, c);
+        icmp_on(
+            &FLOWS4,
+            &key,
+            sender as u32,
+            effect,
+            pkt.seg.seq,
+            c,
+            &mut pkt.change,
+        );
     }
 }
 
 #[inline(always)]
-fn icmp_on<K>(
+#[allow(clippy::too_many_arguments)]
+fn icmp_on<K: WriteEnds>(
     map: &HashMap<K, FlowEntry>,
     key: &K,
     sender_is_b: u32,
     effect: IcmpEffect,
     seq: u32,
     c: &mut Counters,
+    change: &mut Change,
 ) {
     let s = (sender_is_b & 1) as usize;
     let side = if s == 0 { Side::A } else { Side::B };
@@ -430,14 +532,20 @@ fn icmp_on<K>(
     };
     c.event(Event::IcmpErrors);
     let old = read_word(p);
+    let since = read_stamp(p);
     // SAFETY: `p` is a live map value (see `swap_word`).
     let facts = unsafe { (*p).ends[s] };
     // SAFETY: a read-only global the agent sets at load.
     let reports = unsafe { core::ptr::read_volatile(&KERNEL_EVENTS) } != 0;
     let new = icmp_error(old, &facts, side, effect, seq, reports);
     if new != old && swap_word(p, old, new) {
-        unsafe { (*p).changed = now_stamp() };
+        let units = restamp(p, old, new, since);
         move_counts(c, old, new);
+        change.old = old.0;
+        change.new = new.0;
+        change.units = units;
+        change.flags = Cause::Other.to_u32();
+        key.write_ends(&mut change.ends);
         c.event(Event::IcmpEnded);
     }
 }

@@ -7,7 +7,10 @@ use std::{fmt::Write, path::Path};
 use crate::{
     client::{control, count::select},
     error::Result,
-    snapshot::conns::{Conn, ConnFilter, Listener, NetnsRows, Owner},
+    snapshot::{
+        conns::{Conn, ConnFilter, Listener, NetnsRows, Owner},
+        durations::Histogram,
+    },
 };
 
 /// Asks for `filter`'s connections (`netns`: an `ip netns` name, inode,
@@ -175,6 +178,7 @@ pub fn listeners_json(answer: &[NetnsRows<Listener>]) -> serde_json::Value {
             "name": ns.name,
             "listen_overflows": ns.listen_overflows,
             "listen_drops": ns.listen_drops,
+            "handshakes": ns.handshakes.as_ref().map(handshakes_json),
             "listeners": listeners,
         })
     });
@@ -191,9 +195,18 @@ pub fn listeners_table(answer: &[NetnsRows<Listener>], by_netns: bool) -> String
     );
     let mut out = netns_column(by_netns);
     out += &format!(
-        "{:<w$} {:>7} {:>7} {:>7} {:>8} {:>7}\n",
-        "LOCAL", "SOCKETS", "QUEUE", "BACKLOG", "SYN_RECV", "CONNS"
+        "{:<w$} {:>7} {:>7} {:>7} {:>8} {:>7} {:>10} {:>9} {:>9}\n",
+        "LOCAL",
+        "SOCKETS",
+        "QUEUE",
+        "BACKLOG",
+        "SYN_RECV",
+        "CONNS",
+        "UNANSWERED",
+        "HS_P50",
+        "HS_P99"
     );
+    let ms = |s: Option<f64>| s.map_or("-".to_owned(), |s| format!("{:.1}ms", s * 1e3));
     for ns in answer {
         for l in &ns.rows {
             if by_netns {
@@ -201,13 +214,16 @@ pub fn listeners_table(answer: &[NetnsRows<Listener>], by_netns: bool) -> String
             }
             let _ = writeln!(
                 out,
-                "{:<w$} {:>7} {:>7} {:>7} {:>8} {:>7}{}",
+                "{:<w$} {:>7} {:>7} {:>7} {:>8} {:>7} {:>10} {:>9} {:>9}{}",
                 l.local,
                 l.sockets,
                 l.queue,
                 l.backlog,
                 l.syn_recv,
                 l.connections,
+                l.unanswered,
+                ms(l.handshake_p50_s),
+                ms(l.handshake_p99_s),
                 if l.full() { " FULL" } else { "" }
             );
         }
@@ -221,8 +237,31 @@ pub fn listeners_table(answer: &[NetnsRows<Listener>], by_netns: bool) -> String
             n(ns.listen_overflows),
             n(ns.listen_drops)
         );
+        if let Some(h) = ns.handshakes.as_ref().filter(|h| h.count() > 0) {
+            let ms = |s: Option<f64>| s.map_or("?".to_owned(), |s| format!("{:.3} ms", s * 1e3));
+            let _ = writeln!(
+                out,
+                "netns {}: handshakes {} p50 {} p99 {} mean {} (first SYN-ACK to completion, since the agent started)",
+                ns.netns,
+                h.count(),
+                ms(h.quantile(0.5)),
+                ms(h.quantile(0.99)),
+                ms(h.mean_seconds()),
+            );
+        }
     }
     out
+}
+
+/// A namespace's handshakes: how many, p50/p99 (interpolated within the
+/// buckets) and the mean, in seconds.
+fn handshakes_json(h: &Histogram) -> serde_json::Value {
+    serde_json::json!({
+        "count": h.count(),
+        "p50_seconds": h.quantile(0.5),
+        "p99_seconds": h.quantile(0.99),
+        "mean_seconds": h.mean_seconds(),
+    })
 }
 
 #[cfg(test)]
@@ -288,6 +327,7 @@ mod tests {
             rows,
             listen_overflows: None,
             listen_drops: None,
+            handshakes: None,
         };
         let t = conns_table(std::slice::from_ref(&ns), false);
         let second: Vec<&str> = t.lines().nth(2).unwrap().split_whitespace().collect();

@@ -26,10 +26,15 @@ pub struct Line<'a> {
     pub rates: Option<Rates>,
     pub ports: &'a [Keyed],
     pub peers: &'a [Keyed],
-    /// The worst listeners, oldest CLOSE_WAIT/FIN_WAIT2 and port pressure.
+    /// The worst listeners, oldest CLOSE_WAIT/FIN_WAIT2, port pressure and
+    /// failing upstreams.
     pub attention: &'a crate::snapshot::attention::Attention,
     pub events: &'a serde_json::Map<String, serde_json::Value>,
     pub drift: &'a serde_json::Map<String, serde_json::Value>,
+    /// Time in each state, connects and handshakes (histograms).
+    pub durations: &'a crate::snapshot::durations::Timings,
+    /// The most active services: outcomes, handshake times, unanswered SYNs.
+    pub services: &'a [crate::snapshot::services::ServiceRow],
     /// Each namespace's counts, as `count --by-netns --json` prints them.
     pub namespaces: Vec<serde_json::Value>,
 }
@@ -46,6 +51,8 @@ impl<'a> Line<'a> {
             attention: &snap.attention,
             events: &snap.events,
             drift: &snap.drift,
+            durations: &snap.durations,
+            services: &snap.services,
             namespaces: snap
                 .namespaces
                 .iter()

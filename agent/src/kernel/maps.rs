@@ -9,10 +9,11 @@ use std::{
 
 use aya::maps::{HashMap, MapData, PerCpuArray};
 use tcpstate_common::{
-    Command, Counters, CpuSlot, FlowEntry, FlowKey4, FlowKey6,
+    Command, Counters, CpuSlot, Durations, FlowEntry, FlowKey4, FlowKey6,
     command::op,
     nat::{NatTarget4, NatTarget6},
     netns::{LocalKey4, LocalKey6},
+    services::{ListenKey, ServiceKey, ServiceStats},
 };
 
 use crate::{
@@ -66,6 +67,60 @@ impl Probe {
             &v6,
             |k| k.netns == slot,
         )?;
+        Ok(())
+    }
+
+    /// Namespace slot `slot`'s durations table.
+    pub fn durations(&self, slot: u32) -> Result<Durations> {
+        let map = self
+            .ebpf
+            .map("DURATIONS")
+            .expect("the probe defines DURATIONS");
+        Ok(aya::maps::Array::<_, Durations>::try_from(map)?.get(&slot, 0)?)
+    }
+
+    /// The service table, every namespace's (at most `MAX_SERVICES` rows).
+    pub fn services(&self) -> Result<Vec<(ServiceKey, ServiceStats)>> {
+        match self.ebpf.map("SERVICES") {
+            Some(aya::maps::Map::HashMap(m)) => {
+                crate::kernel::batch::read_all::<ServiceKey, ServiceStats>(m)
+            }
+            _ => unreachable!("the probe defines SERVICES as a hash map"),
+        }
+    }
+
+    /// Namespace slot `slot`'s `ip_local_port_range` for the service table
+    /// (`services::ephemeral`'s encoding).
+    pub fn set_port_range(&mut self, slot: u32, range: u32) -> Result<()> {
+        let mut ports: aya::maps::Array<&mut MapData, u32> = aya::maps::Array::try_from(
+            self.ebpf
+                .map_mut("NETNS_PORTS")
+                .expect("the probe defines NETNS_PORTS"),
+        )?;
+        Ok(ports.set(slot, range, 0)?)
+    }
+
+    /// Namespace slot `slot`'s listening ports: `new` added, `gone` removed.
+    pub fn set_listening(&mut self, slot: u32, new: &[u16], gone: &[u16]) -> Result<()> {
+        let mut set: HashMap<&mut MapData, ListenKey, u8> = HashMap::try_from(
+            self.ebpf
+                .map_mut("LISTENING")
+                .expect("the probe defines LISTENING"),
+        )?;
+        let key = |port| ListenKey {
+            netns: slot,
+            port,
+            pad: 0,
+        };
+        for p in gone {
+            match set.remove(&key(*p)) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        for p in new {
+            set.insert(key(*p), 1, 0)?;
+        }
         Ok(())
     }
 

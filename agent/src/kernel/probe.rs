@@ -152,6 +152,8 @@ impl Probe {
             .map_max_entries("FLOWS6", opts.max_flows)
             .map_max_entries("COUNTS", max_netns * tcpstate_common::CpuSlot::PER_NETNS)
             .map_max_entries("NETNS_FLOWS", max_netns)
+            .map_max_entries("DURATIONS", max_netns)
+            .map_max_entries("NETNS_PORTS", max_netns)
             .map_max_entries("NETNS_SLOTS", max_netns)
             .override_global("FLOWS_PER_NETNS", &opts.flows_per_netns, true)
             .override_global(aya_log::LEVEL, &level, false)

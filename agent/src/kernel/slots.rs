@@ -15,6 +15,7 @@ use tcpstate_common::{
     Counters, CpuSlot, FlowEntry, FlowKey4, FlowKey6,
     nat::{NatTarget4, NatTarget6},
     netns::{LocalKey4, LocalKey6, entry as index},
+    services::{ListenKey, ServiceKey, ServiceStats},
 };
 
 use crate::{
@@ -174,6 +175,12 @@ impl Probe {
         let mut flows: Array<&mut MapData, u32> =
             Array::try_from(self.ebpf.map_mut("NETNS_FLOWS").expect("NETNS_FLOWS"))?;
         flows.set(slot, 0, 0)?;
+        let mut durations: Array<&mut MapData, tcpstate_common::Durations> =
+            Array::try_from(self.ebpf.map_mut("DURATIONS").expect("DURATIONS"))?;
+        durations.set(slot, tcpstate_common::Durations::default(), 0)?;
+        remove_where::<ServiceKey, ServiceStats>(self, "SERVICES", |k| k.netns == slot)?;
+        remove_where::<ListenKey, u8>(self, "LISTENING", |k| k.netns == slot)?;
+        self.set_port_range(slot, 0)?;
         Ok(())
     }
 }

@@ -26,6 +26,24 @@ pub struct Attention {
     /// The (local address, upstream) pairs holding the most local ports.
     #[serde(default)]
     pub pressure: Vec<Pressure>,
+    /// The upstreams whose connects failed lately, most first.
+    #[serde(default)]
+    pub failing: Vec<Failing>,
+}
+
+/// An upstream whose connects failed in the last one to two minutes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Failing {
+    pub netns: u64,
+    /// `→ADDRESS:PORT`.
+    pub service: String,
+    /// Connects that failed in the last one to two minutes.
+    pub recent: u64,
+    /// Since the agent started: refused (an RST), never answered.
+    pub refused: u64,
+    pub handshake_timeout: u64,
+    /// Its completed connects' 99th percentile, seconds.
+    pub connect_p99_s: Option<f64>,
 }
 
 /// A listener in a namespace.
@@ -86,6 +104,7 @@ impl Attention {
             all.queues.extend(p.queues.iter().cloned());
             all.oldest.extend(p.oldest.iter().cloned());
             all.pressure.extend(p.pressure.iter().cloned());
+            all.failing.extend(p.failing.iter().cloned());
         }
         all.sort_and_cut(k);
         all
@@ -103,8 +122,10 @@ impl Attention {
         self.oldest.sort_by(|a, b| b.age_s.total_cmp(&a.age_s));
         self.pressure
             .sort_by(|a, b| b.ratio().total_cmp(&a.ratio()).then(b.ports.cmp(&a.ports)));
+        self.failing.sort_by_key(|f| std::cmp::Reverse(f.recent));
         self.queues.truncate(k);
         self.oldest.truncate(k);
         self.pressure.truncate(k);
+        self.failing.truncate(k);
     }
 }

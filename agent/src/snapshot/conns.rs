@@ -84,6 +84,17 @@ pub struct Listener {
     /// Connections to it that completed and are open now (ESTABLISHED,
     /// CLOSE_WAIT, ... whose local end is this address and port).
     pub connections: u64,
+    /// SYNs to its port that found no connection and were never answered
+    /// (dropped: a full queue, a firewall), since the agent started. Per
+    /// port: listeners on several addresses of one port share it.
+    #[serde(default)]
+    pub unanswered: u64,
+    /// Its port's completed handshakes since the agent started (first
+    /// SYN-ACK to completion): the median and the 99th percentile, seconds.
+    #[serde(default)]
+    pub handshake_p50_s: Option<f64>,
+    #[serde(default)]
+    pub handshake_p99_s: Option<f64>,
 }
 
 impl Listener {
@@ -107,6 +118,11 @@ pub struct NetnsRows<T> {
     pub listen_overflows: Option<u64>,
     #[serde(default)]
     pub listen_drops: Option<u64>,
+    /// The namespace's completed handshakes since the agent started (how
+    /// long each took: its first SYN-ACK to the connection's completion);
+    /// only in `listeners` answers.
+    #[serde(default)]
+    pub handshakes: Option<super::durations::Histogram>,
 }
 
 /// States by name on the wire (`"CLOSE_WAIT"`), as `count --json` spells them.
@@ -188,6 +204,9 @@ mod tests {
             backlog,
             syn_recv: 0,
             connections: 0,
+            unanswered: 0,
+            handshake_p50_s: None,
+            handshake_p99_s: None,
         };
         assert!(!l(3, 8).full());
         assert!(!l(8, 8).full());

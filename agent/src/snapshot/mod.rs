@@ -3,7 +3,9 @@
 
 pub mod attention;
 pub mod conns;
+pub mod durations;
 mod netns;
+pub mod services;
 
 pub use netns::{NetnsCounts, Selector};
 use serde::{Deserialize, Serialize};
@@ -226,6 +228,15 @@ pub struct Snapshot {
     /// one namespace).
     #[serde(default)]
     pub namespaces: Vec<NetnsCounts>,
+    /// How long local endpoints spent in each state they left, and how
+    /// long connects and handshakes took (as of the last tick).
+    #[serde(default)]
+    pub durations: durations::Timings,
+    /// Per namespace and service (a local port, or an upstream address
+    /// and port), how connections ended, handshake times and unanswered
+    /// SYNs: the `--top-k` most active of each kind (as of the last tick).
+    #[serde(default)]
+    pub services: Vec<services::ServiceRow>,
 }
 
 impl Snapshot {
@@ -262,6 +273,8 @@ impl Snapshot {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             all_namespaces: false,
             namespaces: Vec::new(),
+            durations: Default::default(),
+            services: Vec::new(),
         }
     }
 
@@ -298,6 +311,8 @@ impl Snapshot {
         add_maps(&mut self.events, &o.events);
         add_maps(&mut self.drift, &o.drift);
         add_maps(&mut self.corrections, &o.corrections);
+        self.durations.add(&o.durations);
+        self.services.extend(o.services.iter().cloned());
         self.interfaces.extend(o.interfaces.iter().cloned());
         self.expired += o.expired;
         self.time_wait_overflow += o.time_wait_overflow;

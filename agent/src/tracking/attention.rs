@@ -103,6 +103,8 @@ impl<'a> Watch<'a> {
                     range,
                 })
                 .collect(),
+            // Filled from the service table (`tracker.rs`).
+            failing: Vec::new(),
         };
         a.sort_and_cut(k);
         a

@@ -342,8 +342,24 @@ impl Host {
             .collect()
     }
 
+    /// One read of the probe's service table, each namespace given its
+    /// rows.
+    fn look_at_services(&mut self) -> Result<()> {
+        let mut by_slot: BTreeMap<u32, Vec<_>> = BTreeMap::new();
+        for (k, v) in self.probe.services()? {
+            by_slot.entry(k.netns).or_default().push((k, v));
+        }
+        for (slot, t) in self.trackers.iter_mut() {
+            let inode = t.identity.inode;
+            t.services
+                .look(inode, by_slot.remove(slot).unwrap_or_default());
+        }
+        Ok(())
+    }
+
     /// The host's snapshot: every namespace's, and their sum.
     pub fn snapshot(&mut self) -> Result<Snapshot> {
+        self.look_at_services()?;
         let counted = self.listen_counted();
         let all = self.cfg.scope == Scope::All;
         let mut parts = Vec::new();
@@ -393,6 +409,7 @@ impl Host {
             total.all_namespaces = true;
         }
         total.attention = attention;
+        total.services = crate::tracking::tracker::top_services(&total.services, self.cfg.top_k);
         total.namespaces = namespaces;
         total.uptime_ms = self.started.elapsed().as_millis() as u64;
         total

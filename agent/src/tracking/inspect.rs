@@ -9,7 +9,11 @@ use std::{collections::HashSet, sync::Arc};
 use crate::{
     error::Result,
     kernel::{netns::NetNs, owners},
-    snapshot::conns::{Conn, ConnFilter, Listener, NetnsRows},
+    snapshot::{
+        conns::{Conn, ConnFilter, Listener, NetnsRows},
+        durations::Timings,
+        services::Service,
+    },
     tracking::{
         host::{Host, by_slot},
         timers::monotonic_ns,
@@ -37,6 +41,7 @@ impl Host {
                 rows,
                 listen_overflows: None,
                 listen_drops: None,
+                handshakes: None,
             });
         }
         Ok(Found {
@@ -54,7 +59,18 @@ impl Host {
             if netns.is_some_and(|i| i != t.identity.inode) {
                 continue;
             }
-            out.push(t.listeners(&mine)?);
+            let mut rows = t.listeners(&mine)?;
+            let timings = Timings::of(&self.probe.durations(*slot)?);
+            rows.handshakes = timings.get("handshake").cloned();
+            for l in rows.rows.iter_mut() {
+                let port = Service::Local(l.local.port());
+                if let Some(s) = t.services.rows.iter().find(|s| s.service == port) {
+                    l.unanswered = s.unanswered;
+                    l.handshake_p50_s = s.times.quantile(0.5);
+                    l.handshake_p99_s = s.times.quantile(0.99);
+                }
+            }
+            out.push(rows);
         }
         Ok(out)
     }
@@ -98,6 +114,7 @@ impl Found {
                     .collect(),
                 listen_overflows: None,
                 listen_drops: None,
+                handshakes: None,
             })
             .collect())
     }

@@ -32,6 +32,9 @@ impl ListenerRows {
                     backlog: 0,
                     syn_recv: 0,
                     connections: 0,
+                    unanswered: 0,
+                    handshake_p50_s: None,
+                    handshake_p99_s: None,
                 });
                 rows.len() - 1
             });

@@ -16,6 +16,7 @@ pub mod listeners;
 pub mod pacing;
 pub mod reconcile;
 pub mod seed;
+pub mod services;
 pub mod signals;
 pub mod timers;
 pub mod tracker;

@@ -185,7 +185,11 @@ impl Reconciler {
         let mut done = 0;
         for (fix, (ours, _)) in fixes {
             let cmd = match fix {
-                Fix::Swap { flow, expect, new } => flow.command(expect.0, new.0),
+                Fix::Swap { flow, expect, new } => {
+                    let mut cmd = flow.command(expect.0, new.0);
+                    cmd.op = op::CORRECT;
+                    cmd
+                }
                 Fix::Seed { flow, word } => {
                     let mut cmd = flow.command(0, word.0);
                     cmd.op = op::SEED;

@@ -9,6 +9,12 @@ use std::{sync::Arc, time::Duration};
 use netlink_packet_sock_diag::inet::StateFlags;
 use tcpstate_common::{Ask, Event, FlowEntry, Side, TcpState};
 
+use crate::snapshot::{
+    attention::Failing,
+    durations::Timings,
+    services::{Service, ServiceRow},
+};
+
 mod conns;
 mod walk;
 
@@ -65,6 +71,8 @@ pub struct Tracker {
     breakdown: Breakdown,
     /// What needs attention, as of the last walk.
     attention: crate::snapshot::attention::Attention,
+    /// Its services, as of the last look at the probe's table.
+    pub(crate) services: crate::tracking::services::ServiceBook,
     /// LISTEN sockets in the socket table at the last walk, and whether the
     /// probe's count (moved by the kernel's reports) differed from it then.
     listening: u64,
@@ -182,6 +190,7 @@ impl Tracker {
             reports_missed: 0,
             breakdown: Breakdown::default(),
             attention: Default::default(),
+            services: Default::default(),
             listening,
             listen_off: None,
             listeners: Vec::new(),
@@ -362,12 +371,15 @@ impl Tracker {
         snap.ports = self.breakdown.top_ports(self.top_k);
         snap.peers = self.breakdown.top_peers(self.top_k);
         snap.attention = self.attention.clone();
+        snap.attention.failing = failing(&self.services, self.top_k);
+        snap.services = top_services(&self.services.rows, self.top_k);
         snap.flows_in_map = self.flows_in_map;
         snap.asked = self.asked;
         snap.kernel_reports = probe.kernel_reports();
         snap.connect_reports = probe.connect_reports();
         snap.kernel_reports_missed = self.reports_missed;
         snap.uptime_ms = self.started.elapsed().as_millis() as u64;
+        snap.durations = Timings::of(&probe.durations(self.slot)?);
         Ok(snap)
     }
 
@@ -450,4 +462,39 @@ fn address_set(addrs: &[std::net::IpAddr]) -> Vec<std::net::IpAddr> {
     v.sort();
     v.dedup();
     v
+}
+
+/// The `top_k` upstreams whose connects failed lately, most first.
+fn failing(book: &crate::tracking::services::ServiceBook, top_k: usize) -> Vec<Failing> {
+    book.failing
+        .iter()
+        .take(top_k)
+        .map(|(row, recent)| Failing {
+            netns: row.netns,
+            service: row.service.to_string(),
+            recent: *recent,
+            refused: row.closed.refused,
+            handshake_timeout: row.closed.handshake_timeout,
+            connect_p99_s: row.times.quantile(0.99),
+        })
+        .collect()
+}
+
+/// The `top_k` services of each kind with the most activity (what a
+/// snapshot carries of them: the table may hold thousands).
+pub fn top_services(rows: &[ServiceRow], top_k: usize) -> Vec<ServiceRow> {
+    let mut out = Vec::new();
+    for local in [true, false] {
+        let mut mine: Vec<&ServiceRow> = rows
+            .iter()
+            .filter(|r| matches!(r.service, Service::Local(_)) == local)
+            .collect();
+        mine.sort_by(|a, b| {
+            b.activity()
+                .cmp(&a.activity())
+                .then(a.service.cmp(&b.service))
+        });
+        out.extend(mine.into_iter().take(top_k).cloned());
+    }
+    out
 }

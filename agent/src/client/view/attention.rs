@@ -1,7 +1,8 @@
 //! The live view's panel of what needs attention: accept queues that fill,
 //! CLOSE_WAIT and FIN_WAIT2 held long (with the oldest CLOSE_WAIT's owner,
 //! asked of the agent now and then), local ports running out toward one
-//! upstream. Shown only when something is there; worst first.
+//! upstream, upstreams whose connects fail. Shown only when something is
+//! there; worst first.
 
 use std::{
     path::Path,
@@ -124,6 +125,18 @@ pub fn lines(snap: &Snapshot, owner: &Owner) -> Vec<String> {
             100.0 * p.ratio()
         ));
     }
+    for f in &a.failing {
+        let p99 = f
+            .connect_p99_s
+            .map_or(String::new(), |s| format!(", connect p99 {:.0}ms", s * 1e3));
+        out.push(format!(
+            "connects to {} failing: {} lately ({} refused, {} timed out in all{p99})",
+            f.service.trim_start_matches(REMOTE_MARK),
+            f.recent,
+            f.refused,
+            f.handshake_timeout
+        ));
+    }
     out
 }
 
@@ -143,7 +156,7 @@ mod tests {
 
     use super::*;
     use crate::snapshot::{
-        attention::{Oldest, Pressure, Queue},
+        attention::{Failing, Oldest, Pressure, Queue},
         conns::Listener,
     };
 
@@ -159,6 +172,9 @@ mod tests {
                 backlog,
                 syn_recv: 2,
                 connections: 0,
+                unanswered: 0,
+                handshake_p50_s: None,
+                handshake_p99_s: None,
             },
         };
         snap.attention = Attention {
@@ -188,6 +204,14 @@ mod tests {
                 ports: 27000,
                 range: 28232,
             }],
+            failing: vec![Failing {
+                netns: 1,
+                service: "→10.0.0.9:5432".into(),
+                recent: 3,
+                refused: 5,
+                handshake_timeout: 2,
+                connect_p99_s: Some(1.02),
+            }],
         };
         let owner = Owner {
             asked: None,
@@ -199,6 +223,7 @@ mod tests {
                 "accept queue 0.0.0.0:8080 129/128 FULL  SYN_RECV 2",
                 r#"CLOSE_WAIT at 8080: 12, 3 over 60s, oldest 5m02s users:(("app",pid=7,fd=9))"#,
                 "local ports 10.0.0.1 → 10.0.0.9:5432: 27000 of 28232 (96%)",
+                "connects to 10.0.0.9:5432 failing: 3 lately (5 refused, 2 timed out in all, connect p99 1020ms)",
             ]
         );
         snap.attention = Attention::default();

@@ -20,10 +20,12 @@ use prometheus_client::encoding::prometheus_text;
 use crate::serve::reader::Reader;
 
 mod attention;
+mod durations;
 mod kernel;
 mod netns;
 mod render;
 mod server;
+mod services;
 pub mod web_config;
 
 pub use render::{render, state_label};

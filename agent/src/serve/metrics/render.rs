@@ -5,7 +5,7 @@ use prometheus_client::{
     metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
-use tcpstate_common::TcpState;
+use tcpstate_common::{Event, TcpState};
 
 use super::Format;
 use crate::snapshot::{OTHER, Snapshot};
@@ -110,11 +110,15 @@ pub fn render(snap: &Snapshot, format: Format) -> String {
         "Connections opened (flows created, port reuse included)",
         event(snap, "flows_opened"),
     );
-    counter(
+    let outcomes: Vec<(Labels, u64)> = Event::OUTCOMES
+        .iter()
+        .map(|(e, name)| (label(&[("outcome", name)]), event(snap, e.name())))
+        .collect();
+    counter_family(
         &mut r,
         "connections_closed",
-        "Connections ended (no local socket left)",
-        event(snap, "flows_closed"),
+        "Local endpoints that ended, by how: normal (both FINs; Zeek SF), refused (an RST answered the connect; REJ), handshake_timeout (never completed; S0), reset_local (this host sent the RST or gave up), reset_remote (the peer's RST)",
+        &outcomes,
     );
     counter(
         &mut r,
@@ -269,6 +273,8 @@ pub fn render(snap: &Snapshot, format: Format) -> String {
     super::kernel::register(&mut r, snap);
     super::netns::register(&mut r, snap);
     super::attention::register(&mut r, snap);
+    super::durations::register(&mut r, snap);
+    super::services::register(&mut r, snap);
 
     gauge_family(
         &mut r,

@@ -113,6 +113,7 @@ impl Tracker {
             rows: rows.done(),
             listen_overflows: overflows,
             listen_drops: drops,
+            handshakes: None,
         })
     }
 }

@@ -46,6 +46,9 @@ impl Tracker {
             listening: self.listeners.iter().map(|s| s.local_port).collect(),
             ephemeral: self.ephemeral,
         };
+        let listening = self.listeners.iter().map(|s| s.local_port).collect();
+        self.services
+            .tell(probe, self.slot, listening, self.ephemeral)?;
         let now = monotonic_ns();
         let mut watch = Watch::new(self.identity.inode, &services, &self.listeners, now);
         let mut b = Breakdown::default();
