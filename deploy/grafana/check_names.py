@@ -31,6 +31,11 @@ EXPORTED = {
     "tcpstate_oldest_connection_seconds", "tcpstate_old_connections",
     "tcpstate_port_pressure_ratio", "tcpstate_port_pressure_ports",
 }
+# Histograms: each is served as _bucket, _sum and _count series.
+for histogram in ("tcpstate_connect_duration_seconds",
+                  "tcpstate_handshake_duration_seconds",
+                  "tcpstate_state_duration_seconds"):
+    EXPORTED |= {histogram + s for s in ("_bucket", "_sum", "_count")}
 # A metric name not inside a recording rule name (level:metric:operations).
 METRIC = re.compile(r"(?<![\w:])tcpstate_\w+(?![\w:])")
 RECORDING = re.compile(r"\b\w+:tcpstate_\w+:\w+\b")
