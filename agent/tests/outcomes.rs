@@ -308,6 +308,15 @@ fn unanswered_syns_are_the_listen_drops_of_a_full_queue() {
         );
         sleep(Duration::from_millis(100));
     }
+    // What needs attention (`top`, `watch --json`) names the port.
+    let snap = agent.snapshot();
+    let dropping: Vec<(u16, u64)> = snap
+        .attention
+        .dropping
+        .iter()
+        .map(|d| (d.port, d.recent))
+        .collect();
+    assert_eq!(dropping, [(7103, truth)], "what needs attention");
     println!("{samples} samples; {truth} SYNs dropped and counted unanswered");
 }
 

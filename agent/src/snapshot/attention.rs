@@ -29,6 +29,21 @@ pub struct Attention {
     /// The upstreams whose connects failed lately, most first.
     #[serde(default)]
     pub failing: Vec<Failing>,
+    /// The listening ports that left SYNs unanswered lately, most first.
+    #[serde(default)]
+    pub dropping: Vec<Dropping>,
+}
+
+/// A listening port whose SYNs went unanswered in the last one to two
+/// minutes (a full accept queue or SYN backlog, a firewall).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Dropping {
+    pub netns: u64,
+    pub port: u16,
+    /// SYNs unanswered in the last one to two minutes.
+    pub recent: u64,
+    /// Since the agent started.
+    pub unanswered: u64,
 }
 
 /// An upstream whose connects failed in the last one to two minutes.
@@ -105,6 +120,7 @@ impl Attention {
             all.oldest.extend(p.oldest.iter().cloned());
             all.pressure.extend(p.pressure.iter().cloned());
             all.failing.extend(p.failing.iter().cloned());
+            all.dropping.extend(p.dropping.iter().cloned());
         }
         all.sort_and_cut(k);
         all
@@ -123,9 +139,11 @@ impl Attention {
         self.pressure
             .sort_by(|a, b| b.ratio().total_cmp(&a.ratio()).then(b.ports.cmp(&a.ports)));
         self.failing.sort_by_key(|f| std::cmp::Reverse(f.recent));
+        self.dropping.sort_by_key(|d| std::cmp::Reverse(d.recent));
         self.queues.truncate(k);
         self.oldest.truncate(k);
         self.pressure.truncate(k);
         self.failing.truncate(k);
+        self.dropping.truncate(k);
     }
 }

@@ -105,6 +105,7 @@ impl<'a> Watch<'a> {
                 .collect(),
             // Filled from the service table (`tracker.rs`).
             failing: Vec::new(),
+            dropping: Vec::new(),
         };
         a.sort_and_cut(k);
         a

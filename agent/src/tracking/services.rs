@@ -7,9 +7,14 @@ use std::collections::{BTreeSet, HashMap};
 
 use tcpstate_common::services::{ServiceKey, ServiceStats};
 
-use crate::{error::Result, kernel::probe::Probe, snapshot::services::ServiceRow};
+use crate::{
+    error::Result,
+    kernel::probe::Probe,
+    snapshot::services::{Service, ServiceRow},
+};
 
-/// How long a failed connect counts as recent (`failing`).
+/// How long a failed connect or an unanswered SYN counts as recent
+/// (`failing`, `dropping`).
 const RECENT_S: u64 = 60;
 
 #[derive(Default)]
@@ -17,16 +22,20 @@ pub struct ServiceBook {
     /// Per service: its SYNs at the last look, and the SYNs found
     /// unanswered so far.
     syns: HashMap<ServiceKey, (u64, u64)>,
-    /// Per upstream: its failed connects when the last window began, and
-    /// when the one before it began (what `failing` counts from).
-    newer: HashMap<ServiceKey, u64>,
-    older: HashMap<ServiceKey, u64>,
+    /// Per service: its failed connects and unanswered SYNs when the last
+    /// window began, and when the one before it began (what `failing` and
+    /// `dropping` count from).
+    newer: HashMap<ServiceKey, (u64, u64)>,
+    older: HashMap<ServiceKey, (u64, u64)>,
     window_started: Option<std::time::Instant>,
     /// The rows of the last look.
     pub rows: Vec<ServiceRow>,
     /// Upstreams whose connects failed in the last 60 to 120 s, with how
     /// many failed.
     pub failing: Vec<(ServiceRow, u64)>,
+    /// Listening ports that left SYNs unanswered in the last 60 to 120 s,
+    /// with how many.
+    pub dropping: Vec<(ServiceRow, u64)>,
     /// What the probe was last told: listening ports and port range.
     told: (BTreeSet<u16>, u32),
 }
@@ -48,7 +57,7 @@ impl ServiceBook {
         }
         let mut syns = HashMap::with_capacity(table.len());
         let mut rows = Vec::with_capacity(table.len());
-        let mut failing = Vec::new();
+        let (mut failing, mut dropping) = (Vec::new(), Vec::new());
         if renew {
             self.older = std::mem::take(&mut self.newer);
         }
@@ -59,20 +68,27 @@ impl ServiceBook {
             let row = ServiceRow::of(inode, &key, &stats, unanswered);
             let failed = row.closed.failed();
             if renew {
-                self.newer.insert(key, failed);
+                self.newer.insert(key, (failed, unanswered));
             }
-            // The table began empty with the agent: a service the older
-            // window did not have failed within it.
-            let since = self.older.get(&key).copied().unwrap_or(0);
-            if failed > since {
-                failing.push((row.clone(), failed - since));
+            // The table began empty with the agent: what a service the
+            // older window did not have counted, it counted within it.
+            let since = self.older.get(&key).copied().unwrap_or((0, 0));
+            // A local service's failures are handshakes it answered that
+            // never completed: not connects of this host's.
+            if matches!(row.service, Service::Remote(_)) && failed > since.0 {
+                failing.push((row.clone(), failed - since.0));
+            }
+            if unanswered > since.1 {
+                dropping.push((row.clone(), unanswered - since.1));
             }
             rows.push(row);
         }
         failing.sort_by_key(|f| std::cmp::Reverse(f.1));
+        dropping.sort_by_key(|f| std::cmp::Reverse(f.1));
         self.syns = syns;
         self.rows = rows;
         self.failing = failing;
+        self.dropping = dropping;
     }
 
     /// Tells the probe which local ports are services: those that listen,
@@ -138,6 +154,8 @@ mod tests {
         // Three SYNs a tick old, one answer: two dropped.
         b.look(7, vec![(port(80), stats(3, 1))]);
         assert_eq!(b.rows[0].unanswered, 2);
+        assert_eq!(b.dropping[0].1, 2, "dropped lately");
+        assert!(b.failing.is_empty(), "a listening port is no upstream");
         // Later answers to later SYNs never lower it.
         b.look(7, vec![(port(80), stats(10, 9))]);
         assert_eq!(b.rows[0].unanswered, 2);

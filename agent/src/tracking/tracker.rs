@@ -10,7 +10,7 @@ use netlink_packet_sock_diag::inet::StateFlags;
 use tcpstate_common::{Ask, Event, FlowEntry, Side, TcpState};
 
 use crate::snapshot::{
-    attention::Failing,
+    attention::{Dropping, Failing},
     durations::Timings,
     services::{Service, ServiceRow},
 };
@@ -372,6 +372,7 @@ impl Tracker {
         snap.peers = self.breakdown.top_peers(self.top_k);
         snap.attention = self.attention.clone();
         snap.attention.failing = failing(&self.services, self.top_k);
+        snap.attention.dropping = dropping(&self.services, self.top_k);
         snap.services = top_services(&self.services.rows, self.top_k);
         snap.flows_in_map = self.flows_in_map;
         snap.asked = self.asked;
@@ -477,6 +478,23 @@ fn failing(book: &crate::tracking::services::ServiceBook, top_k: usize) -> Vec<F
             handshake_timeout: row.closed.handshake_timeout,
             connect_p99_s: row.times.quantile(0.99),
         })
+        .collect()
+}
+
+/// The `top_k` listening ports that left the most SYNs unanswered lately.
+fn dropping(book: &crate::tracking::services::ServiceBook, top_k: usize) -> Vec<Dropping> {
+    book.dropping
+        .iter()
+        .filter_map(|(row, recent)| match row.service {
+            Service::Local(port) => Some(Dropping {
+                netns: row.netns,
+                port,
+                recent: *recent,
+                unanswered: row.unanswered,
+            }),
+            Service::Remote(_) => None,
+        })
+        .take(top_k)
         .collect()
 }
 

@@ -1,8 +1,8 @@
 //! The live view's panel of what needs attention: accept queues that fill,
 //! CLOSE_WAIT and FIN_WAIT2 held long (with the oldest CLOSE_WAIT's owner,
 //! asked of the agent now and then), local ports running out toward one
-//! upstream, upstreams whose connects fail. Shown only when something is
-//! there; worst first.
+//! upstream, listening ports whose SYNs go unanswered, upstreams whose
+//! connects fail. Shown only when something is there; worst first.
 
 use std::{
     path::Path,
@@ -125,6 +125,12 @@ pub fn lines(snap: &Snapshot, owner: &Owner) -> Vec<String> {
             100.0 * p.ratio()
         ));
     }
+    for d in &a.dropping {
+        out.push(format!(
+            "SYNs to port {} unanswered: {} lately ({} in all)",
+            d.port, d.recent, d.unanswered
+        ));
+    }
     for f in &a.failing {
         let p99 = f
             .connect_p99_s
@@ -156,7 +162,7 @@ mod tests {
 
     use super::*;
     use crate::snapshot::{
-        attention::{Failing, Oldest, Pressure, Queue},
+        attention::{Dropping, Failing, Oldest, Pressure, Queue},
         conns::Listener,
     };
 
@@ -204,6 +210,12 @@ mod tests {
                 ports: 27000,
                 range: 28232,
             }],
+            dropping: vec![Dropping {
+                netns: 1,
+                port: 8080,
+                recent: 12,
+                unanswered: 30,
+            }],
             failing: vec![Failing {
                 netns: 1,
                 service: "→10.0.0.9:5432".into(),
@@ -223,6 +235,7 @@ mod tests {
                 "accept queue 0.0.0.0:8080 129/128 FULL  SYN_RECV 2",
                 r#"CLOSE_WAIT at 8080: 12, 3 over 60s, oldest 5m02s users:(("app",pid=7,fd=9))"#,
                 "local ports 10.0.0.1 → 10.0.0.9:5432: 27000 of 28232 (96%)",
+                "SYNs to port 8080 unanswered: 12 lately (30 in all)",
                 "connects to 10.0.0.9:5432 failing: 3 lately (5 refused, 2 timed out in all, connect p99 1020ms)",
             ]
         );
