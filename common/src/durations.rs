@@ -47,21 +47,6 @@ impl Default for Histogram {
     }
 }
 
-impl Histogram {
-    /// Observations in all buckets.
-    pub fn count(&self) -> u64 {
-        self.buckets.iter().sum()
-    }
-
-    /// Adds another histogram into this one.
-    pub fn accumulate(&mut self, other: &Histogram) {
-        for (a, b) in self.buckets.iter_mut().zip(other.buckets.iter()) {
-            *a = a.wrapping_add(*b);
-        }
-        self.sum = self.sum.wrapping_add(other.sum);
-    }
-}
-
 /// A namespace's table: [`ROWS`] histograms.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -70,15 +55,6 @@ pub struct Durations {
 }
 
 const _: () = assert!(core::mem::size_of::<Durations>() == 4224);
-
-impl Durations {
-    /// Adds another table into this one.
-    pub fn accumulate(&mut self, other: &Durations) {
-        for (a, b) in self.rows.iter_mut().zip(other.rows.iter()) {
-            a.accumulate(b);
-        }
-    }
-}
 
 /// The bucket of a duration of `units` (2^16 ns each): the smallest `b`
 /// with `units <= 2^b`, the last bucket past that.
