@@ -5,12 +5,14 @@
 //!
 //! Every `--reconcile-interval` the agent reads the socket table of the
 //! namespace and compares it, socket by socket, with the local endpoints in the
-//! flow maps. A mismatch seen at two checks in a row, unchanged, is corrected
-//! (the kernel's state wins; a socket the kernel no longer has is closed, one
-//! the maps miss is added) through the probe's command program, so counters
-//! and entries stay consistent. Transient mismatches (a segment in flight
-//! between the two reads) do not survive to a second check. Corrections and the
-//! last difference per state are exported: on a healthy host both stay 0.
+//! flow maps. A mismatch seen twice, unchanged, is corrected (the kernel's
+//! state wins; a socket the kernel no longer has is closed, one the maps miss
+//! is added) through the probe's command program, so counters and entries
+//! stay consistent: at the next check, or sooner, when the check's
+//! mismatches are looked at again one socket at a time ([`CONFIRM_AFTER`]
+//! later). Transient mismatches (a segment in flight between the two reads)
+//! do not survive to a second look. Corrections and the last difference per
+//! state are exported: on a healthy host both stay 0.
 
 use std::collections::HashMap;
 
@@ -26,6 +28,15 @@ use crate::{
     kernel::{maps::FlowRef, probe::Probe, sockdiag::SockDiag},
     tracking::{seed::flow_of, timers::monotonic_ns},
 };
+
+/// How long after a check its mismatches are looked at again: far longer
+/// than a segment in flight takes, well inside the second a difference may
+/// last.
+const CONFIRM_AFTER: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// At most this many mismatches are confirmed one by one; more wait for the
+/// next check of the whole table.
+const CONFIRM_MAX: usize = 1024;
 
 /// One local endpoint: a flow and its side.
 pub type Endpoint = (FlowRef, Side);
@@ -128,6 +139,15 @@ pub fn plan(
     (fixed, now)
 }
 
+impl Fix {
+    /// The flow it changes.
+    pub fn flow(&self) -> FlowRef {
+        match *self {
+            Fix::Swap { flow, .. } | Fix::Seed { flow, .. } => flow,
+        }
+    }
+}
+
 fn mismatch_of(now: &HashMap<Endpoint, Mismatch>, flow: FlowRef) -> Mismatch {
     [Side::A, Side::B]
         .iter()
@@ -139,6 +159,9 @@ fn mismatch_of(now: &HashMap<Endpoint, Mismatch>, flow: FlowRef) -> Mismatch {
 #[derive(Default)]
 pub struct Reconciler {
     before: HashMap<Endpoint, Mismatch>,
+    /// When the mismatches of the last check are looked at again, one
+    /// socket at a time (CLOCK_MONOTONIC ns).
+    confirm_at: Option<u64>,
     /// Corrections made, by the state the maps had counted (`None` slot:
     /// sockets the maps had missed).
     pub corrections: [u64; 16],
@@ -182,6 +205,57 @@ impl Reconciler {
         }
         let (fixes, now) = plan(&entries, &kernel, &self.before);
         self.before = now;
+        self.confirm_at = (!self.before.is_empty() && self.before.len() <= CONFIRM_MAX)
+            .then(|| monotonic_ns() + CONFIRM_AFTER.as_nanos() as u64);
+        self.apply(probe, fixes)
+    }
+
+    /// When the last check's mismatches are due to be confirmed, if any.
+    pub fn confirm_at(&self) -> Option<u64> {
+        self.confirm_at
+    }
+
+    /// The last check's mismatches, looked at again one socket at a time
+    /// (an exact lookup each): those still the same are fixed. A check
+    /// reads the whole table and runs once a second at most; a mismatch
+    /// confirmed only by the next would last two seconds.
+    pub fn confirm(&mut self, probe: &Probe, netns: u32, diag: &mut SockDiag) -> Result<usize> {
+        self.confirm_at = None;
+        let mut sides: HashMap<FlowRef, [bool; 2]> = HashMap::new();
+        for &(flow, side) in self.before.keys() {
+            sides.entry(flow).or_default()[side.index()] = true;
+        }
+        let mut entries: HashMap<FlowRef, Word> = HashMap::new();
+        let mut kernel: HashMap<Endpoint, TcpState> = HashMap::new();
+        for (flow, mut look) in sides {
+            if let Some(e) = probe.flow_entry(&flow)? {
+                let w = Word(e.word);
+                for side in [Side::A, Side::B] {
+                    look[side.index()] |= w.counted(side) != TcpState::None;
+                }
+                entries.insert(flow, w);
+            }
+            for side in [Side::A, Side::B].into_iter().filter(|s| look[s.index()]) {
+                let (local, lport) = flow.endpoint(side);
+                let (remote, rport) = flow.endpoint(side.other());
+                let Some(s) = diag.lookup(local, lport, remote, rport)? else {
+                    continue;
+                };
+                let state = TcpState::from_bits(s.state);
+                if !matches!(state, TcpState::Listen | TcpState::Close | TcpState::None)
+                    && flow_of(netns, &s) == Some((flow, side))
+                {
+                    kernel.insert((flow, side), state);
+                }
+            }
+        }
+        let (fixes, now) = plan(&entries, &kernel, &self.before);
+        self.before = now;
+        self.apply(probe, fixes)
+    }
+
+    /// Makes the fixes through the probe's command program; counts them.
+    fn apply(&mut self, probe: &Probe, fixes: Vec<(Fix, Mismatch)>) -> Result<usize> {
         let mut done = 0;
         for (fix, (ours, _)) in fixes {
             let cmd = match fix {
@@ -200,6 +274,11 @@ impl Reconciler {
             if probe.command(&cmd)? == outcome::DONE {
                 self.corrections[ours as usize] += 1;
                 done += 1;
+                // Fixed: the same mismatch found again is news, and waits
+                // for its own confirmation.
+                for side in [Side::A, Side::B] {
+                    self.before.remove(&(fix.flow(), side));
+                }
             }
         }
         Ok(done)

@@ -441,7 +441,27 @@ impl Tracker {
     pub fn fire_timers(&mut self, probe: &Probe) -> Result<Option<u64>> {
         let stats = self.timers.fire(probe, &mut self.diag, &self.timeouts)?;
         self.count(stats);
-        Ok(self.timers.next_ns())
+        if self
+            .reconciler
+            .confirm_at()
+            .is_some_and(|at| at <= crate::tracking::timers::monotonic_ns())
+        {
+            match self.reconciler.confirm(probe, self.slot, &mut self.diag)? {
+                0 => {}
+                n => tracing::info!(
+                    "{}: reconciled {n} flows with the socket table",
+                    self.identity
+                ),
+            }
+        }
+        // The timer task wakes for a confirmation too (not counted as a
+        // timer: a check due at a tick need not stand aside for it).
+        Ok(
+            match (self.timers.next_ns(), self.reconciler.confirm_at()) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            },
+        )
     }
 
     /// When the next timer is due (CLOCK_MONOTONIC ns), if any is filed.

@@ -227,6 +227,15 @@ pub fn ss_counted(stdout: &[u8]) -> StateCounts {
 
 impl Drop for Netns {
     fn drop(&mut self) {
+        // Its sockets first: an orphan (a FIN_WAIT1 whose peer is gone)
+        // would keep the namespace alive in the kernel for minutes after
+        // `ip netns del`, retransmitting, and its storms of timers would
+        // run under the next test.
+        let _ = Command::new("ip")
+            .args(["netns", "exec", &self.name, "ss", "-K", "-t", "-a"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])
             .status();

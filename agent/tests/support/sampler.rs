@@ -15,6 +15,11 @@
 //! scenario that drives its traffic through a [`Gate`] lets the sampler
 //! pause it: every [`QUIET_EVERY`]th sample is taken once the traffic has
 //! stopped for [`QUIET`], when ss's table stands still, and must be equal.
+//!
+//! A difference that lasts [`DIFF_AFTER`] is named socket by socket (what
+//! `ss` lists and `conns` does not, and the other way round, with what the
+//! agent had counted of missed reports, questions and corrections): a
+//! failure that happens once in a while then says what it was made of.
 
 use std::{
     fs::File,
@@ -33,6 +38,9 @@ use tcpstate::snapshot::StateCounts;
 use tcpstate_common::TcpState;
 
 use super::{Agent, Netns, table};
+
+/// How long a difference lasts before the sampler names the sockets in it.
+pub const DIFF_AFTER: Duration = Duration::from_millis(500);
 
 /// How often a sample is taken.
 pub const PERIOD: Duration = Duration::from_millis(100);
@@ -130,6 +138,9 @@ pub struct Samples {
     pub widest: StateCounts,
     /// With a [`Gate`]: the samples taken while the traffic stood still.
     pub quiet: Option<Box<Samples>>,
+    /// The connections themselves, once a difference had lasted
+    /// [`DIFF_AFTER`]: which sockets ss and the agent disagreed on.
+    pub diff: Option<String>,
 }
 
 impl Samples {
@@ -185,6 +196,9 @@ impl Samples {
                 last.at,
                 bracket_table(last)
             );
+        }
+        if let Some(diff) = &self.diff {
+            s += &format!("\nthe sockets in a difference:\n{diff}");
         }
         s
     }
@@ -357,6 +371,12 @@ impl Tally {
         }
     }
 
+    /// How long the open stretch of unequal samples has lasted.
+    fn open_for(&self) -> Option<Duration> {
+        let first = self.since.as_ref()?;
+        Some(self.last_unequal.as_ref()?.at.saturating_sub(first.at))
+    }
+
     fn end(mut self, at: Duration) -> Samples {
         if let Some(first) = self.since.take() {
             close_run(&mut self.out, first, self.last_unequal.take(), at);
@@ -409,7 +429,12 @@ fn run(
                     eprintln!("sampler: the traffic did not stop within 5 s");
                     quiet.out.taken += 1;
                 }
-                None => all.add(s),
+                None => {
+                    all.add(s);
+                    if all.out.diff.is_none() && all.open_for() >= Some(DIFF_AFTER) {
+                        all.out.diff = Some(conn_diff(socket, select));
+                    }
+                }
             }
         }
         if stopping {
@@ -431,4 +456,69 @@ fn close_run(out: &mut Samples, first: Sample, last: Option<Sample>, end: Durati
         let last = last.unwrap_or_else(|| first.clone());
         out.worst = Some((first, last));
     }
+}
+
+/// The sockets `ss -tanH` lists and the agent's `conns` does not, and the
+/// other way round (a few of each): which connections a difference is made of.
+fn conn_diff(socket: &std::path::Path, select: Option<&str>) -> String {
+    use std::collections::BTreeSet;
+    let out = Command::new("ss").arg("-tanH").output().expect("ss");
+    let ss: BTreeSet<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let state = TcpState::parse(f.first()?)?;
+            (state != TcpState::Listen).then(|| format!("{} {} {}", state.name(), f[3], f[4]))
+        })
+        .collect();
+    let snap = tcpstate::client::control::query(socket).ok();
+    let netns = select.and_then(|sel| {
+        Some(
+            tcpstate::client::count::select(snap.as_ref()?, sel)
+                .ok()?
+                .netns,
+        )
+    });
+    let filter = tcpstate::snapshot::conns::ConnFilter {
+        netns,
+        ..Default::default()
+    };
+    let ours: BTreeSet<String> = match tcpstate::client::control::conns(socket, &filter) {
+        Ok(answer) => answer
+            .iter()
+            .flat_map(|ns| ns.rows.iter())
+            .filter(|c| c.state != TcpState::Listen)
+            .map(|c| format!("{} {} {}", c.state.name(), c.local, c.peer))
+            .collect(),
+        Err(e) => return format!("conns failed: {e}"),
+    };
+    let mut text = String::new();
+    for (what, only) in [
+        ("only ss", ss.difference(&ours).collect::<Vec<_>>()),
+        ("only tcpstate", ours.difference(&ss).collect()),
+    ] {
+        text += &format!("{what} ({}):\n", only.len());
+        for line in only.iter().take(12) {
+            text += &format!("  {line}\n");
+        }
+    }
+    // What the agent saw meanwhile: reports the kernel skipped, questions,
+    // expiries, corrections and the probe's unusual events.
+    if let Some(s) = snap {
+        let events: Vec<String> = s
+            .events
+            .iter()
+            .filter(|(_, v)| v.as_u64() != Some(0))
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        text += &format!(
+            "agent: reports missed {}, asked {:?}, expired {}, corrections {:?}\nevents: {}\n",
+            s.kernel_reports_missed,
+            s.asked,
+            s.expired,
+            s.corrections,
+            events.join(" ")
+        );
+    }
+    text
 }
