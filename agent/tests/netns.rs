@@ -653,7 +653,17 @@ fn reconciliation_corrects_what_packets_never_showed() {
     // Two checks a second apart confirm each mismatch: within 5 s.
     let truth = agent.assert_matches_ss(&net.left, "after reconciliation");
     assert_eq!(truth.get(TcpState::SynRecv), 4, "{truth:?}");
-    let snap = agent.snapshot();
+    // The counts are read live; what the corrections were is published
+    // with the next tick's snapshot (a check's fixes may land between
+    // ticks, when they are confirmed).
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    let snap = loop {
+        let snap = agent.snapshot();
+        if snap.corrections["NONE"].as_u64() == Some(4) || std::time::Instant::now() > deadline {
+            break snap;
+        }
+        sleep(Duration::from_millis(100));
+    };
     let fixed = snap.corrections["NONE"].as_u64().unwrap();
     assert_eq!(
         fixed, 4,
