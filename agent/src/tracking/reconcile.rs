@@ -205,9 +205,11 @@ impl Reconciler {
         }
         let (fixes, now) = plan(&entries, &kernel, &self.before);
         self.before = now;
+        let done = self.apply(probe, fixes)?;
+        // What is left unfixed is looked at again soon.
         self.confirm_at = (!self.before.is_empty() && self.before.len() <= CONFIRM_MAX)
             .then(|| monotonic_ns() + CONFIRM_AFTER.as_nanos() as u64);
-        self.apply(probe, fixes)
+        Ok(done)
     }
 
     /// When the last check's mismatches are due to be confirmed, if any.
