@@ -57,6 +57,12 @@ pub enum Error {
     Map(#[from] aya::maps::MapError),
     #[error("eBPF program: {0}")]
     Program(#[from] aya::programs::ProgramError),
+    /// A capture `tcpstate replay` cannot read (further).
+    #[error("{file}: {what}")]
+    Capture { file: String, what: String },
+    /// An argument that makes no sense, said with what would.
+    #[error("{0}")]
+    Usage(String),
     #[error("{context}: {source}")]
     Io {
         context: String,

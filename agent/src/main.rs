@@ -110,6 +110,10 @@ enum Cmd {
         #[arg(long, default_value = control::DEFAULT_SOCKET)]
         socket: PathBuf,
     },
+    /// Replay a capture (pcap, pcapng) through the probe's parser and state
+    /// machine, on the capture's clock: the counts at its end or at a
+    /// moment, a timeline, a Zeek-style connection log. No root, no BPF.
+    Replay(Box<tcpstate::replay::cli::ReplayArgs>),
     /// Full-screen live view of the running agent (q quits; with -A, n
     /// focuses the next namespace, a all of them).
     Top {
@@ -281,6 +285,7 @@ fn main() -> ExitCode {
             logging(None);
             finish(conns::listeners(&socket, netns.as_deref(), json))
         }
+        Cmd::Replay(args) => tcpstate::replay::cli::main(&args),
         Cmd::Top {
             socket,
             netns,

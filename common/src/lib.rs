@@ -15,6 +15,7 @@ pub mod machine;
 pub mod nat;
 pub mod netns;
 pub mod outcome;
+pub mod parse;
 pub mod services;
 pub mod state;
 

@@ -6,8 +6,9 @@
 /// pseudo-states, and two unused), so that decoding a word's state is a
 /// mask, not a branch per state: the BPF verifier walks each branch.
 #[repr(u8)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub enum TcpState {
+    #[default]
     None = 0,
     Established = 1,
     SynSent = 2,

@@ -40,7 +40,7 @@ use tcpstate_common::{Counters, Event, Segment};
 use crate::{
     counts::{Change, Tally, account, cpu_slot},
     nat::{SockTuple, Wire, note_receiver, sock_tuple, to_socket_view},
-    parse::{Packet, ParseError, Parsed, parse},
+    parse::{Buffer, Packet, ParseError, Parsed, parse},
     track::{Attempt, SLOW_ATTEMPTS, fast, icmp, track},
 };
 
@@ -135,7 +135,7 @@ fn observe(
     meta: impl Fn() -> u8,
     sock: impl Fn(&mut SockTuple),
 ) -> bool {
-    match parse(start, end, pkt) {
+    match parse(&Buffer { start, end }, pkt) {
         // TCP segments are not counted here: every frame is counted once as
         // a packet and non-TCP ones once more by kind, so userspace derives
         // them (one write less per segment).

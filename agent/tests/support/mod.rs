@@ -3,6 +3,7 @@
 //! `ss` as the ground truth.
 #![allow(dead_code)]
 
+pub mod capture;
 pub mod containerd;
 pub mod crafted;
 pub mod docker;
