@@ -18,9 +18,11 @@ use pcap_parser::{
 use crate::error::{Error, Result};
 
 /// The reader's buffer; it grows for a larger record (up to [`MAX_RECORD`]).
-const BUFFER: usize = 1 << 20;
-/// The largest record accepted (pcapng allows more; no real frame is).
-const MAX_RECORD: usize = 64 << 20;
+const BUFFER: usize = 64 << 10;
+/// The largest record accepted: four times tcpdump's largest snap length
+/// (262,144), room for any frame a capture holds; a larger length is a
+/// corrupt record.
+const MAX_RECORD: usize = 1 << 20;
 
 /// One captured frame.
 pub struct Frame<'a> {
@@ -52,12 +54,14 @@ impl Interface {
         }
     }
 
+    /// Epoch nanoseconds (saturating: a corrupt stamp or offset must not
+    /// overflow).
     fn ns(&self, high: u32, low: u32) -> u64 {
         let units = (u64::from(high) << 32) | u64::from(low);
-        let secs = units / self.resolution;
-        let frac = units % self.resolution;
-        let frac_ns = (u128::from(frac) * 1_000_000_000 / u128::from(self.resolution)) as u64;
-        (secs as i64).saturating_add(self.offset_s).max(0) as u64 * 1_000_000_000 + frac_ns
+        let secs = i128::from(units / self.resolution) + i128::from(self.offset_s);
+        let frac =
+            u128::from(units % self.resolution) * 1_000_000_000 / u128::from(self.resolution);
+        (secs * 1_000_000_000 + frac as i128).clamp(0, i128::from(u64::MAX)) as u64
     }
 }
 
@@ -78,6 +82,8 @@ pub struct Capture {
     consumed: usize,
     /// The last refill brought nothing new.
     stalled: bool,
+    /// The reader's buffer size now.
+    capacity: usize,
 }
 
 impl Capture {
@@ -106,6 +112,7 @@ impl Capture {
             unknown_interface: 0,
             consumed: 0,
             stalled: false,
+            capacity: BUFFER,
         })
     }
 
@@ -131,8 +138,8 @@ impl Capture {
                 Err(PcapError::Eof) => return Ok(()),
                 Err(PcapError::Incomplete(_)) => self.refill()?,
                 Err(PcapError::BufferTooSmall) => {
-                    let size = self.reader.position() + BUFFER;
-                    if size > MAX_RECORD || !self.reader.grow(size) {
+                    self.capacity *= 2;
+                    if self.capacity > MAX_RECORD || !self.reader.grow(self.capacity) {
                         return Err(
                             self.error(format!("a record larger than {} MiB", MAX_RECORD >> 20))
                         );

@@ -204,6 +204,10 @@ fn describe(file: &str, s: &Summary) -> String {
         (k.malformed, "malformed"),
         (k.ipv6_ext_too_deep, "with over 6 IPv6 extension headers"),
         (k.unknown_interface, "of an undescribed pcapng interface"),
+        (
+            k.timeline_gaps,
+            "jumps of the clock over a million timeline rows (rows not written)",
+        ),
     ]
     .into_iter()
     .filter(|(n, _)| *n > 0)

@@ -325,7 +325,7 @@ impl Engine {
             let due = self
                 .timeouts
                 .for_state(s)
-                .is_some_and(|t| e.since[side.index()] + t.as_nanos() as u64 <= at);
+                .is_some_and(|t| ends(e.since[side.index()], t) <= at);
             if due {
                 new = expire(new, side);
                 self.stats.expired += 1;
@@ -354,16 +354,22 @@ impl Engine {
     }
 }
 
+/// When a timer of `limit` started at `since` fires (at the end of time
+/// rather than overflow, for a corrupt timestamp).
+fn ends(since: u64, limit: std::time::Duration) -> u64 {
+    since.saturating_add(limit.as_nanos() as u64)
+}
+
 /// The entry's next deadline.
 fn deadline(e: &Entry, t: &Timeouts) -> Option<u64> {
     if e.word.is_dead() {
-        return Some(e.died_ns + t.dead_grace.as_nanos() as u64);
+        return Some(ends(e.died_ns, t.dead_grace));
     }
     [Side::A, Side::B]
         .into_iter()
         .filter_map(|side| {
             let limit = t.for_state(e.word.counted(side))?;
-            Some(e.since[side.index()] + limit.as_nanos() as u64)
+            Some(ends(e.since[side.index()], limit))
         })
         .min()
 }

@@ -45,6 +45,9 @@ use crate::{
     tracking::timers::Timeouts,
 };
 
+/// Most timeline rows one gap between frames may write.
+const MAX_ROWS_PER_GAP: u64 = 1_000_000;
+
 /// What `tcpstate replay` was asked.
 pub struct Options {
     /// A path, or `-` for standard input.
@@ -72,6 +75,9 @@ pub struct Skipped {
     pub link_types: BTreeMap<i32, u64>,
     /// pcapng records of an interface never described.
     pub unknown_interface: u64,
+    /// Jumps of the clock across more than a million timeline rows (a
+    /// corrupt timestamp): the rows were not written.
+    pub timeline_gaps: u64,
 }
 
 /// What a replay came to.
@@ -140,6 +146,8 @@ pub struct Replay {
     conn_log: Option<Box<dyn Write>>,
     /// Connections written to the log so far.
     logged: u64,
+    /// Jumps of the clock the timeline skipped rows across.
+    timeline_gaps: u64,
 }
 
 impl Replay {
@@ -159,6 +167,7 @@ impl Replay {
             timeline,
             conn_log,
             logged: 0,
+            timeline_gaps: 0,
         }
     }
 
@@ -221,7 +230,13 @@ impl Replay {
     fn move_to(&mut self, ts: u64, start: u64) -> Result<()> {
         if let Some((step, kind, next)) = &mut self.every {
             if *next == 0 {
-                *next = start + *step;
+                *next = start.saturating_add(*step);
+            }
+            // A jump past more rows than a timeline should hold (a corrupt
+            // timestamp): the rows in between are skipped.
+            if ts.saturating_sub(*next) / *step > MAX_ROWS_PER_GAP {
+                self.timeline_gaps += 1;
+                *next = ts - (ts - *next) % *step;
             }
             while *next <= ts {
                 self.engine.advance(*next);
@@ -229,7 +244,10 @@ impl Replay {
                     kind.row(out, *next, start, &self.engine.counts())
                         .map_err(|e| Error::io("writing the timeline", e))?;
                 }
-                *next += *step;
+                *next = match next.checked_add(*step) {
+                    Some(n) => n,
+                    None => break,
+                };
             }
         }
         if let Some(at) = self.at.map(|m| m.resolve(start))
@@ -252,6 +270,7 @@ impl Replay {
                 .and_then(|()| out.flush())
                 .map_err(|e| Error::io("writing the timeline", e))?;
         }
+        self.skipped.timeline_gaps = self.timeline_gaps;
         let counts = self.engine.counts();
         // A moment after the last frame: the capture may have gone on with
         // nothing to record; the timers run on to it.
@@ -312,7 +331,13 @@ fn writer(path: &str) -> Result<Box<dyn Write>> {
 /// Runs a replay as the command line asked. A capture that cannot be read
 /// to its end still gives what was read before ([`Summary::error`]).
 pub fn run(o: &Options) -> Result<Summary> {
-    let mut cap = open(&o.input)?;
+    let cap = open(&o.input)?;
+    replay(cap, o)
+}
+
+/// Replays a capture already opened (from any reader: a file, standard
+/// input, bytes in memory).
+pub fn replay(mut cap: Capture, o: &Options) -> Result<Summary> {
     let timeline = match o.every {
         Some((_, kind)) => {
             let mut out = writer("-")?;

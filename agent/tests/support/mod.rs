@@ -11,6 +11,7 @@ pub mod frames;
 pub mod hosts;
 pub mod http;
 pub mod machine;
+pub mod pcapw;
 pub mod podman;
 pub mod prometheus;
 pub mod sampler;

@@ -1,0 +1,141 @@
+//! Capture files written byte by byte, as the format specifications lay
+//! them out (libpcap's pcap, the IETF pcapng draft), for the replay tests:
+//! each format, byte order, timestamp resolution and link type.
+
+use super::frames::Tcp;
+
+pub const LINK_ETHERNET: u32 = 1;
+pub const LINK_RAW: u32 = 101;
+pub const LINK_SLL: u32 = 113;
+pub const LINK_IPV4: u32 = 228;
+pub const LINK_SLL2: u32 = 276;
+
+/// A frame: when (epoch ns), its bytes, and its length on the wire.
+pub struct Rec {
+    pub ts_ns: u64,
+    pub data: Vec<u8>,
+    pub orig_len: u32,
+}
+
+impl Rec {
+    pub fn new(ts_ns: u64, data: Vec<u8>) -> Rec {
+        let orig_len = data.len() as u32;
+        Rec {
+            ts_ns,
+            data,
+            orig_len,
+        }
+    }
+}
+
+/// The IP packet of an Ethernet frame the builder made (untagged).
+pub fn ip_of(eth: &[u8]) -> Vec<u8> {
+    eth[14..].to_vec()
+}
+
+/// `t` with the link header of `link`.
+pub fn framed(t: &Tcp, link: u32) -> Vec<u8> {
+    let eth = t.frame();
+    let proto = [eth[12], eth[13]];
+    let ip = ip_of(&eth);
+    let mut f = match link {
+        LINK_ETHERNET => return eth,
+        LINK_RAW | LINK_IPV4 => Vec::new(),
+        // packet type 0 (to us), ARPHRD_ETHER, address length 6, address, protocol.
+        LINK_SLL => {
+            let mut h = vec![0, 0, 0, 1, 0, 6, 2, 0, 0, 0, 0, 1, 0, 0];
+            h.extend(proto);
+            h
+        }
+        // protocol, reserved, ifindex 2, ARPHRD_ETHER, packet type, address length, address.
+        LINK_SLL2 => {
+            let mut h = proto.to_vec();
+            h.extend([0, 0, 0, 0, 0, 2, 0, 1, 0, 6]);
+            h.extend([2, 0, 0, 0, 0, 1, 0, 0]);
+            h
+        }
+        other => panic!("no builder for link type {other}"),
+    };
+    f.extend(ip);
+    f
+}
+
+/// A pcap file: microsecond or nanosecond stamps, either byte order.
+pub fn pcap(link: u32, nanos: bool, big_endian: bool, recs: &[Rec]) -> Vec<u8> {
+    let w32 = |v: u32| {
+        if big_endian {
+            v.to_be_bytes()
+        } else {
+            v.to_le_bytes()
+        }
+    };
+    let w16 = |v: u16| {
+        if big_endian {
+            v.to_be_bytes()
+        } else {
+            v.to_le_bytes()
+        }
+    };
+    let mut f = Vec::new();
+    f.extend(w32(if nanos { 0xa1b2_3c4d } else { 0xa1b2_c3d4 }));
+    f.extend(w16(2));
+    f.extend(w16(4));
+    f.extend(w32(0));
+    f.extend(w32(0));
+    f.extend(w32(65535));
+    f.extend(w32(link));
+    for r in recs {
+        let frac = r.ts_ns % 1_000_000_000;
+        f.extend(w32((r.ts_ns / 1_000_000_000) as u32));
+        f.extend(w32(if nanos { frac } else { frac / 1000 } as u32));
+        f.extend(w32(r.data.len() as u32));
+        f.extend(w32(r.orig_len));
+        f.extend(&r.data);
+    }
+    f
+}
+
+/// A pcapng file (little-endian): a section, one interface of `link`
+/// stamping in units of 10^-`tsresol` s, enhanced packet blocks.
+pub fn pcapng(link: u32, tsresol: u8, recs: &[Rec]) -> Vec<u8> {
+    let mut f = Vec::new();
+    let block = |f: &mut Vec<u8>, kind: u32, body: &[u8]| {
+        let pad = body.len().div_ceil(4) * 4 - body.len();
+        let len = (12 + body.len() + pad) as u32;
+        f.extend(kind.to_le_bytes());
+        f.extend(len.to_le_bytes());
+        f.extend(body);
+        f.extend(std::iter::repeat_n(0u8, pad));
+        f.extend(len.to_le_bytes());
+    };
+    // Section header: byte-order magic, version 1.0, section length unknown.
+    let mut shb = Vec::new();
+    shb.extend(0x1a2b_3c4du32.to_le_bytes());
+    shb.extend(1u16.to_le_bytes());
+    shb.extend(0u16.to_le_bytes());
+    shb.extend((-1i64).to_le_bytes());
+    block(&mut f, 0x0a0d_0d0a, &shb);
+    // Interface: link type, reserved, snap length, if_tsresol, end of options.
+    let mut idb = Vec::new();
+    idb.extend((link as u16).to_le_bytes());
+    idb.extend(0u16.to_le_bytes());
+    idb.extend(0u32.to_le_bytes());
+    idb.extend(9u16.to_le_bytes());
+    idb.extend(1u16.to_le_bytes());
+    idb.extend([tsresol, 0, 0, 0]);
+    idb.extend([0, 0, 0, 0]);
+    block(&mut f, 1, &idb);
+    let unit = 10u64.pow(9 - u32::from(tsresol.min(9)));
+    for r in recs {
+        let ts = r.ts_ns / unit;
+        let mut epb = Vec::new();
+        epb.extend(0u32.to_le_bytes());
+        epb.extend(((ts >> 32) as u32).to_le_bytes());
+        epb.extend((ts as u32).to_le_bytes());
+        epb.extend((r.data.len() as u32).to_le_bytes());
+        epb.extend(r.orig_len.to_le_bytes());
+        epb.extend(&r.data);
+        block(&mut f, 6, &epb);
+    }
+    f
+}
