@@ -21,7 +21,14 @@ use support::{
     capture::{Tcpdump, replay, replay_counts, wall_ns},
     connect_nonblocking, nft, require_root, sockaddr, table,
 };
-use tcpstate::snapshot::StateCounts;
+use tcpstate::{
+    replay::{
+        capture::Capture,
+        kernel::compare,
+        local::{Locals, Prefix},
+    },
+    snapshot::StateCounts,
+};
 use tcpstate_common::TcpState;
 
 const SETTLE: Duration = Duration::from_millis(150);
@@ -294,6 +301,17 @@ fn recorded_scenario(v6: bool) {
     dump.stop();
     drop(held);
     check_checkpoints(&file, &cps, &l, &r);
+    // The probe itself, given the same frames, counts the same after each.
+    for side in [&l, &r] {
+        let cap = Capture::open(std::fs::File::open(&file).unwrap(), "recorded").unwrap();
+        let locals = Locals::Host(vec![Prefix::parse(side).unwrap()]);
+        let (frames, parted) = compare(cap, &locals).expect("both engines ran");
+        assert!(frames >= 30, "{frames} frames recorded");
+        assert!(
+            parted.is_empty(),
+            "--local {side}: the engines part: {parted:#?}"
+        );
+    }
     let states = conn_states(&file);
     for (port, want) in &outcomes.expected {
         assert_eq!(

@@ -10,66 +10,14 @@ use std::{io::Write, process::Stdio};
 
 use support::{
     capture::replay,
-    frames::{ACK, FIN, RST, SYN, Tcp},
-    pcapw::{LINK_ETHERNET, LINK_IPV4, LINK_RAW, LINK_SLL, LINK_SLL2, Rec, framed, pcap, pcapng},
+    frames::{ACK, Tcp},
+    pcapw::{
+        LINK_ETHERNET, LINK_IPV4, LINK_RAW, LINK_SLL, LINK_SLL2, MS, Rec, T0, pcap, pcapng, recs,
+    },
     tcpstate,
 };
 use tcpstate::snapshot::StateCounts;
 use tcpstate_common::TcpState;
-
-const T0: u64 = 1_765_000_000_000_000_000;
-const MS: u64 = 1_000_000;
-const S: u64 = 1_000_000_000;
-
-/// The story every file tells: from the host 10.0.0.1 / fd00::1,
-/// - a connection closed normally by the host first (TIME_WAIT from 1 s),
-/// - one left open (a keepalive at 30 s and 70 s),
-/// - one refused, one never answered (SYN_SENT),
-/// - one over IPv6, left open.
-fn story() -> Vec<(u64, Tcp)> {
-    let (h, p) = ("10.0.0.1", "10.0.0.2");
-    let t = |src: &str, sp, dst: &str, dp, f, seq, ack| Tcp::new(src, sp, dst, dp, f).seq(seq, ack);
-    let mut data = t(h, 40001, p, 80, ACK, 101, 501);
-    data.payload = 10;
-    vec![
-        (0, t(h, 40001, p, 80, SYN, 100, 0)),
-        (MS, t(p, 80, h, 40001, SYN | ACK, 500, 101)),
-        (2 * MS, t(h, 40001, p, 80, ACK, 101, 501)),
-        (3 * MS, data),
-        (4 * MS, t(p, 80, h, 40001, ACK, 501, 111)),
-        (10 * MS, t(h, 40002, p, 80, SYN, 7000, 0)),
-        (11 * MS, t(p, 80, h, 40002, SYN | ACK, 9000, 7001)),
-        (12 * MS, t(h, 40002, p, 80, ACK, 7001, 9001)),
-        (20 * MS, t(h, 40003, p, 81, SYN, 300, 0)),
-        (21 * MS, t(p, 81, h, 40003, RST | ACK, 0, 301)),
-        (30 * MS, t(h, 40004, p, 82, SYN, 400, 0)),
-        (40 * MS, t("fd00::1", 40005, "fd00::2", 80, SYN, 1, 0)),
-        (
-            41 * MS,
-            t("fd00::2", 80, "fd00::1", 40005, SYN | ACK, 50, 2),
-        ),
-        (42 * MS, t("fd00::1", 40005, "fd00::2", 80, ACK, 2, 51)),
-        (S, t(h, 40001, p, 80, FIN | ACK, 111, 501)),
-        (S + MS, t(p, 80, h, 40001, ACK, 501, 112)),
-        (S + 2 * MS, t(p, 80, h, 40001, FIN | ACK, 501, 112)),
-        (S + 3 * MS, t(h, 40001, p, 80, ACK, 112, 502)),
-        (30 * S, t(h, 40002, p, 80, ACK, 7000, 9001)),
-        (70 * S, t(h, 40002, p, 80, ACK, 7000, 9001)),
-    ]
-}
-
-fn recs(link: u32, vlan: bool) -> Vec<Rec> {
-    story()
-        .into_iter()
-        .filter(|(_, t)| link != LINK_IPV4 || t.src.is_ipv4())
-        .map(|(at, mut t)| {
-            if vlan {
-                t.vlans = vec![0x8100];
-            }
-            Rec::new(T0 + at, framed(&t, link))
-        })
-        .collect()
-}
 
 fn write(name: &str, bytes: &[u8]) -> String {
     let path = std::env::temp_dir().join(format!("tcpstate-{}-{name}", std::process::id()));

@@ -165,7 +165,7 @@ fn ensure_bpf_linker(sysroot: &Path) -> Result<PathBuf> {
 /// Debian packages the tests drive: `ss` and `ip`, `nft` to lose packets on
 /// purpose, `tmux` to drive the live view as a person would, `promtool` and a
 /// Prometheus server to check and scrape the metrics, `iperf3` for the
-/// throughput benchmark, Docker for the containers test (installed, never
+/// throughput benchmark, tcpdump to record captures for replay, Docker for the containers test (installed, never
 /// started as a service: the test runs a private daemon), openssl, curl,
 /// setpriv, groupadd and htpasswd (bcrypt) for the exposed agent's tests;
 /// podman for its Docker-compatible API service;
@@ -185,6 +185,8 @@ fn ensure_packages() -> Result<()> {
         ("promtool", "prometheus"),
         ("prometheus", "prometheus"),
         ("iperf3", "iperf3"),
+        // Recording the captures `tcpstate replay` is tested on.
+        ("tcpdump", "tcpdump"),
         // A real container runtime under `run --all-namespaces`, and the
         // static busybox its test image is made of (no registry here).
         ("dockerd", "docker.io"),

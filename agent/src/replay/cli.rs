@@ -55,6 +55,11 @@ pub struct ReplayArgs {
     /// time-wait=60s,fin-wait2=60s,syn-sent=127s,syn-recv=63s (any of them).
     #[arg(long, value_name = "STATE=DUR,...", value_parser = parse_timeouts)]
     pub timeouts: Option<Timeouts>,
+    /// Run the frames through the eBPF probe itself (loaded, not attached:
+    /// BPF_PROG_TEST_RUN) instead of the host's copy of its code; needs
+    /// root and --local addresses. The kernel's timers are not applied.
+    #[arg(long, conflicts_with_all = ["at", "every", "conns", "observe"])]
+    pub kernel: bool,
     /// No summary line on standard error.
     #[arg(long, short)]
     pub quiet: bool,
@@ -125,6 +130,9 @@ impl ReplayArgs {
 /// Runs `tcpstate replay`: 0 when the whole capture was read, 1 when it
 /// could not be (what was read is still printed), 2 on bad arguments.
 pub fn main(args: &ReplayArgs) -> ExitCode {
+    if args.kernel {
+        return kernel_main(args);
+    }
     let result = args.options().and_then(|o| super::run(&o));
     let summary = match result {
         Ok(s) => s,
@@ -227,4 +235,36 @@ fn describe(file: &str, s: &Summary) -> String {
         ));
     }
     line
+}
+
+/// `replay --kernel`: the probe's counts at the end of the capture.
+fn kernel_main(args: &ReplayArgs) -> ExitCode {
+    let run = || -> Result<_> {
+        let o = args.options()?;
+        super::kernel::replay(super::open(&o.input)?, &o)
+    };
+    match run() {
+        Ok((frames, counts, refused, error)) => {
+            if args.json {
+                println!("{}", counts.json());
+            } else {
+                print!("{}", counts.lines());
+            }
+            if !args.quiet {
+                eprintln!(
+                    "tcpstate replay: {}: {frames} frames through the probe ({refused} it could not be given); no timers applied",
+                    args.file
+                );
+            }
+            if let Some(e) = error {
+                eprintln!("tcpstate replay: {e}");
+                return ExitCode::FAILURE;
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tcpstate replay: {e}");
+            ExitCode::from(if matches!(e, Error::Usage(_)) { 2 } else { 1 })
+        }
+    }
 }

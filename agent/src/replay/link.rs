@@ -58,6 +58,33 @@ pub fn parse_frame<H: Headers>(link: Linktype, data: &[u8], out: &mut H) -> Link
     Link::Parsed(parsed)
 }
 
+/// Where the network layer of a frame of link type `link` starts, and its
+/// EtherType (for a link type that is not Ethernet, and a frame long
+/// enough): what the kernel engine puts behind an Ethernet header of its own.
+pub fn network_start(link: Linktype, data: &[u8]) -> Option<(u16, usize)> {
+    let version = || match data.first().map(|b| b >> 4) {
+        Some(4) => Some((ETH_P_IP, 0)),
+        Some(6) => Some((ETH_P_IPV6, 0)),
+        _ => None,
+    };
+    match link {
+        Linktype::LINUX_SLL => data
+            .get(14..16)
+            .map(|p| (u16::from_be_bytes([p[0], p[1]]), 16)),
+        Linktype::LINUX_SLL2 if data.len() >= 20 => {
+            Some((u16::from_be_bytes([data[0], data[1]]), 20))
+        }
+        Linktype::RAW | Linktype::IPV4 | Linktype::IPV6 => version(),
+        Linktype(RAW_12) | Linktype(RAW_14) => version(),
+        Linktype::NULL | Linktype::LOOP => match data.get(4).map(|b| b >> 4) {
+            Some(4) => Some((ETH_P_IP, 4)),
+            Some(6) => Some((ETH_P_IPV6, 4)),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
 /// Raw IP: the version nibble says which.
 fn raw_ip<H: Headers>(data: &[u8], out: &mut H) -> Result<Parsed, ParseError> {
     match data.first().map(|b| b >> 4) {

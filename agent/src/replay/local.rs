@@ -31,6 +31,12 @@ impl Prefix {
         Ok(Prefix { addr, len })
     }
 
+    /// The address, when the prefix is one address.
+    pub fn single(&self) -> Option<IpAddr> {
+        let max = if self.addr.is_ipv4() { 32 } else { 128 };
+        (self.len == max).then_some(self.addr)
+    }
+
     fn contains(&self, a: IpAddr) -> bool {
         match (self.addr, a) {
             (IpAddr::V4(p), IpAddr::V4(a)) => {
@@ -45,6 +51,12 @@ impl Prefix {
             }
             _ => false,
         }
+    }
+}
+
+impl std::fmt::Display for Prefix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
     }
 }
 

@@ -11,6 +11,7 @@ pub mod capture;
 pub mod cli;
 pub mod conn;
 pub mod engine;
+pub mod kernel;
 pub mod link;
 pub mod local;
 pub mod output;
@@ -303,7 +304,7 @@ impl Replay {
 }
 
 /// Opens the input: a file, or standard input for `-`.
-fn open(input: &str) -> Result<Capture> {
+pub fn open(input: &str) -> Result<Capture> {
     if input == "-" {
         return Capture::open(std::io::stdin(), "standard input");
     }

@@ -1,0 +1,95 @@
+//! One engine: every test capture through the loaded probe
+//! (BPF_PROG_TEST_RUN) and through the host's replay, frame by frame, with
+//! the same counts after each frame; and `replay --kernel` as a user runs it.
+//! Needs root: `cargo xtask test` runs these.
+
+mod support;
+
+use support::{
+    capture::replay,
+    pcapw::{LINK_ETHERNET, LINK_RAW, LINK_SLL, LINK_SLL2, pcap, pcapng, recs},
+    require_root,
+};
+use tcpstate::replay::{
+    capture::Capture,
+    kernel::compare,
+    local::{Locals, Prefix},
+};
+
+fn locals(addrs: &[&str]) -> Locals {
+    Locals::Host(addrs.iter().map(|a| Prefix::parse(a).unwrap()).collect())
+}
+
+/// Both engines over `bytes`; panics with where they parted.
+pub fn assert_one_engine(name: &str, bytes: Vec<u8>, addrs: &[&str]) -> u64 {
+    let cap = Capture::open(std::io::Cursor::new(bytes), name).unwrap();
+    let (frames, parted) = compare(cap, &locals(addrs)).expect("both engines ran");
+    assert!(
+        parted.is_empty(),
+        "{name}, --local {addrs:?}: the engines part: {parted:#?}"
+    );
+    frames
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn the_probe_and_the_host_count_every_story_frame_alike() {
+    require_root();
+    let files = [
+        (
+            "eth.pcap",
+            pcap(LINK_ETHERNET, false, false, &recs(LINK_ETHERNET, false)),
+        ),
+        (
+            "vlan.pcap",
+            pcap(LINK_ETHERNET, true, false, &recs(LINK_ETHERNET, true)),
+        ),
+        (
+            "sll.pcap",
+            pcap(LINK_SLL, false, false, &recs(LINK_SLL, false)),
+        ),
+        ("sll2.pcapng", pcapng(LINK_SLL2, 9, &recs(LINK_SLL2, false))),
+        (
+            "raw.pcap",
+            pcap(LINK_RAW, false, false, &recs(LINK_RAW, false)),
+        ),
+    ];
+    for (name, bytes) in files {
+        for side in [&["10.0.0.1", "fd00::1"], &["10.0.0.2", "fd00::2"]] {
+            assert_eq!(assert_one_engine(name, bytes.clone(), side), 20);
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn replay_kernel_prints_the_probes_counts() {
+    require_root();
+    let path = std::env::temp_dir().join(format!("tcpstate-kernel-{}.pcap", std::process::id()));
+    std::fs::write(
+        &path,
+        pcap(LINK_ETHERNET, false, false, &recs(LINK_ETHERNET, false)),
+    )
+    .unwrap();
+    let file = path.to_str().unwrap();
+    let args = ["--local", "10.0.0.1", "--local", "fd00::1"];
+    let (status, kernel, err) = replay(file, &[&args[..], &["--kernel"]].concat());
+    assert_eq!(status, 0, "{err}");
+    assert!(
+        err.contains("20 frames through the probe (0 it could not be given)"),
+        "{err}"
+    );
+    // No timers in the kernel engine: the TIME_WAIT the host's clock ends
+    // at 61 s is still there.
+    let (_, host, _) = replay(
+        file,
+        &[&args[..], &["--timeouts", "time-wait=1000s"]].concat(),
+    );
+    assert_eq!(kernel, host);
+    assert!(kernel.contains("TIME_WAIT 1"), "{kernel}");
+    // It needs addresses, not an observer's view.
+    let (status, _, err) = replay(file, &["--kernel"]);
+    assert_eq!(status, 2, "{err}");
+    assert!(err.contains("--local ADDR"), "{err}");
+    std::fs::remove_file(path).unwrap();
+}
