@@ -39,16 +39,23 @@ struct Checkpoint {
     at_ns: u64,
     left: StateCounts,
     right: StateCounts,
+    /// The right side's with its loopback connections (the `-i any`
+    /// capture in it sees them; the veth's does not).
+    right_all: StateCounts,
     /// Nothing was dropped between the two sides yet: what the capture
     /// saw leave one side reached the other, so an observer's view is both
     /// sides' (after a drop, only the capturing side's is).
     lossless: bool,
 }
 
-/// ss without LISTEN: a capture shows no listening socket (replay counts
-/// none).
-fn noted(ns: &Netns) -> StateCounts {
-    let mut c = ns.ss_counts();
+/// ss without LISTEN (a capture shows no listening socket: replay counts
+/// none) and, unless `lo`, without loopback connections.
+fn noted(ns: &Netns, lo: bool) -> StateCounts {
+    let mut c = if lo {
+        ns.ss_counts()
+    } else {
+        ns.ss_counts_where(&["not", "src", "127.0.0.0/8"])
+    };
     c.set(TcpState::Listen, 0);
     c
 }
@@ -59,14 +66,15 @@ fn checkpoint(p: &VethPair, what: &'static str, lossless: bool) -> Checkpoint {
     let c = Checkpoint {
         what,
         at_ns,
-        left: noted(&p.left),
-        right: noted(&p.right),
+        left: noted(&p.left, false),
+        right: noted(&p.right, false),
+        right_all: noted(&p.right, true),
         lossless,
     };
-    // Nothing moves between the two ss runs and the moment noted.
-    let again = (noted(&p.left), noted(&p.right));
+    // Nothing moves between the ss runs and the moment noted.
+    let again = (noted(&p.left, false), noted(&p.right, true));
     assert_eq!(
-        (c.left, c.right),
+        (c.left, c.right_all),
         again,
         "{what}: the states were still moving"
     );
@@ -95,6 +103,14 @@ fn scenario(p: &VethPair, l: &str, r: &str) -> (Vec<Checkpoint>, Outcomes, Box<d
     let at_right = p.right.listen(&sockaddr(r, 7102));
     let to_left: SocketAddr = at_left.local_addr().unwrap();
     let to_right: SocketAddr = at_right.local_addr().unwrap();
+    // Loopback in the right namespace: one open, one in TIME_WAIT.
+    let lo = p.right.listen("127.0.0.1:7150");
+    let lo_to = lo.local_addr().unwrap();
+    let lo_open = (p.right.connect(lo_to), accept(&lo));
+    let (c, s) = (p.right.connect(lo_to), accept(&lo));
+    drop(c);
+    sleep(SETTLE);
+    drop(s);
     let mut pairs: Vec<(TcpStream, TcpStream)> = Vec::new();
     for i in 0..7 {
         let (c, s) = if i % 2 == 0 {
@@ -181,7 +197,9 @@ fn scenario(p: &VethPair, l: &str, r: &str) -> (Vec<Checkpoint>, Outcomes, Box<d
         "connect pending, FIN unanswered, handshake half done",
         false,
     ));
-    let held = Box::new((half, pending, half_open, s, c, open, at_left, at_right));
+    let held = Box::new((
+        half, pending, half_open, s, c, open, at_left, at_right, lo, lo_open,
+    ));
     (cps, out, held)
 }
 
@@ -297,10 +315,36 @@ fn recorded_scenario(v6: bool) {
         std::env::temp_dir().join(format!("tcpstate-replay-{}-{v6}.pcap", std::process::id()));
     // A snap length that cuts data but keeps every header.
     let mut dump = Tcpdump::start(&p.left, "veth0", &file, &["-s", "160", "tcp"]);
+    // All of the right side's interfaces, loopback included: a Linux
+    // cooked capture (SLL2), in which each loopback segment is seen twice.
+    let any = file.with_extension("any.pcap");
+    let mut dump_any = Tcpdump::start(&p.right, "any", &any, &["tcp"]);
     let (cps, outcomes, held) = scenario(&p, &l, &r);
     dump.stop();
+    dump_any.stop();
     drop(held);
     check_checkpoints(&file, &cps, &l, &r);
+    let header = std::fs::read(&any).unwrap();
+    assert_eq!(
+        &header[20..24],
+        &276u32.to_le_bytes(),
+        "tcpdump -i any writes SLL2"
+    );
+    for cp in cps.iter().filter(|c| c.lossless) {
+        let at = format!(
+            "{}.{:09}",
+            cp.at_ns / 1_000_000_000,
+            cp.at_ns % 1_000_000_000
+        );
+        let got = replay_counts(&any, &["--at", &at, "--local", &r]);
+        assert_eq!(
+            got,
+            cp.right_all,
+            "{}, -i any:\n{}",
+            cp.what,
+            table(&got, &cp.right_all)
+        );
+    }
     // The probe itself, given the same frames, counts the same after each.
     for side in [&l, &r] {
         let cap = Capture::open(std::fs::File::open(&file).unwrap(), "recorded").unwrap();

@@ -93,3 +93,29 @@ fn replay_kernel_prints_the_probes_counts() {
     assert!(err.contains("--local ADDR"), "{err}");
     std::fs::remove_file(path).unwrap();
 }
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn the_probe_and_the_host_count_every_real_capture_alike() {
+    require_root();
+    let bgp = [
+        "1.0.0.1", "1.0.0.2", "1.0.2.1", "1.0.2.2", "1.0.3.1", "1.0.3.2", "1.0.4.1", "1.0.4.2",
+    ];
+    let cases: [(&str, &[&str], u64); 6] = [
+        ("print-flags.pcap", &["127.0.0.1"], 10),
+        ("bgp-4byte-asn.pcap", &bgp, 91),
+        ("resp_3_malicious.pcap", &["127.0.0.1"], 163),
+        ("of13_ericsson.pcapng", &["127.0.0.1"], 174),
+        ("test_loopback.pcap", &["::1"], 24),
+        (
+            "gopacket-test300.pcapng",
+            &["172.16.71.4", "112.80.248.76"],
+            32,
+        ),
+    ];
+    for (name, addrs, frames) in cases {
+        let path = format!("{}/tests/captures/{name}", env!("CARGO_MANIFEST_DIR"));
+        let bytes = std::fs::read(path).unwrap();
+        assert_eq!(assert_one_engine(name, bytes, addrs), frames, "{name}");
+    }
+}

@@ -161,7 +161,14 @@ fn run(task: Task) -> Result<()> {
             // One at a time, in this order: the readers bench ends by closing a
             // million connections, which the kernel tears down for a while
             // after, so it runs last.
-            for bench in ["perpacket", "walk", "throughput", "namespaces", "readers"] {
+            for bench in [
+                "perpacket",
+                "walk",
+                "replay",
+                "throughput",
+                "namespaces",
+                "readers",
+            ] {
                 cargo(
                     &root,
                     &probe,

@@ -133,6 +133,8 @@ pub struct Engine {
     pub ended: Vec<(Key, Conn)>,
     /// Keep ended connections (only when a connection log is written).
     keep_ended: bool,
+    /// The log's records of tuples with no flow entry (see `untracked`).
+    loose: HashMap<Key, Conn, foldhash::fast::RandomState>,
 }
 
 impl Engine {
@@ -148,6 +150,7 @@ impl Engine {
             stats: Stats::default(),
             ended: Vec::new(),
             keep_ended,
+            loose: HashMap::default(),
         }
     }
 
@@ -174,7 +177,7 @@ impl Engine {
             Some(e) => e,
             None => {
                 if !seg.may_open() {
-                    self.stats.untracked += 1;
+                    self.untracked(key, sender, seg, ip_len);
                     return;
                 }
                 let locality = self.locals.of(&key, sender);
@@ -183,11 +186,15 @@ impl Engine {
                 if st.word.is_dead() {
                     // Nothing holds a socket (a SYN the receiver has not
                     // answered, to an endpoint that is not watched).
-                    self.stats.untracked += 1;
+                    self.untracked(key, sender, seg, ip_len);
                     return;
                 }
                 self.stats.connections += 1;
-                let mut conn = Conn::new(now, sender, seg);
+                // What was seen of it before it held a state is its start.
+                let mut conn = self
+                    .loose
+                    .remove(&key)
+                    .unwrap_or_else(|| Conn::new(now, sender, seg));
                 conn.note(now, sender, seg, ip_len);
                 let mut entry = Entry {
                     word: Word::EMPTY,
@@ -251,6 +258,20 @@ impl Engine {
         note_states(entry, old, st.word, now);
         entry.word = st.word;
         self.schedule(key);
+    }
+
+    /// A segment of no tracked connection: counted, and for the log kept
+    /// as a connection of its own (picked up midstream, or attempts nothing
+    /// local answered), as Zeek logs them.
+    fn untracked(&mut self, key: Key, sender: Side, seg: &Segment, ip_len: u32) {
+        self.stats.untracked += 1;
+        if self.keep_ended {
+            let now = self.now_ns;
+            self.loose
+                .entry(key)
+                .or_insert_with(|| Conn::new(now, sender, seg))
+                .note(now, sender, seg, ip_len);
+        }
     }
 
     /// Applies an ICMP error quoting a segment `sender` sent.
@@ -343,6 +364,7 @@ impl Engine {
     pub fn finish(&mut self) {
         if self.keep_ended {
             let mut rest: Vec<(Key, Conn)> = self.flows.drain().map(|(k, e)| (k, e.conn)).collect();
+            rest.extend(self.loose.drain());
             rest.sort_by_key(|(_, c)| c.start_ns);
             self.ended.extend(rest);
         }
