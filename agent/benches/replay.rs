@@ -27,10 +27,8 @@ const ROUNDS: usize = 5;
 
 /// An Ethernet/IPv4/TCP header (54 bytes) for a segment of `len` bytes.
 fn frame(
-    src: [u8; 4],
-    sport: u16,
-    dst: [u8; 4],
-    dport: u16,
+    (src, sport): ([u8; 4], u16),
+    (dst, dport): ([u8; 4], u16),
     flags: u8,
     seq: u32,
     ack: u32,
@@ -58,17 +56,22 @@ fn conversation(i: u32) -> Vec<Vec<u8>> {
     let (cs, ss) = (i.wrapping_mul(7919), i.wrapping_mul(104_729));
     let (syn, ack, psh, fin) = (0x02, 0x10, 0x18, 0x11);
     let mut v = vec![
-        frame(c, port, s, 80, syn, cs, 0, 0),
-        frame(s, 80, c, port, syn | ack, ss, cs + 1, 0),
-        frame(c, port, s, 80, ack, cs + 1, ss + 1, 0),
+        frame((c, port), (s, 80), syn, cs, 0, 0),
+        frame((s, 80), (c, port), syn | ack, ss, cs + 1, 0),
+        frame((c, port), (s, 80), ack, cs + 1, ss + 1, 0),
     ];
     for k in 0..7u32 {
-        v.push(frame(s, 80, c, port, psh, ss + 1 + k * 1000, cs + 1, 1000));
         v.push(frame(
-            c,
-            port,
-            s,
-            80,
+            (s, 80),
+            (c, port),
+            psh,
+            ss + 1 + k * 1000,
+            cs + 1,
+            1000,
+        ));
+        v.push(frame(
+            (c, port),
+            (s, 80),
             ack,
             cs + 1,
             ss + 1 + (k + 1) * 1000,
@@ -76,10 +79,10 @@ fn conversation(i: u32) -> Vec<Vec<u8>> {
         ));
     }
     let se = ss + 1 + 7000;
-    v.push(frame(c, port, s, 80, fin, cs + 1, se, 0));
-    v.push(frame(s, 80, c, port, ack, se, cs + 2, 0));
-    v.push(frame(s, 80, c, port, fin, se, cs + 2, 0));
-    v.push(frame(c, port, s, 80, ack, cs + 2, se + 1, 0));
+    v.push(frame((c, port), (s, 80), fin, cs + 1, se, 0));
+    v.push(frame((s, 80), (c, port), ack, se, cs + 2, 0));
+    v.push(frame((s, 80), (c, port), fin, se, cs + 2, 0));
+    v.push(frame((c, port), (s, 80), ack, cs + 2, se + 1, 0));
     v
 }
 

@@ -33,13 +33,13 @@ fn only(pairs: &[(TcpState, u64)]) -> StateCounts {
     c
 }
 
-/// The log's rows: (originator port) -> (conn_state, orig_tcp_state, resp_tcp_state).
-fn log(
-    name: &str,
-) -> (
-    Vec<HashMap<String, String>>,
-    HashMap<u16, (String, String, String)>,
-) {
+/// A row of the log, by field name.
+type Row = HashMap<String, String>;
+/// By originator port: (conn_state, orig_tcp_state, resp_tcp_state).
+type ByPort = HashMap<u16, (String, String, String)>;
+
+/// The log's rows, and their outcomes by originator port.
+fn log(name: &str) -> (Vec<Row>, ByPort) {
     let (status, out, err) = replay(&capture(name), &["--conns", "-"]);
     assert_eq!(status, 0, "{name}: {err}");
     let fields: Vec<&str> = out
@@ -48,7 +48,7 @@ fn log(
         .unwrap()
         .split('\t')
         .collect();
-    let rows: Vec<HashMap<String, String>> = out
+    let rows: Vec<Row> = out
         .lines()
         .filter(|l| !l.starts_with('#'))
         .map(|l| {
@@ -75,7 +75,7 @@ fn log(
     (rows, by_port)
 }
 
-fn state_of(by_port: &HashMap<u16, (String, String, String)>, port: u16) -> &str {
+fn state_of(by_port: &ByPort, port: u16) -> &str {
     &by_port
         .get(&port)
         .unwrap_or_else(|| panic!("no row for port {port}: {by_port:?}"))
