@@ -158,6 +158,7 @@ fn run(task: Task) -> Result<()> {
         }
         Task::Bench => {
             let probe = build_probe(&root)?;
+            setup::ensure_bench_packages();
             // One at a time, in this order: the readers bench ends by closing a
             // million connections, which the kernel tears down for a while
             // after, so it runs last.

@@ -241,6 +241,20 @@ fn on_path(cmd: &str) -> bool {
         || Path::new("/sbin").join(cmd).is_file()
 }
 
+/// What only the benchmarks use: tshark, which the replay bench races
+/// (`tshark -q -z conv,tcp`). Best effort: without it that bench times
+/// replay alone and says so.
+pub fn ensure_bench_packages() {
+    if on_path("tshark") || !nix_is_root() {
+        return;
+    }
+    eprintln!("xtask: installing tshark for the replay benchmark");
+    let _ = Command::new("apt-get")
+        .args(["install", "-y", "--no-install-recommends", "tshark"])
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status();
+}
+
 fn nix_is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc_geteuid() == 0 }

@@ -173,45 +173,9 @@ impl Engine {
     pub fn segment(&mut self, key: Key, sender: Side, seg: &Segment, ip_len: u32) {
         self.stats.segments += 1;
         let now = self.now_ns;
-        let entry = match self.flows.get_mut(&key) {
-            Some(e) => e,
-            None => {
-                if !seg.may_open() {
-                    self.untracked(key, sender, seg, ip_len);
-                    return;
-                }
-                let locality = self.locals.of(&key, sender);
-                let none = EndSeq::default();
-                let st = step(Word::EMPTY, &none, &none, sender, locality, seg);
-                if st.word.is_dead() {
-                    // Nothing holds a socket (a SYN the receiver has not
-                    // answered, to an endpoint that is not watched).
-                    self.untracked(key, sender, seg, ip_len);
-                    return;
-                }
-                self.stats.connections += 1;
-                // What was seen of it before it held a state is its start.
-                let mut conn = self
-                    .loose
-                    .remove(&key)
-                    .unwrap_or_else(|| Conn::new(now, sender, seg));
-                conn.note(now, sender, seg, ip_len);
-                let mut entry = Entry {
-                    word: Word::EMPTY,
-                    ends: [none; 2],
-                    since: [now; 2],
-                    died_ns: 0,
-                    timer: 0,
-                    conn,
-                };
-                entry.ends[sender.index()] = st.sender;
-                move_counts(&mut self.counts, Word::EMPTY, st.word);
-                note_states(&mut entry, Word::EMPTY, st.word, now);
-                entry.word = st.word;
-                self.flows.insert(key, entry);
-                self.schedule(key);
-                return;
-            }
+        let Some(entry) = self.flows.get_mut(&key) else {
+            self.open(key, sender, seg, ip_len);
+            return;
         };
         let old = entry.word;
         let locality = if old.is_dead() {
@@ -257,6 +221,47 @@ impl Engine {
         move_counts(&mut self.counts, old, st.word);
         note_states(entry, old, st.word, now);
         entry.word = st.word;
+        self.schedule(key);
+    }
+
+    /// A segment of a tuple without an entry: the probe's rule for a new
+    /// one (only a segment that may open a connection, only if an endpoint
+    /// is left holding a socket).
+    fn open(&mut self, key: Key, sender: Side, seg: &Segment, ip_len: u32) {
+        let now = self.now_ns;
+        if !seg.may_open() {
+            self.untracked(key, sender, seg, ip_len);
+            return;
+        }
+        let locality = self.locals.of(&key, sender);
+        let none = EndSeq::default();
+        let st = step(Word::EMPTY, &none, &none, sender, locality, seg);
+        if st.word.is_dead() {
+            // Nothing holds a socket (a SYN the receiver has not
+            // answered, to an endpoint that is not watched).
+            self.untracked(key, sender, seg, ip_len);
+            return;
+        }
+        self.stats.connections += 1;
+        // What was seen of it before it held a state is its start.
+        let mut conn = self
+            .loose
+            .remove(&key)
+            .unwrap_or_else(|| Conn::new(now, sender, seg));
+        conn.note(now, sender, seg, ip_len);
+        let mut entry = Entry {
+            word: Word::EMPTY,
+            ends: [none; 2],
+            since: [now; 2],
+            died_ns: 0,
+            timer: 0,
+            conn,
+        };
+        entry.ends[sender.index()] = st.sender;
+        move_counts(&mut self.counts, Word::EMPTY, st.word);
+        note_states(&mut entry, Word::EMPTY, st.word, now);
+        entry.word = st.word;
+        self.flows.insert(key, entry);
         self.schedule(key);
     }
 
@@ -330,13 +335,10 @@ impl Engine {
         };
         let old = e.word;
         if old.is_dead() {
-            let (_, done) = self
-                .flows
-                .remove_entry(&key)
-                .map(|(k, e)| (k, e.conn))
-                .unwrap();
-            if self.keep_ended {
-                self.ended.push((key, done));
+            if let Some(done) = self.flows.remove(&key)
+                && self.keep_ended
+            {
+                self.ended.push((key, done.conn));
             }
             return;
         }
