@@ -16,33 +16,13 @@ use std::net::IpAddr;
 use support::{
     frames::{ACK, FIN, RST, SYN, Tcp},
     require_root,
+    rng::Rng,
 };
 use tcpstate::kernel::probe::{Probe, ProbeOptions};
 use tcpstate_common::{Event, Side, TcpState, Word};
 
 const XDP_PASS: u32 = 2;
 const TC_ACT_UNSPEC: i32 = -1;
-
-/// xorshift64*: reproducible without a dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len() as u64) as usize]
-    }
-}
 
 /// What a frame must be counted as.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -14,15 +14,32 @@ use support::{
     pcapw::{
         LINK_ETHERNET, LINK_IPV4, LINK_RAW, LINK_SLL, LINK_SLL2, MS, Rec, T0, pcap, pcapng, recs,
     },
+    rng::Rng,
     tcpstate,
 };
 use tcpstate::snapshot::StateCounts;
 use tcpstate_common::TcpState;
 
-fn write(name: &str, bytes: &[u8]) -> String {
+/// A capture file of the test's, removed when dropped (also on a panic).
+struct Temp(String);
+
+impl std::ops::Deref for Temp {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Drop for Temp {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn write(name: &str, bytes: &[u8]) -> Temp {
     let path = std::env::temp_dir().join(format!("tcpstate-{}-{name}", std::process::id()));
     std::fs::write(&path, bytes).unwrap();
-    path.to_string_lossy().into_owned()
+    Temp(path.to_string_lossy().into_owned())
 }
 
 fn counts(file: &str, args: &[&str]) -> StateCounts {
@@ -95,7 +112,7 @@ fn every_format_and_link_type_replays_the_same_story() {
         let end = counts(&f, &HOST);
         assert_eq!(end.get(TcpState::TimeWait), 0, "{name}");
         assert_eq!(end.get(TcpState::Established), 2, "{name}");
-        std::fs::remove_file(f).unwrap();
+        drop(f);
     }
     // Raw IPv4 (link type 228) carries only the IPv4 frames.
     let f = write(
@@ -105,7 +122,7 @@ fn every_format_and_link_type_replays_the_same_story() {
     let mut v4 = at_30;
     v4.set(TcpState::Established, 1);
     assert_eq!(counts(&f, &[&HOST[..], &["--at", "+30"]].concat()), v4);
-    std::fs::remove_file(f).unwrap();
+    drop(f);
 }
 
 #[test]
@@ -155,7 +172,7 @@ fn time_wait_ends_sixty_seconds_after_it_began_unless_told_otherwise() {
     .map(|(a, b)| (a.to_string(), b.to_string()))
     .collect();
     assert_eq!(tw_by_row, want, "{out}");
-    std::fs::remove_file(f).unwrap();
+    drop(f);
 }
 
 #[test]
@@ -180,7 +197,7 @@ fn an_observer_counts_both_ends() {
         &["--at", "+30", "--local", "10.0.0.2", "--local", "fd00::2"],
     );
     assert_eq!(server, expect(&[(TcpState::Established, 2)]));
-    std::fs::remove_file(f).unwrap();
+    drop(f);
 }
 
 #[test]
@@ -229,7 +246,7 @@ fn the_connection_log_is_what_zeek_tools_read() {
     assert_eq!(by_port("40004")[col("conn_state")], "S0");
     assert_eq!(by_port("40004")[col("duration")], "-");
     assert_eq!(by_port("40005")[col("id.orig_h")], "fd00::1");
-    std::fs::remove_file(f).unwrap();
+    drop(f);
 }
 
 #[test]
@@ -280,14 +297,14 @@ fn what_cannot_be_read_is_said_in_one_line_and_counted() {
         assert_eq!(status, want, "{name}: {err}");
         assert!(err.contains(says), "{name}: {err}");
         assert!(!err.contains("panicked"), "{name}: {err}");
-        std::fs::remove_file(f).unwrap();
+        drop(f);
     }
     // A cut file still gives what came before the cut.
     let f = write("cut2", &good[..good.len() - 7]);
     let (_, out, err) = replay(&f, &["--local", "10.0.0.1", "--local", "fd00::1"]);
     assert!(out.contains("ESTABLISHED 2"), "{out}\n{err}");
     assert!(err.contains("19 frames"), "{err}");
-    std::fs::remove_file(f).unwrap();
+    drop(f);
 
     // Unknown link types and frames cut before their TCP header: counted.
     let mut recs = recs(LINK_ETHERNET, false);
@@ -298,12 +315,12 @@ fn what_cannot_be_read_is_said_in_one_line_and_counted() {
     let (status, _, err) = replay(&f, &[]);
     assert_eq!(status, 0, "{err}");
     assert!(err.contains("3 of link type 105 (not read)"), "{err}");
-    std::fs::remove_file(f).unwrap();
+    drop(f);
     let f = write("snap", &pcap(LINK_ETHERNET, false, false, &recs));
     let (status, _, err) = replay(&f, &[]);
     assert_eq!(status, 0, "{err}");
     assert!(err.contains("1 cut by the snap length"), "{err}");
-    std::fs::remove_file(f).unwrap();
+    drop(f);
 
     // Nonsense arguments.
     let (status, _, err) = replay("-", &["--local", "10.0.0.1/40"]);
@@ -311,37 +328,27 @@ fn what_cannot_be_read_is_said_in_one_line_and_counted() {
     assert!(err.contains("--local"), "{err}");
 }
 
-/// xorshift64*: a fixed sequence, so a failure reproduces.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
+/// A number below `n`.
+fn below(rng: &mut Rng, n: usize) -> usize {
+    rng.below(n as u64) as usize
 }
 
 /// Flips, overwrites, cuts, duplicates and splices bytes.
 fn mutate(base: &[u8], rng: &mut Rng) -> Vec<u8> {
     let mut b = base.to_vec();
-    for _ in 0..1 + rng.below(4) {
+    for _ in 0..1 + below(rng, 4) {
         if b.is_empty() {
             break;
         }
-        let at = rng.below(b.len());
-        match rng.below(6) {
-            0 => b[at] ^= 1 << rng.below(8),
+        let at = below(rng, b.len());
+        match below(rng, 6) {
+            0 => b[at] ^= 1 << below(rng, 8),
             1 => b[at] = rng.next() as u8,
             2 => b.truncate(at),
             3 => {
-                let len = rng.below(16).min(b.len() - at);
+                let len = below(rng, 16).min(b.len() - at);
                 let chunk = b[at..at + len].to_vec();
-                let to = rng.below(b.len());
+                let to = below(rng, b.len());
                 b.splice(to..to, chunk);
             }
             4 => {
@@ -351,7 +358,7 @@ fn mutate(base: &[u8], rng: &mut Rng) -> Vec<u8> {
                 }
             }
             _ => {
-                let len = rng.below(8).min(b.len() - at);
+                let len = below(rng, 8).min(b.len() - at);
                 b.drain(at..at + len);
             }
         }
@@ -413,5 +420,5 @@ fn a_record_larger_than_the_read_buffer_is_read() {
     let (status, _, err) = replay(&f, &[]);
     assert_eq!(status, 0, "{err}");
     assert!(err.contains("21 frames, 21 TCP segments"), "{err}");
-    std::fs::remove_file(f).unwrap();
+    drop(f);
 }

@@ -14,6 +14,7 @@ pub mod machine;
 pub mod pcapw;
 pub mod podman;
 pub mod prometheus;
+pub mod rng;
 pub mod sampler;
 pub mod tmux;
 
