@@ -63,6 +63,11 @@ pub enum Error {
     /// An argument that makes no sense, said with what would.
     #[error("{0}")]
     Usage(String),
+    /// `count --observed` of an agent started without `--observe`.
+    #[error(
+        "the agent does not count connections passing through: start it with `tcpstate run --observe`"
+    )]
+    NotObserving,
     #[error("{context}: {source}")]
     Io {
         context: String,

@@ -47,6 +47,10 @@ enum Cmd {
         /// --json: an array of {netns, name, pid, states}).
         #[arg(long, conflicts_with_all = ["netns", "port"])]
         by_netns: bool,
+        /// The connections passing through (`run --observe`), both
+        /// endpoints of each, instead of the host's own.
+        #[arg(long, conflicts_with_all = ["verify", "netns", "by_netns", "port"])]
+        observed: bool,
         /// Only connections with this port (either end; see --local, --remote), like `ss '( sport = :N or dport = :N )'`.
         #[arg(long, value_name = "N")]
         port: Option<u16>,
@@ -140,6 +144,12 @@ struct RunArgs {
     /// netns`, containers', those only a process holds), as they come and go.
     #[arg(short = 'A', long)]
     all_namespaces: bool,
+    /// Also count the connections that only pass through (a router, a
+    /// bridge, a mirror port's feed), both endpoints of each, apart from
+    /// the host's own: `count --observed`, tcpstate_observed_* metrics.
+    /// Their timers are Linux's defaults.
+    #[arg(long, conflicts_with = "all_namespaces")]
+    observe: bool,
     /// Namespaces the probe has room for with --all-namespaces.
     #[arg(long, default_value_t = 1024, value_name = "N")]
     max_netns: u32,
@@ -221,6 +231,7 @@ fn main() -> ExitCode {
             verify,
             netns,
             by_netns,
+            observed,
             port,
             local,
             remote,
@@ -244,6 +255,7 @@ fn main() -> ExitCode {
                     filter,
                     netns,
                     by_netns,
+                    observed,
                 };
                 count::run(&socket, &ask)
             };
@@ -428,6 +440,7 @@ fn run(args: RunArgs) -> ExitCode {
                 } else {
                     0
                 },
+                observe: args.observe,
             },
             top_k: args.top_k,
         },

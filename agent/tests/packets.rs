@@ -452,6 +452,7 @@ fn counters_always_equal_what_the_entries_hold() {
         dead_grace: std::time::Duration::ZERO,
         clock: None,
         kernel_reports: false,
+        observed: false,
     };
     let mut diag = SockDiag::open().unwrap();
     timers::sweep(&p, &mut diag, &now).unwrap();

@@ -82,6 +82,11 @@ impl Segment {
     /// and the sender's is moved by its own pass. A local sender's endpoint
     /// in the receiver's entry stays as it is (it is not that socket).
     pub const FOR_RECEIVER: u8 = 8;
+    /// A connection passing through the host (`run --observe`): both
+    /// endpoints are tracked, as a middlebox sees them, and no kernel
+    /// reports anything of them (the machine itself reads no such flag;
+    /// the probe's slow path does).
+    pub const OBSERVED: u8 = 16;
 
     #[inline(always)]
     const fn has(&self, f: u8) -> bool {

@@ -25,6 +25,7 @@ mod counts;
 mod durations;
 mod kernel;
 mod nat;
+mod observe;
 mod parse;
 mod services;
 mod track;
@@ -40,6 +41,7 @@ use tcpstate_common::{Counters, Event, Segment};
 use crate::{
     counts::{Change, Tally, account, cpu_slot},
     nat::{SockTuple, Wire, note_receiver, sock_tuple, to_socket_view},
+    observe::to_observer,
     parse::{Buffer, Packet, ParseError, Parsed, parse},
     track::{Attempt, SLOW_ATTEMPTS, fast, icmp, track},
 };
@@ -143,6 +145,17 @@ fn observe(
             if fast(pkt) {
                 return false;
             }
+            // Passing through (with --observe): the observer's entry, as the
+            // wire shows it on either hook; no socket, no translation.
+            if to_observer(pkt) {
+                if fast(pkt) {
+                    return false;
+                }
+                pkt.other_family = 0;
+                pkt.kind = Packet::SEGMENT;
+                pkt.attempt = 0;
+                return true;
+            }
             // Local NAT: the sockets' own tuple, then the fast path again.
             let mut own = SockTuple::default();
             sock(&mut own);
@@ -163,6 +176,8 @@ fn observe(
         // Not a TCP segment, but about one: counted as not TCP too.
         Ok(Parsed::IcmpError) => {
             c.event(Event::NotTcp);
+            pkt.seg.meta = 0;
+            to_observer(pkt);
             pkt.kind = Packet::ICMP_ERROR;
             pkt.other_family = 0;
             true

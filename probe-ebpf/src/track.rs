@@ -25,6 +25,7 @@ use tcpstate_common::{
 use crate::{
     counts::{Change, Tally, move_counts},
     nat::{SockTuple, translate4, translate6},
+    observe::observed,
     parse::Packet,
 };
 
@@ -197,7 +198,13 @@ pub fn track(pkt: &mut Packet, c: &mut Counters, first: bool) -> Attempt {
     if pkt.family == 6 {
         let (key, sender) = FlowKey6::new(pkt.netns, pkt.src, pkt.sport, pkt.dst, pkt.dport);
         let ns = pkt.netns;
-        let local = || local6(ns, &pkt.src) as u32 | (local6(ns, &pkt.dst) as u32) << 1;
+        let both = observed(&pkt.seg);
+        let local = || {
+            if both {
+                return 3;
+            }
+            local6(ns, &pkt.src) as u32 | (local6(ns, &pkt.dst) as u32) << 1
+        };
         transition(
             &FLOWS6,
             &key,
@@ -212,7 +219,13 @@ pub fn track(pkt: &mut Packet, c: &mut Counters, first: bool) -> Attempt {
     } else {
         let (key, sender) = FlowKey4::new(pkt.netns, pkt.src[0], pkt.sport, pkt.dst[0], pkt.dport);
         let ns = pkt.netns;
-        let local = || local4(ns, pkt.src[0]) as u32 | (local4(ns, pkt.dst[0]) as u32) << 1;
+        let both = observed(&pkt.seg);
+        let local = || {
+            if both {
+                return 3;
+            }
+            local4(ns, pkt.src[0]) as u32 | (local4(ns, pkt.dst[0]) as u32) << 1
+        };
         transition(
             &FLOWS4,
             &key,
@@ -297,8 +310,13 @@ fn transition<K: WriteEnds>(
     let s = (unsafe { core::ptr::read_volatile(&sender_is_b) } & 1) as usize;
     let r = s ^ 1;
     let sender = if s == 0 { Side::A } else { Side::B };
-    // SAFETY: a read-only global the agent sets at load.
-    let reports = unsafe { core::ptr::read_volatile(&KERNEL_EVENTS) } & Segment::KERNEL_EVENTS;
+    // SAFETY: a read-only global the agent sets at load. The kernel reports
+    // nothing of connections only passing through.
+    let reports = if observed(seg) {
+        0
+    } else {
+        (unsafe { core::ptr::read_volatile(&KERNEL_EVENTS) }) & Segment::KERNEL_EVENTS
+    };
     seg.meta |= reports;
     let looked_up = || {
         let bits = local();
@@ -487,6 +505,7 @@ fn count_once(seg: &mut Segment, word: Word, sender: Side, sender_local: bool, c
 #[inline(never)]
 pub fn icmp(pkt: &mut Packet, c: &mut Counters) {
     let effect = IcmpEffect::from_u32(pkt.icmp);
+    let through = observed(&pkt.seg);
     if pkt.family == 6 {
         let (wire, side) = FlowKey6::new(pkt.netns, pkt.src, pkt.sport, pkt.dst, pkt.dport);
         let (key, sender) = translate6(wire, side, &SockTuple::default());
@@ -496,6 +515,7 @@ pub fn icmp(pkt: &mut Packet, c: &mut Counters) {
             sender as u32,
             effect,
             pkt.seg.seq,
+            through,
             c,
             &mut pkt.change,
         );
@@ -508,6 +528,7 @@ pub fn icmp(pkt: &mut Packet, c: &mut Counters) {
             sender as u32,
             effect,
             pkt.seg.seq,
+            through,
             c,
             &mut pkt.change,
         );
@@ -522,6 +543,7 @@ fn icmp_on<K: WriteEnds>(
     sender_is_b: u32,
     effect: IcmpEffect,
     seq: u32,
+    observed: bool,
     c: &mut Counters,
     change: &mut Change,
 ) {
@@ -536,7 +558,7 @@ fn icmp_on<K: WriteEnds>(
     // SAFETY: `p` is a live map value (see `swap_word`).
     let facts = unsafe { (*p).ends[s] };
     // SAFETY: a read-only global the agent sets at load.
-    let reports = unsafe { core::ptr::read_volatile(&KERNEL_EVENTS) } != 0;
+    let reports = !observed && unsafe { core::ptr::read_volatile(&KERNEL_EVENTS) } != 0;
     let new = icmp_error(old, &facts, side, effect, seq, reports);
     if new != old && swap_word(p, old, new) {
         let units = restamp(p, old, new, since);

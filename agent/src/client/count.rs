@@ -17,12 +17,19 @@ pub struct Ask {
     /// `--netns SEL`.
     pub netns: Option<String>,
     pub by_netns: bool,
+    /// `--observed`: the connections passing through.
+    pub observed: bool,
 }
 
 pub fn run(socket: &Path, ask: &Ask) -> Result<ExitCode> {
     let snap = control::query(socket)?;
     if ask.by_netns {
         print_by_netns(&snap, ask.json);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if ask.observed {
+        let observed = snap.observed.as_ref().ok_or(Error::NotObserving)?;
+        print_counts(&observed.state_counts(), ask.json);
         return Ok(ExitCode::SUCCESS);
     }
     let chosen = match &ask.netns {

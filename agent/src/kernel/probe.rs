@@ -63,6 +63,9 @@ pub struct ProbeOptions {
     pub max_netns: u32,
     /// Entries one namespace may hold in the flow maps (0: no limit).
     pub flows_per_netns: u32,
+    /// Track connections that only pass through, under an observer slot
+    /// of their own (`Probe::register_observer`).
+    pub observe: bool,
 }
 
 impl Default for ProbeOptions {
@@ -72,6 +75,7 @@ impl Default for ProbeOptions {
             ingress: Ingress::Tc,
             max_netns: 1,
             flows_per_netns: 0,
+            observe: false,
         }
     }
 }
@@ -155,7 +159,9 @@ impl Probe {
             .map_max_entries("DURATIONS", max_netns)
             .map_max_entries("NETNS_PORTS", max_netns)
             .map_max_entries("NETNS_SLOTS", max_netns)
+            .map_max_entries("OBSERVER", max_netns)
             .override_global("FLOWS_PER_NETNS", &opts.flows_per_netns, true)
+            .override_global("OBSERVE", &u8::from(opts.observe), true)
             .override_global(aya_log::LEVEL, &level, false)
             .override_global("KERNEL_EVENTS", &kernel_events, true)
             .override_global("SOCK_LAYOUT", &layout, true)

@@ -26,7 +26,8 @@ use crate::{
     },
 };
 
-/// One namespace's place in the probe.
+/// One namespace's place in the probe (or an observer's: no inode, no
+/// entry programs).
 pub struct Slot {
     pub inode: u64,
     /// Entry programs: TC egress, TC ingress, XDP (when the ingress hook is).
@@ -58,7 +59,7 @@ impl Slots {
     pub fn of_inode(&self, inode: u64) -> Option<u32> {
         self.by_slot
             .iter()
-            .find(|(_, s)| s.inode == inode)
+            .find(|(_, s)| s.inode != 0 && s.inode == inode)
             .map(|(k, _)| *k)
     }
 
@@ -111,6 +112,28 @@ impl Probe {
         self.namespaces
             .by_slot
             .insert(slot, Slot { inode, programs });
+        Ok(slot)
+    }
+
+    /// Gives the connections passing through namespace slot `of` a slot of
+    /// their own (the probe was loaded with `observe`): clean counters, no
+    /// entry programs (the namespace's own interfaces see the packets), no
+    /// inode (the kernel reports nothing of them). Returns the slot.
+    pub fn register_observer(&mut self, of: u32) -> Result<u32> {
+        let slot = self.namespaces.free().ok_or(Error::TooManyNamespaces {
+            max: self.namespaces.max,
+        })?;
+        self.clear_slot(slot)?;
+        self.namespaces.by_slot.insert(
+            slot,
+            Slot {
+                inode: 0,
+                programs: [None, None, None],
+            },
+        );
+        let mut observer: Array<&mut MapData, u32> =
+            Array::try_from(self.ebpf.map_mut("OBSERVER").expect("OBSERVER"))?;
+        observer.set(of, slot + 1, 0)?;
         Ok(slot)
     }
 
@@ -181,6 +204,9 @@ impl Probe {
         remove_where::<ServiceKey, ServiceStats>(self, "SERVICES", |k| k.netns == slot)?;
         remove_where::<ListenKey, u8>(self, "LISTENING", |k| k.netns == slot)?;
         self.set_port_range(slot, 0)?;
+        let mut observer: Array<&mut MapData, u32> =
+            Array::try_from(self.ebpf.map_mut("OBSERVER").expect("OBSERVER"))?;
+        observer.set(slot, 0, 0)?;
         Ok(())
     }
 }

@@ -81,6 +81,11 @@ impl Reader {
             total.accumulate(&c);
         }
         total.derive();
+        if let Some(o) = snap.observed.as_mut() {
+            let c = sum_counters(&self.per_cpu, o.slot)?;
+            o.states = StateCounts::from_slots(&c.states).json();
+            o.events = events_by_name(&c);
+        }
         snap.states = states.json();
         snap.events = events_by_name(&total);
         snap.uptime_ms = self.started.elapsed().as_millis() as u64;

@@ -5,6 +5,7 @@ pub mod attention;
 pub mod conns;
 pub mod durations;
 mod netns;
+pub mod observed;
 pub mod services;
 
 pub use netns::{NetnsCounts, Selector};
@@ -237,6 +238,10 @@ pub struct Snapshot {
     /// SYNs: the `--top-k` most active of each kind (as of the last tick).
     #[serde(default)]
     pub services: Vec<services::ServiceRow>,
+    /// With `run --observe`: the connections passing through, apart from
+    /// the host's own (which the counts above are).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed: Option<observed::Observed>,
 }
 
 impl Snapshot {
@@ -275,6 +280,7 @@ impl Snapshot {
             namespaces: Vec::new(),
             durations: Default::default(),
             services: Vec::new(),
+            observed: None,
         }
     }
 

@@ -19,7 +19,7 @@ use crate::{
         sockdiag::SockDiag,
     },
     snapshot::{NetnsCounts, PortFilter, Snapshot, StateCounts},
-    tracking::tracker::Tracker,
+    tracking::{observer::Observer, tracker::Tracker},
 };
 
 /// Flow entries grouped by their namespace slot.
@@ -101,6 +101,9 @@ pub const PER_TICK: usize = 32;
 pub struct Host {
     pub(crate) probe: Probe,
     pub(crate) trackers: BTreeMap<u32, Tracker>,
+    /// With `--observe`: the connections passing through, in a slot of
+    /// their own.
+    pub(crate) observer: Option<Observer>,
     pub(crate) cfg: Config,
     /// With [`Scope::All`]: a thread in the agent's own namespace that keeps
     /// what following new namespaces takes ([`privileges::FOLLOW_ALL`]);
@@ -140,7 +143,12 @@ impl Host {
             .ok();
         let mut opts = cfg.probe.clone();
         if let Scope::One(_) = cfg.scope {
-            opts.max_netns = 1;
+            // The namespace, and what passes through it.
+            opts.max_netns = 1 + u32::from(opts.observe);
+        } else if opts.observe {
+            return Err(crate::error::Error::Usage(
+                "--observe follows one namespace's forwarded traffic: name it with --netns (or leave it out for the agent's own), not --all-namespaces".into(),
+            ));
         }
         let probe = Probe::load(&opts, layout)?;
         let clock = KernelClock::from_clocks(|| probe.clocks().ok()).or_else(KernelClock::read);
@@ -150,6 +158,7 @@ impl Host {
             last_due: Vec::new(),
             probe,
             trackers: BTreeMap::new(),
+            observer: None,
             cfg: cfg.clone(),
             keeper: None,
             fd_reader: Arc::new(NetNs::owner_reader()?),
@@ -182,6 +191,9 @@ impl Host {
                     true,
                     cfg.top_k,
                 )?;
+                if opts.observe {
+                    host.observer = Some(Observer::start(&mut host.probe, t.slot())?);
+                }
                 host.trackers.insert(t.slot(), t);
             }
             Scope::All => {
@@ -290,6 +302,13 @@ impl Host {
                 Err(e) => tracing::warn!("{}: timers: {e}", t.identity),
             }
         }
+        if let Some(o) = &mut self.observer {
+            match o.fire_timers(&self.probe) {
+                Ok(Some(at)) => next = Some(next.map_or(at, |n| n.min(at))),
+                Ok(None) => {}
+                Err(e) => tracing::warn!("observed connections: timers: {e}"),
+            }
+        }
         Ok(next)
     }
 
@@ -297,6 +316,7 @@ impl Host {
         self.trackers
             .values()
             .filter_map(|t| t.next_timer_ns())
+            .chain(self.observer.as_ref().and_then(|o| o.next_timer_ns()))
             .min()
     }
 
@@ -322,6 +342,12 @@ impl Host {
             let look = !all || self.last_due.contains(slot);
             if let Err(e) = t.sweep(&mut self.probe, &mine, tr, counted, look) {
                 tracing::warn!("{}: walk: {e}", t.identity);
+            }
+        }
+        if let Some(o) = &mut self.observer {
+            let mine = by_slot.remove(&o.slot()).unwrap_or_default();
+            if let Err(e) = o.sweep(&self.probe, &mine) {
+                tracing::warn!("observed connections: walk: {e}");
             }
         }
         Ok(())
@@ -412,6 +438,11 @@ impl Host {
         total.services = crate::tracking::tracker::top_services(&total.services, self.cfg.top_k);
         total.namespaces = namespaces;
         total.uptime_ms = self.started.elapsed().as_millis() as u64;
+        total.observed = self.observer.as_ref().and_then(|o| {
+            o.snapshot(&self.probe)
+                .map_err(|e| tracing::warn!("observed connections: {e}"))
+                .ok()
+        });
         total
     }
 

@@ -13,6 +13,7 @@ pub mod host;
 pub mod inspect;
 pub mod interfaces;
 pub mod listeners;
+pub mod observer;
 pub mod pacing;
 pub mod reconcile;
 pub mod seed;

@@ -47,6 +47,9 @@ pub struct Timeouts {
     /// The kernel reports its full sockets' state changes to the probe:
     /// a connect's end needs no timer of the agent's.
     pub kernel_reports: bool,
+    /// Connections passing through (`run --observe`): no socket here to ask,
+    /// so every timed state ends when its time is up, as in `replay`.
+    pub observed: bool,
 }
 
 impl Default for Timeouts {
@@ -59,6 +62,7 @@ impl Default for Timeouts {
             dead_grace: Duration::from_secs(1),
             clock: None,
             kernel_reports: false,
+            observed: false,
         }
     }
 }
@@ -105,6 +109,14 @@ impl Timeouts {
             clock,
             kernel_reports,
             ..d
+        }
+    }
+
+    /// For connections passing through: Linux's defaults, no kernel to ask.
+    pub fn observed() -> Timeouts {
+        Timeouts {
+            observed: true,
+            ..Timeouts::default()
         }
     }
 
@@ -201,6 +213,9 @@ const FIRST_REQUEST_TIMER: Duration = Duration::from_millis(1050);
 
 fn default_plan(word: Word, side: Side, changed_ns: u64, t: &Timeouts) -> Option<(u64, Action)> {
     let state = word.state(side);
+    if t.observed {
+        return Some((t.ends_at(state, changed_ns)?, Action::Fire));
+    }
     let ask = |why| Action::Ask(side, why);
     match state {
         TcpState::TimeWait => Some((t.ends_at(state, changed_ns)?, Action::Fire)),
@@ -241,8 +256,8 @@ pub fn fire(
         }
         let due = match told.get(side) {
             Some(k) if k.word == word && k.action == Action::Fire => Some(k.at_ns),
-            _ if word.state(side) == TcpState::TimeWait => {
-                t.ends_at(TcpState::TimeWait, changed_ns)
+            _ if word.state(side) == TcpState::TimeWait || t.observed => {
+                t.ends_at(word.state(side), changed_ns)
             }
             _ => None,
         };
@@ -327,7 +342,7 @@ impl Timers {
         &mut self,
         entries: &[(FlowRef, FlowEntry)],
         probe: &Probe,
-        diag: &mut SockDiag,
+        diag: Option<&mut SockDiag>,
         t: &Timeouts,
     ) -> Result<SweepStats> {
         self.due.clear();
@@ -395,7 +410,14 @@ impl Timers {
     }
 
     /// Acts on every filed timer and question whose moment has come.
-    pub fn fire(&mut self, probe: &Probe, diag: &mut SockDiag, t: &Timeouts) -> Result<SweepStats> {
+    /// `diag`: the namespace's socket table (`None` for connections passing
+    /// through, which have nothing to ask).
+    pub fn fire(
+        &mut self,
+        probe: &Probe,
+        mut diag: Option<&mut SockDiag>,
+        t: &Timeouts,
+    ) -> Result<SweepStats> {
         let now = monotonic_ns();
         let mut stats = SweepStats::default();
         let later = self.questions.split_off(&now.saturating_add(1));
@@ -403,7 +425,7 @@ impl Timers {
         for (flow, side, why) in asked.into_values().flatten() {
             if let Some(entry) = probe.flow_entry(&flow)? {
                 let word = Word(entry.word);
-                stats.add(self.ask(probe, diag, t, flow, word, side, why)?);
+                stats.add(self.ask(probe, diag.as_deref_mut(), t, flow, word, side, why)?);
             }
         }
         let later = self.due.split_off(&now.saturating_add(1));
@@ -411,7 +433,9 @@ impl Timers {
         for d in due.into_values().flatten() {
             stats.add(match d.action {
                 Action::Fire => self.fire_one(probe, t, d, now)?,
-                Action::Ask(side, why) => self.ask(probe, diag, t, d.flow, d.word, side, why)?,
+                Action::Ask(side, why) => {
+                    self.ask(probe, diag.as_deref_mut(), t, d.flow, d.word, side, why)?
+                }
             });
         }
         Ok(stats)
@@ -449,7 +473,7 @@ impl Timers {
     fn ask(
         &mut self,
         probe: &Probe,
-        diag: &mut SockDiag,
+        diag: Option<&mut SockDiag>,
         t: &Timeouts,
         flow: FlowRef,
         word: Word,
@@ -460,9 +484,9 @@ impl Timers {
             asked: 1,
             ..SweepStats::default()
         };
-        if !answers::still_asked(word, side, why) {
+        let Some(diag) = diag.filter(|_| answers::still_asked(word, side, why)) else {
             return Ok(SweepStats::default());
-        }
+        };
         let (local, lport) = flow.endpoint(side);
         let (remote, rport) = flow.endpoint(side.other());
         let info = diag.lookup(local, lport, remote, rport)?;
@@ -503,7 +527,7 @@ impl Timers {
 /// One full pass: act on everything due now.
 pub fn sweep(probe: &Probe, diag: &mut SockDiag, t: &Timeouts) -> Result<SweepStats> {
     let entries = probe.flow_entries()?;
-    Timers::default().file(&entries, probe, diag, t)
+    Timers::default().file(&entries, probe, Some(diag), t)
 }
 
 #[cfg(test)]

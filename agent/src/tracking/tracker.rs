@@ -439,7 +439,9 @@ impl Tracker {
     /// Acts on the timers and questions that are due; returns when the next
     /// one is (CLOCK_MONOTONIC ns).
     pub fn fire_timers(&mut self, probe: &Probe) -> Result<Option<u64>> {
-        let stats = self.timers.fire(probe, &mut self.diag, &self.timeouts)?;
+        let stats = self
+            .timers
+            .fire(probe, Some(&mut self.diag), &self.timeouts)?;
         self.count(stats);
         if self
             .reconciler

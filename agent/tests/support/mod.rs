@@ -15,6 +15,7 @@ pub mod pcapw;
 pub mod podman;
 pub mod prometheus;
 pub mod rng;
+pub mod routed;
 pub mod sampler;
 pub mod tmux;
 
@@ -417,6 +418,24 @@ impl Agent {
 
     pub fn counts(&self) -> StateCounts {
         self.try_counts().expect("the agent answers")
+    }
+
+    /// `tcpstate count --observed --json` as a user runs it: the
+    /// connections passing through (`run --observe`).
+    pub fn observed(&self) -> StateCounts {
+        let out = tcpstate()
+            .args(["count", "--observed", "--json", "--socket"])
+            .arg(&self.socket)
+            .output()
+            .expect("tcpstate count");
+        assert!(
+            out.status.success(),
+            "count --observed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value =
+            serde_json::from_slice(&out.stdout).expect("count --json prints JSON");
+        StateCounts::from_json(&v).expect("count --json names the eleven states")
     }
 
     /// The full snapshot (events included).

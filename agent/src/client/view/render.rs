@@ -41,10 +41,12 @@ const ROW_STATES: [(TcpState, &str); 4] = [
 ];
 
 pub fn draw(frame: &mut Frame, live: &Live, status: &Status) {
-    let [title, states, rates, tops, health] = Layout::vertical([
+    let observed = live.last.as_ref().and_then(|s| s.observed.as_ref());
+    let [title, states, rates, through, tops, health] = Layout::vertical([
         Constraint::Length(1),
         Constraint::Length(12),
         Constraint::Length(1),
+        Constraint::Length(u16::from(observed.is_some())),
         Constraint::Min(4),
         Constraint::Length(1),
     ])
@@ -52,6 +54,9 @@ pub fn draw(frame: &mut Frame, live: &Live, status: &Status) {
     frame.render_widget(Paragraph::new(title_line(live, status)), title);
     draw_states(frame, states, live, status);
     frame.render_widget(Paragraph::new(rates_line(live)), rates);
+    if let Some(o) = observed {
+        frame.render_widget(Paragraph::new(observed_line(o)), through);
+    }
     // What needs attention takes up to four lines from the tables, and
     // only when there is something.
     let tops = if status.attention.is_empty() {
@@ -266,6 +271,26 @@ fn key_of(r: &Keyed) -> String {
     }
 }
 
+/// With `run --observe`: the endpoints of connections passing through,
+/// by state (the states with none left out), apart from the counts above.
+fn observed_line(o: &crate::snapshot::observed::Observed) -> Line<'static> {
+    let c = o.state_counts();
+    let states: Vec<String> = TcpState::REPORTED
+        .iter()
+        .filter(|s| c.get(**s) > 0)
+        .map(|s| format!("{} {}", s.name(), c.get(*s)))
+        .collect();
+    let states = if states.is_empty() {
+        "none".to_owned()
+    } else {
+        states.join("  ")
+    };
+    Line::from(vec![
+        Span::styled("passing through: ", bold()),
+        Span::raw(states),
+    ])
+}
+
 fn health_line(live: &Live) -> Line<'static> {
     let Some(s) = &live.last else {
         return Line::from("probe: waiting for the agent");
@@ -453,6 +478,38 @@ mod tests {
             lines[23].trim_end(),
             "probe: 300 pkt/s  parse errors 0  map 160+2 (0.1%)  map full 0  drift 0"
         );
+    }
+
+    /// With `run --observe`, one line under the rates says what passes
+    /// through; the tables keep their rows.
+    #[test]
+    fn connections_passing_through_get_a_line_of_their_own() {
+        let mut live = live();
+        let mut c = Counters::default();
+        c.states[TcpState::Established as usize] = 6;
+        c.states[TcpState::TimeWait as usize] = 1;
+        c.states[TcpState::Close as usize] = 1;
+        let mut last = live.last.clone().unwrap();
+        last.observed = Some(crate::snapshot::observed::Observed::new(3, &c, 0, [4, 0]));
+        live.last = Some(last);
+        let status = Status {
+            interval_s: 1.0,
+            ..Status::default()
+        };
+        let lines = screen(&live, &status, 80, 24);
+        assert_eq!(
+            lines[14].trim_end(),
+            "passing through: ESTABLISHED 6  TIME_WAIT 1  CLOSE 1",
+            "{}",
+            lines.join("\n")
+        );
+        assert!(
+            lines[15].starts_with("┌ Top services"),
+            "{}",
+            lines.join("\n")
+        );
+        assert!(lines[18].starts_with("│→5432"), "{}", lines.join("\n"));
+        assert!(lines[23].starts_with("probe: "));
     }
 
     #[test]

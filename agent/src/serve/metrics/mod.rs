@@ -23,6 +23,7 @@ mod attention;
 mod durations;
 mod kernel;
 mod netns;
+mod observed;
 mod render;
 mod server;
 mod services;

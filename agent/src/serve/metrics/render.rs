@@ -275,6 +275,7 @@ pub fn render(snap: &Snapshot, format: Format) -> String {
     super::attention::register(&mut r, snap);
     super::durations::register(&mut r, snap);
     super::services::register(&mut r, snap);
+    super::observed::register(&mut r, snap);
 
     gauge_family(
         &mut r,

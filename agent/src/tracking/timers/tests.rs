@@ -147,3 +147,43 @@ fn dead_entries_are_reaped_after_the_grace_period() {
         Some((5 + ns(t.dead_grace), Action::Fire))
     );
 }
+
+/// Connections passing through (`run --observe`): no socket to ask, so
+/// each timed endpoint closes at Linux's default time for its state, each
+/// on its own, and the other endpoint stays as it was.
+#[test]
+fn observed_endpoints_close_when_their_time_is_up_without_asking() {
+    let t = Timeouts::observed();
+    let both = |w: Word| w.with_local(Side::A).with_local(Side::B);
+    let none = TellBook::default();
+    let cases = [
+        (TcpState::FinWait2, TcpState::CloseWait, t.fin_wait2),
+        (TcpState::SynSent, TcpState::SynRecv, t.syn_recv),
+        (TcpState::TimeWait, TcpState::Close, t.time_wait),
+    ];
+    for (a, b, first) in cases {
+        let w = both(Word::EMPTY.with_state(Side::A, a).with_state(Side::B, b)).settle();
+        let (at, action) = plan(w, 0, &t, nothing_told).expect("a deadline");
+        assert_eq!((at, action), (ns(first), Action::Fire), "{a:?}/{b:?}");
+        assert_eq!(fire(w, 0, at - 1, &t, &none), None, "{a:?}/{b:?} early");
+        let new = fire(w, 0, at, &t, &none).expect("expired");
+        let due: Vec<Side> = [Side::A, Side::B]
+            .into_iter()
+            .filter(|s| t.ends_at(w.state(*s), 0).is_some_and(|d| d <= at))
+            .collect();
+        for s in [Side::A, Side::B] {
+            let want = if due.contains(&s) {
+                TcpState::Close
+            } else {
+                w.state(s)
+            };
+            assert_eq!(new.state(s), want, "{a:?}/{b:?} side {s:?}");
+        }
+    }
+    // SYN_SENT alone: its own (longer) span, not SYN_RECV's.
+    let w = both(Word::EMPTY.with_state(Side::A, TcpState::SynSent));
+    assert_eq!(
+        plan(w, 0, &t, nothing_told),
+        Some((ns(t.syn_sent), Action::Fire))
+    );
+}

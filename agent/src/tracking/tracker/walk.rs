@@ -71,7 +71,7 @@ impl Tracker {
         self.flows_in_map = [v4, entries.len() as u64 - v4];
         let stats = self
             .timers
-            .file(entries, probe, &mut self.diag, &self.timeouts)?;
+            .file(entries, probe, Some(&mut self.diag), &self.timeouts)?;
         self.count(stats);
         self.forget_translations(probe, translations, entries)
     }
