@@ -348,14 +348,18 @@ fn recorded_scenario(v6: bool) {
         );
     }
     // The probe itself, given the same frames, counts the same after each.
-    for side in [&l, &r] {
+    let sides = [
+        Locals::Host(vec![Prefix::parse(&l).unwrap()]),
+        Locals::Host(vec![Prefix::parse(&r).unwrap()]),
+        Locals::Observe,
+    ];
+    for locals in sides {
         let cap = Capture::open(std::fs::File::open(&file).unwrap(), "recorded").unwrap();
-        let locals = Locals::Host(vec![Prefix::parse(side).unwrap()]);
         let (frames, parted) = compare(cap, &locals).expect("both engines ran");
         assert!(frames >= 30, "{frames} frames recorded");
         assert!(
             parted.is_empty(),
-            "--local {side}: the engines part: {parted:#?}"
+            "{locals:?}: the engines part: {parted:#?}"
         );
     }
     let states = conn_states(&file);

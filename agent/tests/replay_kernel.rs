@@ -1,6 +1,8 @@
 //! One engine: every test capture through the loaded probe
 //! (BPF_PROG_TEST_RUN) and through the host's replay, frame by frame, with
-//! the same counts after each frame; and `replay --kernel` as a user runs it.
+//! the same counts after each frame, both for one host's addresses and as
+//! an observer (the probe loaded as `run --observe` loads it); and `replay
+//! --kernel` as a user runs it.
 //! Needs root: `cargo xtask test` runs these.
 
 mod support;
@@ -20,10 +22,16 @@ fn locals(addrs: &[&str]) -> Locals {
     Locals::Host(addrs.iter().map(|a| Prefix::parse(a).unwrap()).collect())
 }
 
-/// Both engines over `bytes`; panics with where they parted.
+/// Both engines over `bytes`, with `addrs` as the host's (none: as an
+/// observer); panics with where they parted.
 pub fn assert_one_engine(name: &str, bytes: Vec<u8>, addrs: &[&str]) -> u64 {
     let cap = Capture::open(std::io::Cursor::new(bytes), name).unwrap();
-    let (frames, parted) = compare(cap, &locals(addrs)).expect("both engines ran");
+    let who = if addrs.is_empty() {
+        Locals::Observe
+    } else {
+        locals(addrs)
+    };
+    let (frames, parted) = compare(cap, &who).expect("both engines ran");
     assert!(
         parted.is_empty(),
         "{name}, --local {addrs:?}: the engines part: {parted:#?}"
@@ -55,7 +63,8 @@ fn the_probe_and_the_host_count_every_story_frame_alike() {
         ),
     ];
     for (name, bytes) in files {
-        for side in [&["10.0.0.1", "fd00::1"], &["10.0.0.2", "fd00::2"]] {
+        let sides: [&[&str]; 3] = [&["10.0.0.1", "fd00::1"], &["10.0.0.2", "fd00::2"], &[]];
+        for side in sides {
             assert_eq!(assert_one_engine(name, bytes.clone(), side), 20);
         }
     }
@@ -87,10 +96,17 @@ fn replay_kernel_prints_the_probes_counts() {
     );
     assert_eq!(kernel, host);
     assert!(kernel.contains("TIME_WAIT 1"), "{kernel}");
-    // It needs addresses, not an observer's view.
-    let (status, _, err) = replay(file, &["--kernel"]);
+    // Without addresses it observes: both endpoints of each connection,
+    // as the host engine's observer counts them.
+    let (status, kernel, err) = replay(file, &["--kernel"]);
+    assert_eq!(status, 0, "{err}");
+    let (_, host, _) = replay(file, &["--timeouts", "time-wait=1000s"]);
+    assert_eq!(kernel, host);
+    assert!(kernel.contains("TIME_WAIT 1"), "{kernel}");
+    // The probe's table holds addresses, not prefixes.
+    let (status, _, err) = replay(file, &["--kernel", "--local", "10.0.0.0/24"]);
     assert_eq!(status, 2, "{err}");
-    assert!(err.contains("--local ADDR"), "{err}");
+    assert!(err.contains("single addresses"), "{err}");
     std::fs::remove_file(path).unwrap();
 }
 
@@ -116,6 +132,11 @@ fn the_probe_and_the_host_count_every_real_capture_alike() {
     for (name, addrs, frames) in cases {
         let path = format!("{}/tests/captures/{name}", env!("CARGO_MANIFEST_DIR"));
         let bytes = std::fs::read(path).unwrap();
-        assert_eq!(assert_one_engine(name, bytes, addrs), frames, "{name}");
+        assert_eq!(
+            assert_one_engine(name, bytes.clone(), addrs),
+            frames,
+            "{name}"
+        );
+        assert_eq!(assert_one_engine(name, bytes, &[]), frames, "{name}");
     }
 }

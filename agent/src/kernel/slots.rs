@@ -177,6 +177,21 @@ impl Probe {
         Ok(took as f64)
     }
 
+    /// Runs `slot`'s entry program at `hook` on one frame with
+    /// BPF_PROG_TEST_RUN, as if the frame were seen on one of its
+    /// interfaces (`replay --kernel --observe`); returns the verdict.
+    pub fn run_entry(&self, slot: u32, hook: Hook, frame: &[u8]) -> Result<u32> {
+        let prog = self.entry_program(slot, hook).ok_or_else(|| {
+            Error::io(
+                "running an entry program",
+                std::io::Error::other(format!("slot {slot} has none at {hook:?}")),
+            )
+        })?;
+        let (verdict, _) = entry::test_run(prog, frame, 1)
+            .map_err(|e| Error::io("BPF_PROG_TEST_RUN of an entry program", e))?;
+        Ok(verdict)
+    }
+
     /// Deletes every entry of `slot` (flows, local addresses, translations)
     /// and zeroes its counters. Nothing writes them any more: the slot's
     /// entry programs are detached and its inode unregistered.

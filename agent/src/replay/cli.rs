@@ -57,8 +57,9 @@ pub struct ReplayArgs {
     pub timeouts: Option<Timeouts>,
     /// Run the frames through the eBPF probe itself (loaded, not attached:
     /// BPF_PROG_TEST_RUN) instead of the host's copy of its code; needs
-    /// root and --local addresses. The kernel's timers are not applied.
-    #[arg(long, conflicts_with_all = ["at", "every", "conns", "observe"])]
+    /// root, and single addresses with --local (or none: it observes, as
+    /// `run --observe` does). The kernel's timers are not applied.
+    #[arg(long, conflicts_with_all = ["at", "every", "conns"])]
     pub kernel: bool,
     /// No summary line on standard error.
     #[arg(long, short)]

@@ -6,6 +6,11 @@
 //! It shows that the probe and the host engine are one: [`compare`] runs
 //! both on every frame and notes where their counts part.
 //!
+//! With `--observe` the probe is loaded as `run --observe` loads it: a
+//! namespace with no addresses of its own (loopback's aside), whose entry
+//! program each frame goes through, and its observer, where every
+//! connection between other addresses is counted with both endpoints.
+//!
 //! The kernel's timers are the live agent's work, driven by the kernel's
 //! clock, not the capture's: here no timed state expires (TIME_WAIT and the
 //! rest stay as the segments left them).
@@ -21,7 +26,10 @@ use super::{
 };
 use crate::{
     error::{Error, Result},
-    kernel::probe::{Probe, ProbeOptions},
+    kernel::{
+        entry::Hook,
+        probe::{Ingress, Probe, ProbeOptions},
+    },
     snapshot::{StateCounts, live_counts},
     tracking::timers::Timeouts,
 };
@@ -29,6 +37,8 @@ use crate::{
 /// The probe, loaded for test runs.
 pub struct Kernel {
     probe: Probe,
+    /// With `--observe`: the observer's slot (the namespace's is 0).
+    observer: Option<u32>,
     /// Frames the probe could not be given (a link type without an IP
     /// layer, a test run that failed).
     pub refused: u64,
@@ -40,17 +50,38 @@ pub struct Kernel {
 const HEADERS: usize = 1024;
 
 impl Kernel {
-    /// Loads the probe with `addrs` as the host's addresses.
-    pub fn load(addrs: &[IpAddr], max_flows: u32) -> Result<Kernel> {
+    /// Loads the probe with `locals` as the host's addresses (single
+    /// addresses), or as an observer.
+    pub fn load(locals: &Locals, max_flows: u32) -> Result<Kernel> {
+        let observe = matches!(locals, Locals::Observe);
         let mut probe = Probe::load(
             &ProbeOptions {
                 max_flows,
+                // The XDP entry program, so that both modes run the XDP path.
+                ingress: Ingress::XdpGeneric,
+                max_netns: 2,
+                observe,
                 ..ProbeOptions::default()
             },
             None,
         )?;
-        probe.set_local_addresses(0, addrs)?;
-        Ok(Kernel { probe, refused: 0 })
+        if !observe {
+            probe.set_local_addresses(0, &addresses(locals)?)?;
+            return Ok(Kernel {
+                probe,
+                observer: None,
+                refused: 0,
+            });
+        }
+        // A namespace of no inode: the capture's, which the kernel's
+        // reports never name.
+        let host = probe.register_netns(0)?;
+        let observer = Some(probe.register_observer(host)?);
+        Ok(Kernel {
+            probe,
+            observer,
+            refused: 0,
+        })
     }
 
     /// Runs one frame through the probe's XDP program.
@@ -68,24 +99,36 @@ impl Kernel {
             return;
         };
         let eth = &eth[..eth.len().min(HEADERS)];
-        if eth.len() < 14 || self.probe.run_xdp(eth).is_err() {
+        let ran = match self.observer {
+            // Through the namespace's entry program: it names the slot
+            // the observer's is found from.
+            Some(_) => self.probe.run_entry(0, Hook::Xdp, eth),
+            None => self.probe.run_xdp(eth),
+        };
+        if eth.len() < 14 || ran.is_err() {
             self.refused += 1;
         }
     }
 
-    /// The probe's counts now (LISTEN: none, as the host engine).
+    /// The probe's counts now (LISTEN: none, as the host engine). An
+    /// observer's are its own and loopback's (always local, so counted in
+    /// the namespace's slot, with both endpoints as an observer counts
+    /// them).
     pub fn counts(&self) -> Result<StateCounts> {
-        Ok(live_counts(&self.probe.counters(0)?, 0))
+        let own = live_counts(&self.probe.counters(0)?, 0);
+        Ok(match self.observer {
+            Some(slot) => own.plus(&live_counts(&self.probe.counters(slot)?, 0)),
+            None => own,
+        })
     }
 }
 
 /// The addresses `--kernel` can give the probe: single addresses (the
-/// probe's table of local addresses holds addresses, not prefixes).
+/// probe's table of local addresses holds addresses, not prefixes); none
+/// for an observer.
 pub fn addresses(locals: &Locals) -> Result<Vec<IpAddr>> {
     match locals {
-        Locals::Observe => Err(Error::Usage(
-            "replay --kernel needs the capturing host's addresses (--local ADDR): the probe counts a host's endpoints".into(),
-        )),
+        Locals::Observe => Ok(Vec::new()),
         Locals::Host(prefixes) => prefixes
             .iter()
             .map(|p| {
@@ -101,7 +144,7 @@ pub fn addresses(locals: &Locals) -> Result<Vec<IpAddr>> {
 
 /// Replays `cap` through the probe; the counts at the end.
 pub fn replay(mut cap: Capture, o: &Options) -> Result<(u64, StateCounts, u64, Option<String>)> {
-    let mut k = Kernel::load(&addresses(&o.locals)?, 262_144)?;
+    let mut k = Kernel::load(&o.locals, 262_144)?;
     let mut frames = 0;
     let read = cap.for_each(|f: &Frame| {
         frames += 1;
@@ -127,7 +170,7 @@ pub struct Parted {
 /// Runs every frame of `cap` through both engines (the host's without
 /// timers, as the kernel engine has none), comparing the counts after each.
 pub fn compare(mut cap: Capture, locals: &Locals) -> Result<(u64, Vec<Parted>)> {
-    let mut k = Kernel::load(&addresses(locals)?, 262_144)?;
+    let mut k = Kernel::load(locals, 262_144)?;
     let never = Duration::from_secs(u64::MAX / 4_000_000_000);
     let timeouts = Timeouts {
         time_wait: never,
