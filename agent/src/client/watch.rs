@@ -37,6 +37,9 @@ pub struct Line<'a> {
     pub services: &'a [crate::snapshot::services::ServiceRow],
     /// Each namespace's counts, as `count --by-netns --json` prints them.
     pub namespaces: Vec<serde_json::Value>,
+    /// With `run --observe`: the connections passing through.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub observed: Option<&'a crate::snapshot::observed::Observed>,
 }
 
 impl<'a> Line<'a> {
@@ -58,6 +61,7 @@ impl<'a> Line<'a> {
                 .iter()
                 .map(crate::client::count::netns_json)
                 .collect(),
+            observed: snap.observed.as_ref(),
         })
     }
 }
