@@ -215,6 +215,8 @@ fn the_same_tuple_in_two_namespaces_is_two_connections() {
 #[ignore = "needs root: run with `cargo xtask test`"]
 fn namespaces_that_come_and_go_are_followed_and_never_kept_alive() {
     require_root();
+    let waited = support::hosts::wait_for_quiet_rtnl();
+    eprintln!("the kernel's rtnl lock was free again after {waited:?}");
     let agent = Agent::start_all(&[]);
     let pid = agent.pid();
 

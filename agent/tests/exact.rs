@@ -372,6 +372,14 @@ fn connections_the_kernel_times_out_end_when_it_gives_up() {
         setsockopt_int(&keepalive, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 1);
         setsockopt_int(&keepalive, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 1);
         setsockopt_int(&keepalive, libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 2);
+        // Which port is which, should a difference name one.
+        for (how, s) in [
+            ("TCP_USER_TIMEOUT", &user_timeout),
+            ("tcp_retries2", &retries),
+            ("keepalive", &keepalive),
+        ] {
+            eprintln!("{how}: local {}", s.local_addr().unwrap());
+        }
         c.exact("connections timed out by the kernel", || {
             nft(c.peer(), "add table inet vanish");
             nft(

@@ -159,8 +159,20 @@ pub fn settle(
             return t;
         }
         if Instant::now() > deadline {
+            // How much longer it took, if it came at all: slow and never
+            // are different failures.
+            let late = (0..100).find_map(|i| {
+                sleep(Duration::from_millis(100));
+                (ours() == Some(truth())).then(|| limit + Duration::from_millis(100 * (i + 1)))
+            });
+            let missing = if o.is_none() {
+                " (tcpstate had no counts for it: not monitored yet)"
+            } else {
+                ""
+            };
             panic!(
-                "{what}: tcpstate and ss differ after {limit:?}\n{}",
+                "{what}: tcpstate and ss differ after {limit:?}{missing}; equal after {}\n{}",
+                late.map_or("more than 10 s more".to_owned(), |d| format!("{d:?}")),
                 table(&o.unwrap_or_default(), &t)
             );
         }
@@ -242,4 +254,30 @@ pub fn wait_ready(child: &mut std::process::Child) {
     )
     .expect("reading the child's first line");
     assert_eq!(line.trim(), "ready");
+}
+
+/// Waits until the kernel's rtnl lock is free again: a veth pair made and
+/// deleted in the host namespace takes under 100 ms three times in a row
+/// (at most 60 s). Namespaces deleted by earlier tests are torn down
+/// afterwards by the kernel, holding that lock in steps for seconds (a
+/// hundred of them, or one with thousands of sockets); every attach the
+/// agent makes needs it too. A test that times how quickly the agent
+/// follows a new namespace starts after that, so that it times the agent
+/// and not the kernel's backlog. Returns how long it waited.
+pub fn wait_for_quiet_rtnl() -> Duration {
+    let start = Instant::now();
+    let name = unique("tsq");
+    let mut quick = 0;
+    while quick < 3 && start.elapsed() < Duration::from_secs(60) {
+        let t = Instant::now();
+        // (This kernel has no dummy links.)
+        sh(&["ip", "link", "add", &name, "type", "veth"]);
+        sh(&["ip", "link", "del", &name]);
+        quick = if t.elapsed() < Duration::from_millis(100) {
+            quick + 1
+        } else {
+            0
+        };
+    }
+    start.elapsed()
 }
