@@ -99,6 +99,49 @@ fn netns_inode() -> u64 {
     std::fs::metadata("/proc/self/ns/net").unwrap().ino()
 }
 
+/// With `--observe`: the host's own established ACK (found in its slot
+/// first: nothing more), and a forwarded one (neither address the host's:
+/// missed there, found not local, then the fast path in the observer's
+/// slot), each through the namespace's entry program.
+fn observing(opts: &ProbeOptions, own_ack: &[u8], establish: &dyn Fn(&Probe, u16)) -> (f64, f64) {
+    use tcpstate::kernel::entry::Hook;
+    let mut p = Probe::load(
+        &ProbeOptions {
+            observe: true,
+            max_netns: 2,
+            ..opts.clone()
+        },
+        None,
+    )
+    .expect("load the probe to observe");
+    let slot = p.register_netns(netns_inode()).unwrap();
+    p.set_local_addresses(slot, &["10.0.0.1".parse().unwrap()])
+        .unwrap();
+    let observer = p.register_observer(slot).unwrap();
+    establish(&p, 1);
+    let own = p.time_entry(slot, Hook::Xdp, own_ack, REPEAT).unwrap();
+    let there = |flags, seq, ack| Tcp::new("10.0.1.5", 1, "10.0.2.7", 80, flags).seq(seq, ack);
+    let back = |flags, seq, ack| Tcp::new("10.0.2.7", 80, "10.0.1.5", 1, flags).seq(seq, ack);
+    for f in [
+        there(SYN, 100, 0),
+        back(SYN | ACK, 900, 101),
+        there(ACK, 101, 901),
+    ] {
+        p.run_entry(slot, Hook::Xdp, &f.frame()).unwrap();
+    }
+    let ack = Tcp {
+        payload: 0,
+        ..there(ACK, 101, 901)
+    }
+    .frame();
+    let passing = p.time_entry(slot, Hook::Xdp, &ack, REPEAT).unwrap();
+    // The case measures what it says: both ends established, in the
+    // observer's slot, and the host's own counts untouched by it.
+    let est = |s| p.counters(s).unwrap().states[tcpstate_common::TcpState::Established as usize];
+    assert_eq!((est(observer), est(slot)), (2, 1), "the observed flow");
+    (own, passing)
+}
+
 fn main() {
     assert!(
         nix::unistd::geteuid().is_root(),
@@ -153,6 +196,8 @@ fn main() {
         "synack_new",
         "ack_established",
         "ack_netns",
+        "ack_netns_observing",
+        "ack_observed",
         "ack_translated",
         "fin",
         "non_tcp",
@@ -197,6 +242,9 @@ fn main() {
             "non_tcp",
             probe.time_program("tcpstate_xdp", &udp, REPEAT).unwrap(),
         );
+        let (own, passing) = observing(&probe_opts, &ack, &establish);
+        push("ack_netns_observing", own);
+        push("ack_observed", passing);
         // Local NAT: the wire says port 443, the socket (a REDIRECT) 8443.
         // An untranslated flow never looks at the translations (the fast
         // path finds it first); a translated one misses, translates, and
@@ -319,6 +367,10 @@ fn main() {
             "ack_established" | "ack_translated" | "non_tcp" => ratio(name, "ref_lookup"),
             // The cost of knowing the namespace (goal: at most 1.10).
             "ack_netns" => ratio(name, "ack_established"),
+            // Observing costs the host's own traffic nothing...
+            "ack_netns_observing" => ratio(name, "ack_netns"),
+            // ...and what passes through about one more lookup round.
+            "ack_observed" => ratio(name, "ref_lookup"),
             // One run per frame, like the insert reference.
             "syn_to_host" | "synack_new" | "syn_out_new" | "fin" => ratio(name, "ref_insert"),
             "ref_lookup" | "ref_lookup36" => ratio(name, "ref_pass"),

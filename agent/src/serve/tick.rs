@@ -36,7 +36,7 @@ pub struct Ran {
 /// What one namespace's files said this tick.
 struct Read {
     addrs: Result<Vec<IpAddr>>,
-    signals: Result<[Option<u64>; 2]>,
+    signals: Result<[Option<u64>; 3]>,
     timeouts: Result<Timeouts>,
     /// `net.ipv4.ip_local_port_range` (what tells a client's port from a service's).
     ports: Option<(u16, u16)>,
@@ -164,11 +164,12 @@ fn apply_reads(h: &mut Host, read: BTreeMap<u32, Read>) {
             Ok(grew) => {
                 for (signal, n) in KernelSignal::ALL.iter().zip(grew) {
                     if n > 0 {
-                        tracing::info!(
-                            "{}: {n} {}: checking the socket table",
-                            t.identity,
-                            signal.meaning()
-                        );
+                        let then = if signal.checks_table() {
+                            "checking the socket table"
+                        } else {
+                            "asking the kernel about connections with unacknowledged data"
+                        };
+                        tracing::info!("{}: {n} {}: {then}", t.identity, signal.meaning());
                     }
                 }
             }

@@ -51,6 +51,15 @@ pub fn still_asked(word: Word, side: Side, why: Why) -> bool {
             s,
             TcpState::FinWait2 | TcpState::Closing | TcpState::TimeWait
         ),
+        // The states a retransmission timeout can end.
+        Why::TimedOut => matches!(
+            s,
+            TcpState::Established
+                | TcpState::CloseWait
+                | TcpState::FinWait1
+                | TcpState::Closing
+                | TcpState::LastAck
+        ),
     }
 }
 
@@ -133,6 +142,11 @@ pub fn decide(
         // the kernel decides again.
         (Why::Request, TcpState::SynRecv) => Answer::Later(next, Action::Ask(side, Why::Request)),
         (Why::Connect, TcpState::SynSent) => Answer::Later(next, Action::Ask(side, Why::Connect)),
+        // Given up on, still held by its application: closed.
+        (Why::TimedOut, TcpState::Close) => Answer::Set {
+            word: expire(word, side),
+            changed_ns: 0,
+        },
         _ => Answer::Nothing,
     }
 }
@@ -183,6 +197,34 @@ mod tests {
             panic!("closed")
         };
         assert_eq!(new.counted(Side::A), TcpState::None);
+    }
+
+    /// After the kernel gave up on some connection: one it still has open
+    /// stays; one it closed (held by its application, or gone) closes.
+    #[test]
+    fn a_connection_the_kernel_gave_up_on_closes() {
+        let t = Timeouts::default();
+        let w = word(TcpState::Established);
+        assert!(still_asked(w, Side::A, Why::TimedOut));
+        let open = sock(TcpState::Established, 1, 200);
+        assert_eq!(
+            decide(w, Side::A, Why::TimedOut, Some(&open), SEC, &t),
+            Answer::Nothing
+        );
+        for info in [Some(sock(TcpState::Close, 0, 0)), None] {
+            let Answer::Set { word: new, .. } =
+                decide(w, Side::A, Why::TimedOut, info.as_ref(), SEC, &t)
+            else {
+                panic!("closed: {info:?}");
+            };
+            assert_eq!(new.state(Side::A), TcpState::Close);
+        }
+        // Not a state a timeout ends.
+        assert!(!still_asked(
+            word(TcpState::TimeWait),
+            Side::A,
+            Why::TimedOut
+        ));
     }
 
     #[test]

@@ -161,6 +161,9 @@ pub enum Why {
     Connect,
     /// The kernel reported a close where a TIME_WAIT socket may take over.
     Closed,
+    /// The kernel gave up on some connection (retransmissions, user
+    /// timeout): is this one still open?
+    TimedOut,
 }
 
 /// What is due for an entry at some moment.

@@ -56,7 +56,10 @@ pub struct Tracker {
     reconciler: Reconciler,
     timers: Timers,
     /// Each [`KernelSignal`]'s counter at the last look.
-    signals: [Option<u64>; 2],
+    signals: [Option<u64>; 3],
+    /// The kernel gave up on connections since the last walk: the next one
+    /// asks about those that may be them ([`Why::TimedOut`]).
+    timed_out: bool,
     /// Growth of TCPTimeWaitOverflow since the agent started.
     tw_overflow_seen: u64,
     /// Socket-table checks owed after such growth.
@@ -181,7 +184,8 @@ impl Tracker {
             asked: [0; 2],
             reconciler: Reconciler::default(),
             timers: Timers::default(),
-            signals: [None; 2],
+            signals: [None; 3],
+            timed_out: false,
             tw_overflow_seen: 0,
             checks_due: 0,
             map_full_seen: 0,
@@ -272,20 +276,30 @@ impl Tracker {
         self.ns.run(SockDiag::open)
     }
 
-    /// Takes a reading of the [`KernelSignal`]s. When one grows, the
-    /// socket table is checked at once and twice more after it stops (the
+    /// Takes a reading of the [`KernelSignal`]s. When one that
+    /// [checks the table](KernelSignal::checks_table) grows, the socket
+    /// table is checked at once and twice more after it stops (the
     /// two-strike rule needs two checks of a settled table), whether or not
-    /// periodic reconciliation is on. Returns each signal's growth.
-    pub fn note_signals(&mut self, now: [Option<u64>; 2]) -> [u64; 2] {
-        let mut grew = [0; 2];
+    /// periodic reconciliation is on; when the kernel gave up on
+    /// connections, the next walk asks about the likely ones. Returns each
+    /// signal's growth.
+    pub fn note_signals(&mut self, now: [Option<u64>; 3]) -> [u64; 3] {
+        let mut grew = [0; 3];
         for (i, (last, now)) in self.signals.iter_mut().zip(now).enumerate() {
             if let Some(now) = now {
                 grew[i] = last.map_or(0, |before| now.saturating_sub(before));
                 *last = Some(now);
             }
         }
-        if grew.iter().any(|g| *g > 0) {
+        let table = KernelSignal::ALL
+            .iter()
+            .zip(grew)
+            .any(|(s, g)| g > 0 && s.checks_table());
+        if table {
             self.checks_due = 3;
+        }
+        if grew[KernelSignal::AbortOnTimeout as usize] > 0 {
+            self.timed_out = true;
         }
         self.tw_overflow_seen += grew[KernelSignal::TimeWaitOverflow as usize];
         grew

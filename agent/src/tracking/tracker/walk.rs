@@ -2,7 +2,7 @@
 //! breakdowns, listeners, local NAT), and counting by port from the maps.
 
 use netlink_packet_sock_diag::inet::StateFlags;
-use tcpstate_common::{FlowEntry, TcpState};
+use tcpstate_common::{FlowEntry, Side, TcpState};
 
 use super::Tracker;
 use crate::{
@@ -10,12 +10,16 @@ use crate::{
     kernel::{maps::FlowRef, probe::Probe},
     snapshot::{PortFilter, StateCounts},
     tracking::{
+        answers,
         attention::Watch,
         breakdown::{Breakdown, Services, local_ends},
         seed,
-        timers::monotonic_ns,
+        timers::{Why, monotonic_ns},
     },
 };
+
+/// The most endpoints asked about after the kernel gave up on connections.
+const TIMEOUT_SUSPECTS: usize = 256;
 
 impl Tracker {
     /// Once a second: with this namespace's entries of one walk of the flow
@@ -69,11 +73,44 @@ impl Tracker {
             .filter(|(f, _)| matches!(f, FlowRef::V4(_)))
             .count() as u64;
         self.flows_in_map = [v4, entries.len() as u64 - v4];
+        if std::mem::take(&mut self.timed_out) {
+            self.ask_about_timeouts(entries, now);
+        }
+        // (Fires what is due now: the questions just put too.)
         let stats = self
             .timers
             .file(entries, probe, Some(&mut self.diag), &self.timeouts)?;
         self.count(stats);
         self.forget_translations(probe, translations, entries)
+    }
+
+    /// The kernel gave up on connections (its TCPAbortOnTimeout grew): it
+    /// reported each close, but should a report not have taken effect,
+    /// nothing else would show it (no segment; reconciliation may be off
+    /// or seconds away). So the kernel is asked about each local endpoint
+    /// that may be one: still open, with data its peer had not
+    /// acknowledged (what a retransmission or user timeout gives up on),
+    /// at most [`TIMEOUT_SUSPECTS`] of them, each a one-socket lookup.
+    fn ask_about_timeouts(&mut self, entries: &[(FlowRef, FlowEntry)], now: u64) {
+        let mut asked = 0;
+        for (flow, e) in entries {
+            let word = tcpstate_common::Word(e.word);
+            for side in [Side::A, Side::B] {
+                let (mine, peer) = (e.ends[side.index()], e.ends[side.other().index()]);
+                let unacked = (mine.snd_nxt.wrapping_sub(peer.ack) as i32) > 0;
+                if unacked && answers::still_asked(word, side, Why::TimedOut) {
+                    self.timers.question(*flow, side, Why::TimedOut, now);
+                    asked += 1;
+                }
+            }
+            if asked >= TIMEOUT_SUSPECTS {
+                tracing::debug!(
+                    "{}: more connections with unacknowledged data than asked about",
+                    self.identity
+                );
+                return;
+            }
+        }
     }
 
     /// The probe's LISTEN count against the table's: a difference seen at
