@@ -103,7 +103,11 @@ fn netns_inode() -> u64 {
 /// first: nothing more), and a forwarded one (neither address the host's:
 /// missed there, found not local, then the fast path in the observer's
 /// slot), each through the namespace's entry program.
-fn observing(opts: &ProbeOptions, own_ack: &[u8], establish: &dyn Fn(&Probe, u16)) -> (f64, f64) {
+fn observing(
+    opts: &ProbeOptions,
+    own_ack: &[u8],
+    establish: &dyn Fn(&Probe, u16),
+) -> (f64, f64, Vec<(String, u32)>) {
     use tcpstate::kernel::entry::Hook;
     let mut p = Probe::load(
         &ProbeOptions {
@@ -139,7 +143,7 @@ fn observing(opts: &ProbeOptions, own_ack: &[u8], establish: &dyn Fn(&Probe, u16
     // observer's slot, and the host's own counts untouched by it.
     let est = |s| p.counters(s).unwrap().states[tcpstate_common::TcpState::Established as usize];
     assert_eq!((est(observer), est(slot)), (2, 1), "the observed flow");
-    (own, passing)
+    (own, passing, p.verifier_counts())
 }
 
 fn main() {
@@ -213,6 +217,7 @@ fn main() {
     let mut push =
         |name: &str, v: f64| rows.iter_mut().find(|(n, _)| *n == name).unwrap().1.push(v);
 
+    let mut observe_verified = Vec::new();
     for round in 0..ROUNDS {
         eprint!("round {}/{ROUNDS}\r", round + 1);
         // Steady state: the same frame many times.
@@ -242,7 +247,8 @@ fn main() {
             "non_tcp",
             probe.time_program("tcpstate_xdp", &udp, REPEAT).unwrap(),
         );
-        let (own, passing) = observing(&probe_opts, &ack, &establish);
+        let (own, passing, verified) = observing(&probe_opts, &ack, &establish);
+        observe_verified = verified;
         push("ack_netns_observing", own);
         push("ack_observed", passing);
         // Local NAT: the wire says port 443, the socket (a REDIRECT) 8443.
@@ -359,7 +365,7 @@ fn main() {
     let cpu = machine::cpu_model();
     println!("CPU: {cpu}");
     println!("per-packet cost, BPF_PROG_TEST_RUN, median of {ROUNDS} rounds");
-    println!("{:<16} {:>8}  ratio", "case", "ns");
+    println!("{:<20} {:>8}  ratio", "case", "ns");
     let mut out = Vec::new();
     for (name, _) in &rows {
         let v = ns(name);
@@ -377,7 +383,7 @@ fn main() {
             "ref_insert" => ratio(name, "ref_pass_single"),
             _ => String::new(),
         };
-        println!("{name:<16} {v:>8.1}  {ratio}");
+        println!("{name:<20} {v:>8.1}  {ratio}");
         out.push(
             json!({ "case": name, "ns": (v * 10.0).round() / 10.0, "ratio": ratio, "cpu": cpu }),
         );
@@ -399,6 +405,10 @@ fn main() {
     let counts = full.verifier_counts();
     for (name, n) in &counts {
         println!("{name:<20} {n:>9}");
+    }
+    // Loaded to observe (no kernel reports: the packet programs' share).
+    for (name, n) in observe_verified.iter().filter(|(n, _)| n.contains("xdp")) {
+        println!("{:<20} {n:>9}  (--observe)", name);
     }
     let mut f = std::fs::File::create(dir.join("verifier.json")).unwrap();
     writeln!(f, "{}", serde_json::to_string_pretty(&counts).unwrap()).unwrap();
