@@ -246,6 +246,26 @@ impl Drop for Netns {
     }
 }
 
+/// A veth pair with one end, `a_dev`, in `a` and the other, `b_dev`, in `b`.
+pub fn veth_between(a: &Netns, a_dev: &str, b: &Netns, b_dev: &str) {
+    sh(&[
+        "ip", "link", "add", a_dev, "netns", &a.name, "type", "veth", "peer", "name", b_dev,
+        "netns", &b.name,
+    ]);
+}
+
+impl Netns {
+    /// Gives `dev` (in this namespace) IPv4 `v4`/24 and IPv6 `v6`/64 (no
+    /// duplicate detection: usable at once) and brings it up.
+    pub fn address(&self, dev: &str, v4: &str, v6: &str) {
+        let (v4, v6) = (format!("{v4}/24"), format!("{v6}/64"));
+        let ns = self.name.as_str();
+        sh(&["ip", "-n", ns, "addr", "add", &v4, "dev", dev]);
+        sh(&["ip", "-n", ns, "addr", "add", &v6, "dev", dev, "nodad"]);
+        sh(&["ip", "-n", ns, "link", "set", dev, "up"]);
+    }
+}
+
 /// Two namespaces joined by a veth pair, with IPv4 10.X.0.1/2 and IPv6 fdXX::1/2.
 pub struct VethPair {
     pub left: Netns,
@@ -263,45 +283,9 @@ impl VethPair {
         let net = std::process::id() % 200 + 20;
         let (l4, r4) = (format!("10.{net}.0.1"), format!("10.{net}.0.2"));
         let (l6, r6) = (format!("fd{net:02x}::1"), format!("fd{net:02x}::2"));
-        sh(&[
-            "ip",
-            "link",
-            "add",
-            "veth0",
-            "netns",
-            &left.name,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "veth0",
-            "netns",
-            &right.name,
-        ]);
-        for (ns, a4, a6) in [(&left, &l4, &l6), (&right, &r4, &r6)] {
-            sh(&[
-                "ip",
-                "-n",
-                &ns.name,
-                "addr",
-                "add",
-                &format!("{a4}/24"),
-                "dev",
-                "veth0",
-            ]);
-            sh(&[
-                "ip",
-                "-n",
-                &ns.name,
-                "addr",
-                "add",
-                &format!("{a6}/64"),
-                "dev",
-                "veth0",
-                "nodad",
-            ]);
-            sh(&["ip", "-n", &ns.name, "link", "set", "veth0", "up"]);
-        }
+        veth_between(&left, "veth0", &right, "veth0");
+        left.address("veth0", &l4, &l6);
+        right.address("veth0", &r4, &r6);
         VethPair {
             left,
             right,
