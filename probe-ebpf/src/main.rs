@@ -2,7 +2,8 @@
 //! monitored interface, TC egress every frame the host sends on it; both
 //! feed the flow maps. An endpoint is local when its address is one of the
 //! namespace's (the agent keeps LOCAL4/LOCAL6 current), so forwarded traffic
-//! counts nowhere. The kernel's own reports of socket state changes
+//! counts nowhere among the host's own (with `--observe` it counts apart:
+//! `observe.rs`). The kernel's own reports of socket state changes
 //! (`kernel.rs`) add what no segment shows. The probe is a monitor: every
 //! path lets the packet through unchanged.
 //!
