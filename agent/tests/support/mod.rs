@@ -384,14 +384,20 @@ impl Agent {
 
     /// `tcpstate count --json` as a user runs it.
     pub fn try_counts(&self) -> Option<StateCounts> {
-        let mut count = tcpstate();
-        count
-            .args(["count", "--json", "--socket"])
-            .arg(&self.socket);
-        if let Some(sel) = &self.select {
-            count.args(["--netns", sel]);
+        match &self.select {
+            Some(sel) => self.count_json(&["--netns", sel]),
+            None => self.count_json(&[]),
         }
-        let out = count.output().ok()?;
+    }
+
+    /// `tcpstate count --json EXTRA...`; `None` when it fails.
+    fn count_json(&self, extra: &[&str]) -> Option<StateCounts> {
+        let out = tcpstate()
+            .args(["count", "--json", "--socket"])
+            .arg(&self.socket)
+            .args(extra)
+            .output()
+            .ok()?;
         if !out.status.success() {
             return None;
         }
@@ -407,19 +413,8 @@ impl Agent {
     /// `tcpstate count --observed --json` as a user runs it: the
     /// connections passing through (`run --observe`).
     pub fn observed(&self) -> StateCounts {
-        let out = tcpstate()
-            .args(["count", "--observed", "--json", "--socket"])
-            .arg(&self.socket)
-            .output()
-            .expect("tcpstate count");
-        assert!(
-            out.status.success(),
-            "count --observed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let v: serde_json::Value =
-            serde_json::from_slice(&out.stdout).expect("count --json prints JSON");
-        StateCounts::from_json(&v).expect("count --json names the eleven states")
+        self.count_json(&["--observed"])
+            .expect("count --observed answers (an agent run with --observe)")
     }
 
     /// The full snapshot (events included).
