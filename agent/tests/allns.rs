@@ -159,25 +159,7 @@ fn the_same_tuple_in_two_namespaces_is_two_connections() {
         let l = pair.right.listen(&format!("{}:8000", pair.right_v4));
         let to: SocketAddr = l.local_addr().unwrap();
         let from: SocketAddr = format!("{}:41000", pair.left_v4).parse().unwrap();
-        let c = pair.left.run(|| {
-            use std::os::fd::AsRawFd;
-
-            use nix::sys::socket::{
-                AddressFamily, SockFlag, SockType, SockaddrStorage, bind, connect, setsockopt,
-                socket, sockopt::ReuseAddr,
-            };
-            let fd = socket(
-                AddressFamily::Inet,
-                SockType::Stream,
-                SockFlag::empty(),
-                None,
-            )
-            .unwrap();
-            setsockopt(&fd, ReuseAddr, &true).unwrap();
-            bind(fd.as_raw_fd(), &SockaddrStorage::from(from)).unwrap();
-            connect(fd.as_raw_fd(), &SockaddrStorage::from(to)).unwrap();
-            TcpStream::from(fd)
-        });
+        let c = pair.left.connect_from(from, to);
         keep.push((c, accept(&l), l));
     }
     for ns in [&one.left, &one.right, &two.left, &two.right] {

@@ -1,7 +1,8 @@
 //! `run --observe` on a router, and on a bridge, against ground truth: a
 //! namespace that only forwards (or bridges) between two others. While real connections pass through it
 //! (handshakes, closes by either side, a half close, resets, a refused
-//! connect, then a churn of short connections), the agent's observed counts
+//! connect, a churn of short connections, then one port used again and
+//! again through the server's TIME_WAIT), the agent's observed counts
 //! are compared every 100 ms with both ends' `ss -tan` together, and its
 //! own counts with the router's `ss -tan`, which its own connections move
 //! at the same time: each difference must be gone within a second.
@@ -227,24 +228,85 @@ fn scenario(net: &Routed, agent: &Agent, fam: usize) -> Vec<Box<dyn std::any::An
     let seen = assert_settled(agent, net, "closed, half closed, reset, refused");
     assert!(seen.get(TcpState::TimeWait) >= 2 && seen.get(TcpState::FinWait2) == 1);
 
-    // A churn of short connections through the router, each way, closed
-    // client first: the client's TIME_WAIT keeps its port from being
-    // reused. (A server's TIME_WAIT taken over by a new SYN on the same
-    // tuple is not yet counted exactly by an observer: see the README.)
+    // A churn of short connections through the router, each way, half of
+    // them closed server first: the clients' ports come round again while
+    // the server's TIME_WAIT of an old connection on that tuple lingers.
     for i in 0..300 {
         let (c, s) = if i % 2 == 0 {
             (net.left.connect(to_right), accept(&at_right))
         } else {
             (net.right.connect(to_left), accept(&at_left))
         };
-        drop(c);
-        drop(s);
+        if i % 4 < 2 {
+            drop(c);
+            drop(s);
+        } else {
+            drop(s);
+            drop(c);
+        }
         sleep(Duration::from_millis(10));
     }
     sleep(Duration::from_millis(500));
     assert_settled(agent, net, "after the churn");
+    reuse_through_time_wait(net, agent, fam);
     held.push(Box::new((pairs, at_left, at_right)));
     held
+}
+
+/// Bytes that carry a server's expected sequence number past where the
+/// client's next ISN on the same tuple will be for the next four seconds
+/// (Linux's ISN clock ticks 15.6 million a second).
+const PAST_THE_ISN_CLOCK: u64 = 64 << 20;
+
+/// One client port, used again and again for connections the server
+/// closes first: each new SYN meets the server's TIME_WAIT of the one
+/// before. The client sends no timestamps, so the TIME_WAIT judges the SYN
+/// by its sequence number alone. After a connection that carried
+/// [`PAST_THE_ISN_CLOCK`] bytes the SYN is behind and challenged: the
+/// TIME_WAIT answers with its old ACK, the client answers that with an RST
+/// (which ends the TIME_WAIT) and stays SYN_SENT until it sends its SYN
+/// again, moments later. After one that carried nothing, the SYN is taken.
+/// Each connection is left closed for longer than a difference may last,
+/// and the last SYN is taken, so nothing that follows hides a mistake.
+fn reuse_through_time_wait(net: &Routed, agent: &Agent, fam: usize) {
+    use std::io::{Read, Write};
+    let at_right = net.right.listen(&sockaddr(&net.right_addr[fam], 7104));
+    let to = at_right.local_addr().unwrap();
+    let from: SocketAddr = sockaddr(&net.left_addr[fam], 7400).parse().unwrap();
+    net.left.sysctl("net.ipv4.tcp_timestamps=0");
+    let (mut taken, mut challenged) = (0, 0);
+    for i in 0..6 {
+        let rsts = net.left.snmp("Tcp", "OutRsts");
+        let mut c = net.left.connect_from(from, to);
+        let mut s = accept(&at_right);
+        match (i, net.left.snmp("Tcp", "OutRsts") > rsts) {
+            (0, _) => {}
+            (_, true) => challenged += 1,
+            (_, false) => taken += 1,
+        }
+        if i % 3 == 0 {
+            std::thread::scope(|sc| {
+                sc.spawn(|| {
+                    c.write_all(&vec![0; PAST_THE_ISN_CLOCK as usize])
+                        .expect("send")
+                });
+                let read =
+                    std::io::copy(&mut (&mut s).take(PAST_THE_ISN_CLOCK), &mut std::io::sink());
+                assert_eq!(read.expect("receive"), PAST_THE_ISN_CLOCK);
+            });
+        }
+        drop(s);
+        sleep(Duration::from_millis(100));
+        drop(c);
+        sleep(LIMIT + Duration::from_millis(100));
+    }
+    net.left.sysctl("net.ipv4.tcp_timestamps=1");
+    assert!(
+        taken >= 1 && challenged >= 1,
+        "both ways through a TIME_WAIT: {taken} SYNs taken, {challenged} challenged"
+    );
+    eprintln!("reused through TIME_WAIT: {taken} SYNs taken, {challenged} challenged");
+    assert_settled(agent, net, "after reusing a port through TIME_WAIT");
 }
 
 fn observed_scenario(net: Routed, fam: usize) {

@@ -25,7 +25,11 @@
 //! - A SYN (or SYN-ACK) on a tuple whose connection is over starts a fresh
 //!   one: both endpoints' fields are reset. A local TIME_WAIT survives a
 //!   SYN until the kernel answers it (a SYN-ACK: a new connection; an ACK:
-//!   the TIME_WAIT socket stays).
+//!   the TIME_WAIT socket stays, and the client's RST that answers the ACK
+//!   ends it).
+//! - An endpoint in SYN_SENT stays there when it sends an RST: Linux sends
+//!   one from SYN_SENT only to answer an ACK that does not acknowledge its
+//!   SYN, and sends its SYN again later.
 //! - An RST from a remote sender ends the connection only when its sequence
 //!   number lies between the receiver's last ACK and the sender's highest
 //!   sequence sent (Linux accepts exactly `rcv_nxt`, which lies in that range);
@@ -247,25 +251,32 @@ pub fn step(
     let mut rs = w.state(receiver);
 
     // A new connection on a tuple whose previous one is over (port reuse).
-    // A local TIME_WAIT receiver is the kernel's to end: it answers the SYN
-    // with a SYN-ACK (the new connection, which restarts the entry) or keeps
-    // the TIME_WAIT socket and answers with an ACK.
+    // Each endpoint that starts it remembers nothing of the old one, except:
+    // - a local TIME_WAIT receiver is the kernel's to end: it answers the
+    //   SYN with a SYN-ACK (and is gone) or keeps the TIME_WAIT socket and
+    //   answers with the old connection's ACK;
+    // - a SYN-ACK that answers the receiver's new SYN keeps what that SYN did;
+    // - a SYN sent again by an endpoint already in SYN_SENT (after the RST
+    //   that answered such an ACK) is the same connection.
     let over = |s: TcpState| matches!(s, TcpState::TimeWait | TcpState::Close);
     let to_local_time_wait = receiver_local && rs == TcpState::TimeWait && !seg.has(ACK);
-    // A SYN-ACK that answers the receiver's new SYN keeps what that SYN did.
     let mut fresh_receiver = fresh;
-    if seg.may_open() && !to_local_time_wait && (over(ss) || over(rs)) {
-        ss = TcpState::None;
-        fresh = true;
-        if !(rs == TcpState::SynSent && seg.has(ACK)) {
+    if seg.may_open() && (over(ss) || over(rs)) {
+        let answers_syn = rs == TcpState::SynSent && seg.has(ACK);
+        let again = ss == TcpState::SynSent && !seg.has(ACK);
+        if !again {
+            ss = TcpState::None;
+            fresh = true;
+            out.restarted = !answers_syn;
+        }
+        if !to_local_time_wait && !answers_syn {
             rs = TcpState::None;
             fresh_receiver = true;
         }
     }
     let sender_before = ss;
-    // A fresh connection remembers nothing of the old one.
     out.reset_receiver = fresh_receiver;
-    out.restarted = fresh;
+    out.restarted |= word.is_dead() && fresh;
     let prev = if fresh {
         Facts::UNKNOWN
     } else {
@@ -292,7 +303,12 @@ pub fn step(
 
     if seg.has(RST) {
         if sender_local || rst_acceptable(seg, rs, &rf, &prev) {
-            ss = TcpState::Close;
+            // Linux sends an RST from SYN_SENT only to answer an ACK that
+            // does not acknowledge its SYN (a TIME_WAIT's or a stale
+            // socket's), and stays SYN_SENT.
+            if ss != TcpState::SynSent {
+                ss = TcpState::Close;
+            }
             if rs != TcpState::Listen && rs != TcpState::None {
                 rs = TcpState::Close;
             }

@@ -158,6 +158,29 @@ impl Netns {
         self.run(|| TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect"))
     }
 
+    /// A connection from a chosen address and port (SO_REUSEADDR, so the
+    /// port may be taken again while the tuple's old connection lingers).
+    pub fn connect_from(&self, from: SocketAddr, to: SocketAddr) -> TcpStream {
+        use std::os::fd::AsRawFd;
+
+        use nix::sys::socket::{
+            AddressFamily, SockFlag, SockType, SockaddrStorage, bind, connect, setsockopt, socket,
+            sockopt::ReuseAddr,
+        };
+        self.run(|| {
+            let family = if from.is_ipv4() {
+                AddressFamily::Inet
+            } else {
+                AddressFamily::Inet6
+            };
+            let fd = socket(family, SockType::Stream, SockFlag::empty(), None).expect("socket");
+            setsockopt(&fd, ReuseAddr, &true).expect("SO_REUSEADDR");
+            bind(fd.as_raw_fd(), &SockaddrStorage::from(from)).expect("bind");
+            connect(fd.as_raw_fd(), &SockaddrStorage::from(to)).expect("connect");
+            TcpStream::from(fd)
+        })
+    }
+
     /// Sets a sysctl of this namespace, e.g. `net.ipv4.ip_forward=1`.
     pub fn sysctl(&self, setting: &str) {
         sh(&["ip", "netns", "exec", &self.name, "sysctl", "-qw", setting]);

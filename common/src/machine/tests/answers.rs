@@ -82,19 +82,11 @@ fn where_the_kernel_reports_it_the_final_ack_does_not_complete_a_passive_open() 
     }
 }
 
-fn server_closes_first(sim: &mut Sim) {
-    sim.handshake();
-    sim.send(S, FIN | ACK, 0);
-    sim.send(C, FIN | ACK, 0);
-    sim.send(S, ACK, 0);
-    assert_eq!(sim.states(), (Close, TimeWait));
-}
-
 #[test]
 fn a_local_time_wait_lasts_until_its_kernel_answers_a_new_syn() {
     // The kernel keeps the TIME_WAIT socket and answers with an ACK.
     let mut sim = Sim::new(false, true);
-    server_closes_first(&mut sim);
+    sim.server_closes_first();
     sim.seq[C.index()] = sim.seq[C.index()].wrapping_sub(5000);
     sim.send(C, SYN, 0);
     assert_eq!(sim.word.counted(S), TimeWait);
@@ -102,7 +94,7 @@ fn a_local_time_wait_lasts_until_its_kernel_answers_a_new_syn() {
     assert_eq!(sim.word.counted(S), TimeWait);
     // The kernel accepts a later SYN: the SYN-ACK starts a new connection.
     let mut sim = Sim::new(false, true);
-    server_closes_first(&mut sim);
+    sim.server_closes_first();
     sim.seq = [90_000, 7_000_000];
     sim.send(C, SYN, 0);
     assert_eq!(sim.word.counted(S), TimeWait);

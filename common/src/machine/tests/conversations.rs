@@ -306,6 +306,89 @@ fn new_syn_on_a_time_wait_tuple_starts_afresh() {
     }
 }
 
+/// A tuple reused through the server's TIME_WAIT: the client's new
+/// connection remembers nothing of its old one. Its old FIN, kept, would
+/// make its new FIN look like a retransmission and leave it in CLOSE_WAIT
+/// when the server closes first again.
+#[test]
+fn a_tuple_reused_through_a_servers_time_wait_closes_like_a_new_one() {
+    for (c, s) in PLACEMENTS {
+        let mut sim = Sim::new(c, s);
+        sim.server_closes_first();
+        sim.seq = [90_000, 7_000_000];
+        sim.send(C, SYN, 0);
+        assert_eq!(sim.word.facts(C) & Word::FIN, 0, "placement {c} {s}");
+        sim.send(S, SYN | ACK, 0);
+        sim.send(C, ACK, 0);
+        sim.send(C, ACK, 100);
+        sim.send(S, ACK, 0);
+        assert_eq!(sim.states(), (Established, Established));
+        sim.send(S, FIN | ACK, 0);
+        sim.send(C, ACK, 0);
+        assert_eq!(sim.states(), (CloseWait, FinWait2), "placement {c} {s}");
+        sim.send(C, FIN | ACK, 0);
+        assert_eq!(sim.states(), (LastAck, TimeWait), "placement {c} {s}");
+        sim.send(S, ACK, 0);
+        assert_eq!(sim.states(), (Close, TimeWait), "placement {c} {s}");
+    }
+}
+
+/// A SYN the TIME_WAIT does not take (its sequence number is not past the
+/// old connection's): the kernel answers with the old connection's ACK,
+/// the client answers that with an RST, which ends the TIME_WAIT, and stays
+/// SYN_SENT: Linux never leaves SYN_SENT by sending an RST. Its SYN, sent
+/// again a second later, opens the connection.
+#[test]
+fn a_challenged_syn_leaves_the_client_connecting_until_it_retries() {
+    for (c, s) in PLACEMENTS {
+        let mut sim = Sim::new(c, s);
+        sim.server_closes_first();
+        let isn = sim.seq[C.index()].wrapping_sub(5000);
+        sim.seq[C.index()] = isn;
+        sim.send(C, SYN, 0);
+        let challenge = sim.seg(S, ACK, 0);
+        sim.deliver(S, &challenge);
+        let rst = Segment {
+            flags: RST,
+            meta: sim.meta(C),
+            seq: challenge.ack,
+            ack: 0,
+            len: 0,
+        };
+        sim.deliver(C, &rst);
+        assert_eq!(sim.states(), (SynSent, Close), "placement {c} {s}");
+        assert_eq!(sim.rst_ignored, 0, "placement {c} {s}");
+        // The SYN again, as it was.
+        let syn = Segment {
+            flags: SYN,
+            meta: sim.meta(C),
+            seq: isn,
+            ack: 0,
+            len: 0,
+        };
+        sim.deliver(C, &syn);
+        assert_eq!(
+            sim.states(),
+            (SynSent, sim.after_syn()),
+            "placement {c} {s}"
+        );
+        sim.rcv[S.index()] = isn.wrapping_add(1);
+        sim.seq[S.index()] = 8_000_000;
+        sim.send(S, SYN | ACK, 0);
+        sim.send(C, ACK, 0);
+        assert_eq!(
+            sim.states(),
+            (Established, Established),
+            "placement {c} {s}"
+        );
+        assert_eq!(sim.handshakes_failed, 0, "no attempt failed");
+        sim.send(S, FIN | ACK, 0);
+        sim.send(C, FIN | ACK, 0);
+        sim.send(S, ACK, 0);
+        assert_eq!(sim.states(), (Close, TimeWait), "placement {c} {s}");
+    }
+}
+
 /// A restart on a reused tuple forgets the old connection's facts of both
 /// endpoints, also of the one that has not sent yet: here a local client
 /// reuses its port while its old connection is in TIME_WAIT, and the remote

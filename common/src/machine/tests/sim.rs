@@ -132,6 +132,16 @@ impl Sim {
         self.send(C, ACK, 0);
         assert_eq!(self.states(), (Established, Established));
     }
+
+    /// A handshake, then a close the server begins: the server is left in
+    /// TIME_WAIT.
+    pub fn server_closes_first(&mut self) {
+        self.handshake();
+        self.send(S, FIN | ACK, 0);
+        self.send(C, FIN | ACK, 0);
+        self.send(S, ACK, 0);
+        assert_eq!(self.states(), (Close, TimeWait));
+    }
 }
 
 /// Every placement of the endpoints the probe can see.
