@@ -12,7 +12,10 @@ use tcpstate::{
         metrics,
     },
     snapshot::{PortFilter, PortSide, Snapshot, conns::ConnFilter, verify_table},
-    tracking::host::{self, Scope},
+    tracking::{
+        host::{self, Scope},
+        timers::Timeouts,
+    },
 };
 
 #[derive(Parser)]
@@ -147,9 +150,14 @@ struct RunArgs {
     /// Also count the connections that only pass through (a router, a
     /// bridge, a mirror port's feed), both endpoints of each, apart from
     /// the host's own: `count --observed`, tcpstate_observed_* metrics.
-    /// Their timers are Linux's defaults.
+    /// Their timers are Linux's defaults unless --observe-timeouts says.
     #[arg(long, conflicts_with = "all_namespaces")]
     observe: bool,
+    /// How long the observed connections' timed states last, where the
+    /// ends' sysctls differ from Linux's defaults:
+    /// time-wait=60s,fin-wait2=60s,syn-sent=131s,syn-recv=63s (any of them).
+    #[arg(long, value_name = "STATE=DUR,...", value_parser = Timeouts::parse, requires = "observe")]
+    observe_timeouts: Option<Timeouts>,
     /// Namespaces the probe has room for with --all-namespaces.
     #[arg(long, default_value_t = 1024, value_name = "N")]
     max_netns: u32,
@@ -443,6 +451,7 @@ fn run(args: RunArgs) -> ExitCode {
                 observe: args.observe,
             },
             top_k: args.top_k,
+            observed_timeouts: args.observe_timeouts.clone().unwrap_or_default(),
         },
         socket: args.socket.clone(),
         print: !args.quiet && !args.top,

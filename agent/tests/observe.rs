@@ -363,3 +363,78 @@ fn a_router_observing_counts_what_passes_as_both_ends_do_ipv6() {
 fn a_bridge_observing_counts_what_passes_as_both_ends_do() {
     observed_scenario(Routed::bridged(), 0);
 }
+
+/// Where the ends' sysctls shorten a timed state, `--observe-timeouts`
+/// says so: both ends end orphaned FIN_WAIT2 sockets after 3 s
+/// (`tcp_fin_timeout`), and so must the observer, sampled as they do.
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn observed_timers_last_as_long_as_given() {
+    require_root();
+    let net = Routed::new();
+    for end in [&net.left, &net.right] {
+        end.sysctl("net.ipv4.tcp_fin_timeout=3");
+    }
+    let agent = Agent::start(
+        &net.router,
+        &["--observe", "--observe-timeouts", "fin-wait2=3s"],
+    );
+    let view = agent.in_netns(&net.router.name);
+    let (l, r) = (&net.left_addr[0], &net.right_addr[0]);
+    let at_left = net.left.listen(&sockaddr(l, 7111));
+    let at_right = net.right.listen(&sockaddr(r, 7112));
+    let stop = AtomicBool::new(false);
+    let (observed, _) = std::thread::scope(|s| {
+        let sampler = s.spawn(|| sample(&view, &net, &stop));
+        let _stop = StopOnDrop(&stop);
+        // Each way: the client closes, the server keeps its socket (CLOSE_WAIT),
+        // and the client's orphan waits in FIN_WAIT2 for its timer.
+        let mut servers = Vec::new();
+        for (from, to, l) in [
+            (&net.left, &at_right, &at_right),
+            (&net.right, &at_left, &at_left),
+        ] {
+            let c = from.connect(to.local_addr().unwrap());
+            servers.push(accept(l));
+            drop(c);
+        }
+        sleep(Duration::from_millis(500));
+        let seen = assert_settled(&agent, &net, "two orphans in FIN_WAIT2");
+        assert_eq!(seen.get(TcpState::FinWait2), 2);
+        sleep(Duration::from_secs(4));
+        let seen = assert_settled(&agent, &net, "after their 3 s");
+        assert_eq!(seen.get(TcpState::FinWait2), 0, "both ends ended them");
+        assert_eq!(seen.get(TcpState::CloseWait), 2);
+        stop.store(true, Ordering::Relaxed);
+        let out = sampler.join().expect("the sampler");
+        drop(servers);
+        out
+    });
+    observed.assert_within("observed counts against both ends' ss");
+}
+
+/// `--observe-timeouts` without `--observe`, or naming no timed state: one
+/// clear line, and nothing starts.
+#[test]
+fn observe_timeouts_misused_are_refused_clearly() {
+    for (args, says) in [
+        (&["--observe-timeouts", "fin-wait2=3s"][..], "--observe"),
+        (
+            &["--observe", "--observe-timeouts", "established=3s"][..],
+            "the timed states are time-wait, fin-wait2, syn-sent, syn-recv",
+        ),
+        (
+            &["--observe", "--observe-timeouts", "time-wait=soon"][..],
+            "is not a duration",
+        ),
+    ] {
+        let out = support::tcpstate()
+            .arg("run")
+            .args(args)
+            .output()
+            .expect("tcpstate runs");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} was accepted");
+        assert!(err.contains(says), "{args:?}: no {says:?} in\n{err}");
+    }
+}

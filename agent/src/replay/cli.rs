@@ -52,8 +52,8 @@ pub struct ReplayArgs {
     #[arg(long, value_name = "FILE")]
     pub conns: Option<String>,
     /// How long the timed states last, as Linux's defaults unless given:
-    /// time-wait=60s,fin-wait2=60s,syn-sent=127s,syn-recv=63s (any of them).
-    #[arg(long, value_name = "STATE=DUR,...", value_parser = parse_timeouts)]
+    /// time-wait=60s,fin-wait2=60s,syn-sent=131s,syn-recv=63s (any of them).
+    #[arg(long, value_name = "STATE=DUR,...", value_parser = Timeouts::parse)]
     pub timeouts: Option<Timeouts>,
     /// Run the frames through the eBPF probe itself (loaded, not attached:
     /// BPF_PROG_TEST_RUN) instead of the host's copy of its code; needs
@@ -73,31 +73,6 @@ fn parse_every(s: &str) -> std::result::Result<Duration, String> {
             "{s:?}: give a duration of 1ms or more (500ms, 10s, 1m)"
         )),
     }
-}
-
-/// `time-wait=30s,syn-recv=10s`: the named states' durations; the rest
-/// keep Linux's defaults.
-pub fn parse_timeouts(s: &str) -> std::result::Result<Timeouts, String> {
-    let mut t = Timeouts::default();
-    for part in s.split(',').filter(|p| !p.is_empty()) {
-        let (name, value) = part
-            .split_once('=')
-            .ok_or_else(|| format!("{part:?}: give STATE=DURATION"))?;
-        let d = time::duration(value).ok_or_else(|| format!("{value:?} is not a duration"))?;
-        let slot = match name.trim().to_ascii_lowercase().replace('_', "-").as_str() {
-            "time-wait" => &mut t.time_wait,
-            "fin-wait2" | "fin-wait-2" => &mut t.fin_wait2,
-            "syn-sent" => &mut t.syn_sent,
-            "syn-recv" => &mut t.syn_recv,
-            other => {
-                return Err(format!(
-                    "{other:?}: the timed states are time-wait, fin-wait2, syn-sent, syn-recv"
-                ));
-            }
-        };
-        *slot = d;
-    }
-    Ok(t)
 }
 
 impl ReplayArgs {

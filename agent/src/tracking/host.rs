@@ -19,7 +19,7 @@ use crate::{
         sockdiag::SockDiag,
     },
     snapshot::{NetnsCounts, PortFilter, Snapshot, StateCounts},
-    tracking::{observer::Observer, tracker::Tracker},
+    tracking::{observer::Observer, timers::Timeouts, tracker::Tracker},
 };
 
 /// Flow entries grouped by their namespace slot.
@@ -52,6 +52,8 @@ pub struct Config {
     /// Ports and peers listed by name in snapshots and metrics; the rest is
     /// summed as "other".
     pub top_k: usize,
+    /// With `probe.observe`: how long the observed timed states last.
+    pub observed_timeouts: Timeouts,
 }
 
 /// How a namespace is named to the user: its inode (as `lsns -t net` and
@@ -192,7 +194,11 @@ impl Host {
                     cfg.top_k,
                 )?;
                 if opts.observe {
-                    host.observer = Some(Observer::start(&mut host.probe, t.slot())?);
+                    host.observer = Some(Observer::start(
+                        &mut host.probe,
+                        t.slot(),
+                        cfg.observed_timeouts.clone(),
+                    )?);
                 }
                 host.trackers.insert(t.slot(), t);
             }

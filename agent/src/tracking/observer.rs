@@ -1,8 +1,9 @@
 //! The connections passing through a monitored namespace (`run --observe`),
 //! kept in a slot of their own. The probe tracks both endpoints of each;
 //! what no segment shows is only the timers, and with no socket here to
-//! ask, each timed state ends when Linux's default time for it is up (as
-//! `replay --observe` ends them on the capture's clock). No seeding, no
+//! ask, each timed state ends when its time is up: Linux's default, or what
+//! `--observe-timeouts` gives (as `replay --observe` ends them on the
+//! capture's clock). No seeding, no
 //! socket-table checks: the table holds none of these.
 
 use tcpstate_common::FlowEntry;
@@ -23,12 +24,13 @@ pub struct Observer {
 }
 
 impl Observer {
-    /// Gives the traffic passing through namespace slot `of` its own slot.
-    pub fn start(probe: &mut Probe, of: u32) -> Result<Observer> {
+    /// Gives the traffic passing through namespace slot `of` its own slot;
+    /// its timed states last `timeouts` (Linux's defaults unless given).
+    pub fn start(probe: &mut Probe, of: u32, timeouts: Timeouts) -> Result<Observer> {
         Ok(Observer {
             slot: probe.register_observer(of)?,
             timers: Timers::default(),
-            timeouts: Timeouts::observed(),
+            timeouts: timeouts.observed(),
             expired: 0,
             flows_in_map: [0; 2],
         })

@@ -112,11 +112,11 @@ impl Timeouts {
         }
     }
 
-    /// For connections passing through: Linux's defaults, no kernel to ask.
-    pub fn observed() -> Timeouts {
+    /// For connections passing through: these durations, no kernel to ask.
+    pub fn observed(self) -> Timeouts {
         Timeouts {
             observed: true,
-            ..Timeouts::default()
+            ..self
         }
     }
 
@@ -533,5 +533,6 @@ pub fn sweep(probe: &Probe, diag: &mut SockDiag, t: &Timeouts) -> Result<SweepSt
     Timers::default().file(&entries, probe, Some(diag), t)
 }
 
+mod given;
 #[cfg(test)]
 mod tests;

@@ -153,7 +153,7 @@ fn dead_entries_are_reaped_after_the_grace_period() {
 /// on its own, and the other endpoint stays as it was.
 #[test]
 fn observed_endpoints_close_when_their_time_is_up_without_asking() {
-    let t = Timeouts::observed();
+    let t = Timeouts::default().observed();
     let both = |w: Word| w.with_local(Side::A).with_local(Side::B);
     let none = TellBook::default();
     let cases = [
