@@ -13,6 +13,7 @@ use support::{
     frames::{ACK, Tcp},
     pcapw::{
         LINK_ETHERNET, LINK_IPV4, LINK_RAW, LINK_SLL, LINK_SLL2, MS, Rec, T0, pcap, pcapng, recs,
+        recs_of, reuse_story,
     },
     rng::Rng,
     tcpstate,
@@ -197,6 +198,69 @@ fn an_observer_counts_both_ends() {
         &["--at", "+30", "--local", "10.0.0.2", "--local", "fd00::2"],
     );
     assert_eq!(server, expect(&[(TcpState::Established, 2)]));
+    drop(f);
+}
+
+/// A connection log's rows, each as its fields by name.
+fn log_rows(out: &str) -> Vec<std::collections::BTreeMap<String, String>> {
+    let fields: Vec<&str> = out
+        .lines()
+        .find_map(|l| l.strip_prefix("#fields\t"))
+        .unwrap()
+        .split('\t')
+        .collect();
+    out.lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| {
+            let values: Vec<&str> = l.split('\t').collect();
+            assert_eq!(values.len(), fields.len(), "{l}");
+            fields
+                .iter()
+                .zip(values)
+                .map(|(f, v)| (f.to_string(), v.to_owned()))
+                .collect()
+        })
+        .collect()
+}
+
+/// Port reuse through the server's TIME_WAIT, the SYN challenged once and
+/// taken once: three connections, each begun by the client's SYN, each
+/// closed normally. The client stays SYN_SENT through the challenge.
+#[test]
+fn a_port_reused_through_a_servers_time_wait_is_three_connections() {
+    let recs = recs_of(reuse_story(), LINK_ETHERNET, false);
+    let f = write("reuse.pcap", &pcap(LINK_ETHERNET, false, false, &recs));
+    let (status, out, err) = replay(&f, &["--conns", "-"]);
+    assert_eq!(status, 0, "{err}");
+    let rows = log_rows(&out);
+    assert_eq!(rows.len(), 3, "{out}");
+    for r in &rows {
+        assert_eq!(
+            (&*r["id.orig_h"], &*r["id.orig_p"]),
+            ("10.0.0.2", "40010"),
+            "{out}"
+        );
+        assert_eq!(r["conn_state"], "SF", "{out}");
+        // The server closed first: the client's last state was LAST_ACK.
+        assert_eq!(
+            (&*r["orig_tcp_state"], &*r["resp_tcp_state"]),
+            ("LAST_ACK", "TIME_WAIT"),
+            "{out}"
+        );
+    }
+    assert_eq!(
+        rows[1]["history"], "SaRhAfF",
+        "the challenge in the middle one"
+    );
+    // Between the client's RST and its SYN again: only the client, still
+    // connecting (the RST ended the TIME_WAIT).
+    let between = counts(&f, &["--at", "+1.005"]);
+    assert_eq!(between, expect(&[(TcpState::SynSent, 1)]));
+    // At the end: the server's last TIME_WAIT, on its own and as observed.
+    let end = expect(&[(TcpState::TimeWait, 1)]);
+    assert_eq!(counts(&f, &[]), end);
+    assert_eq!(counts(&f, &["--local", "10.0.0.1"]), end);
+    assert_eq!(counts(&f, &["--local", "10.0.0.2"]), StateCounts::default());
     drop(f);
 }
 

@@ -9,7 +9,9 @@ mod support;
 
 use support::{
     capture::replay,
-    pcapw::{LINK_ETHERNET, LINK_RAW, LINK_SLL, LINK_SLL2, pcap, pcapng, recs},
+    pcapw::{
+        LINK_ETHERNET, LINK_RAW, LINK_SLL, LINK_SLL2, pcap, pcapng, recs, recs_of, reuse_story,
+    },
     require_root,
 };
 use tcpstate::replay::{
@@ -67,6 +69,18 @@ fn the_probe_and_the_host_count_every_story_frame_alike() {
         for side in sides {
             assert_eq!(assert_one_engine(name, bytes.clone(), side), 20);
         }
+    }
+    // A port reused through the server's TIME_WAIT, challenged once.
+    let reuse = reuse_story();
+    let n = reuse.len() as u64;
+    let bytes = pcap(
+        LINK_ETHERNET,
+        false,
+        false,
+        &recs_of(reuse, LINK_ETHERNET, false),
+    );
+    for side in [&["10.0.0.1"][..], &["10.0.0.2"], &[]] {
+        assert_eq!(assert_one_engine("reuse.pcap", bytes.clone(), side), n);
     }
 }
 

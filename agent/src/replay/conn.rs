@@ -223,6 +223,12 @@ fn next_seen(s: Seen, other: Seen, syn: bool, ack: bool, fin: bool, rst: bool) -
     if rst {
         return Seen::Reset;
     }
+    // An RST from a connecting endpoint answered an ACK that was not for its
+    // SYN (a TIME_WAIT's, a stale socket's): Linux stays SYN_SENT and sends
+    // the SYN again, which goes on with the same connection.
+    if s == Seen::Reset && syn && !ack && matches!(other, Seen::Partial | Seen::SynAckSent) {
+        return Seen::SynSent;
+    }
     if s == Seen::Reset {
         return s;
     }
@@ -326,5 +332,25 @@ mod tests {
         assert_eq!((aborted.conn_state(), aborted.orig), ("RSTO", Side::B));
         let midstream = run(&[(Side::A, A, 5, 10)]);
         assert_eq!(midstream.conn_state(), "OTH");
+        // A SYN met by a TIME_WAIT's ACK: the client's RST, its SYN again,
+        // then an ordinary connection and close.
+        let challenged = run(&[
+            (Side::A, S, 1, 0),
+            (Side::B, A, 77, 0),
+            (Side::A, R, 77, 0),
+            (Side::A, S, 1, 0),
+            (Side::B, S | A, 9, 0),
+            (Side::A, A, 2, 0),
+            (Side::A, F | A, 2, 0),
+            (Side::B, F | A, 10, 0),
+            (Side::A, A, 3, 0),
+        ]);
+        assert_eq!(
+            (challenged.conn_state(), challenged.history.as_str()),
+            ("SF", "SaRhAFf")
+        );
+        // A SYN after an RST that answered nothing: still reset.
+        let gave_up = run(&[(Side::A, S, 1, 0), (Side::A, R, 2, 0), (Side::A, S, 1, 0)]);
+        assert_eq!(gave_up.conn_state(), "RSTOS0");
     }
 }

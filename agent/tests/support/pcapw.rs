@@ -181,8 +181,48 @@ pub fn story() -> Vec<(u64, Tcp)> {
     ]
 }
 
+/// One client port used three times against a server (the host,
+/// 10.0.0.1:80) that closes first, so each new SYN meets its TIME_WAIT:
+/// the second SYN is behind the old connection's sequence numbers and is
+/// challenged (the TIME_WAIT's old ACK, the client's RST, the SYN again
+/// 10 ms later), the third is ahead and taken. Each connection ends with
+/// the server in TIME_WAIT.
+pub fn reuse_story() -> Vec<(u64, Tcp)> {
+    let (c, s) = ("10.0.0.2", "10.0.0.1");
+    let up = |f, seq, ack| Tcp::new(c, 40010, s, 80, f).seq(seq, ack);
+    let down = |f, seq, ack| Tcp::new(s, 80, c, 40010, f).seq(seq, ack);
+    // One connection from `at`: client ISN `ci`, server ISN `si`, closed by
+    // the server first.
+    let conn = |at: u64, ci: u32, si: u32| {
+        vec![
+            (at, up(SYN, ci, 0)),
+            (at + MS, down(SYN | ACK, si, ci + 1)),
+            (at + 2 * MS, up(ACK, ci + 1, si + 1)),
+            (at + 100 * MS, down(FIN | ACK, si + 1, ci + 1)),
+            (at + 101 * MS, up(ACK, ci + 1, si + 2)),
+            (at + 200 * MS, up(FIN | ACK, ci + 1, si + 2)),
+            (at + 201 * MS, down(ACK, si + 2, ci + 2)),
+        ]
+    };
+    let mut v = conn(0, 1_000_000, 5_000);
+    // Behind 1_000_002, where the TIME_WAIT expects the client: challenged.
+    v.push((S, up(SYN, 900_000, 0)));
+    v.push((S + MS, down(ACK, 5_002, 1_000_002)));
+    v.push((S + 2 * MS, Tcp::new(c, 40010, s, 80, RST).seq(1_000_002, 0)));
+    let mut again = conn(S + 12 * MS, 900_000, 70_000);
+    v.append(&mut again);
+    // Ahead of 900_002: taken.
+    v.append(&mut conn(2 * S, 2_000_000, 90_000));
+    v
+}
+
 pub fn recs(link: u32, vlan: bool) -> Vec<Rec> {
-    story()
+    recs_of(story(), link, vlan)
+}
+
+/// A story's segments as frames of `link`, from [`T0`] on.
+pub fn recs_of(story: Vec<(u64, Tcp)>, link: u32, vlan: bool) -> Vec<Rec> {
+    story
         .into_iter()
         .filter(|(_, t)| link != LINK_IPV4 || t.src.is_ipv4())
         .map(|(at, mut t)| {
