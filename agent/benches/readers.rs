@@ -17,7 +17,10 @@
 //! `nsenter --net`, which only joins the namespace. Before timing, the
 //! agent's counts must equal `ss`'s. Also reports the agent's resident
 //! memory and its CPU share while the connections sit idle (20 s; 60 s at
-//! a million). Writes target/bench/readers.json.
+//! a million), and how late its timers fired meanwhile: a trickle of 25
+//! orphaned FIN_WAIT2 sockets a second (`tcp_fin_timeout` 1 s) keeps its
+//! timers busy while it walks the flow maps and checks the socket table.
+//! Writes target/bench/readers.json.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -33,7 +36,10 @@ use std::{
 use netlink_packet_sock_diag::inet::StateFlags;
 use serde_json::json;
 use support::{Agent, Netns, VethPair, machine::cpu_seconds, memory_kb, sockaddr};
-use tcpstate::kernel::{netns::NetNs, sockdiag::SockDiag};
+use tcpstate::{
+    kernel::{netns::NetNs, sockdiag::SockDiag},
+    snapshot::upkeep::{Runs, Upkeep},
+};
 use tcpstate_common::TcpState;
 
 const SIZES: [u64; 4] = [1_000, 10_000, 100_000, 1_000_000];
@@ -128,6 +134,22 @@ fn idle_window(n: u64) -> Duration {
     Duration::from_secs(if n >= 1_000_000 { 60 } else { 20 })
 }
 
+/// For `window`: every 40 ms a connection to `orphans` whose server end
+/// closes at once and whose client (in `peer`) never does, so the server's
+/// end is an orphan in FIN_WAIT2 until its timer (a second). Returns the
+/// clients, to be closed after.
+fn trickle(peer: &Netns, orphans: &TcpListener, window: Duration) -> Vec<TcpStream> {
+    let to = orphans.local_addr().unwrap();
+    let start = Instant::now();
+    let mut held = Vec::new();
+    while start.elapsed() < window {
+        held.push(peer.connect(to));
+        drop(orphans.accept().expect("accept").0);
+        std::thread::sleep(Duration::from_millis(40));
+    }
+    held
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
@@ -172,6 +194,7 @@ fn main() {
     let (mon, peer) = (&net.left, &net.right);
     // Room in the accept queues for every connection.
     mon.sysctl("net.core.somaxconn=65535");
+    mon.sysctl("net.ipv4.tcp_fin_timeout=1");
     peer.sysctl("net.ipv4.ip_local_port_range=1024 65535");
     // As a user runs it: with the periodic socket-table checks (the test
     // helper turns them off unless asked).
@@ -183,6 +206,7 @@ fn main() {
         .map(|i| mon.listen_backlog(sockaddr(&net.left_v4, 9100 + i).parse().unwrap(), 65535))
         .collect();
     let targets: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
+    let orphans = mon.listen_backlog(sockaddr(&net.left_v4, 9099).parse().unwrap(), 1024);
     let mut holders = Holders {
         procs: Vec::new(),
         held: 0,
@@ -202,6 +226,7 @@ fn main() {
         "agent RSS",
         "agent CPU"
     );
+    let mut late_rows = Vec::new();
     for n in SIZES {
         let t = Instant::now();
         holders.grow_to(n, peer, &targets);
@@ -236,8 +261,34 @@ fn main() {
             assert_eq!(c[TcpState::Established as usize], have);
         });
         let cpu_before = cpu_seconds(agent.pid());
-        std::thread::sleep(idle_window(n));
+        let up_before = agent.snapshot().upkeep;
+        let held = trickle(peer, &orphans, idle_window(n));
         let cpu = (cpu_seconds(agent.pid()) - cpu_before) / idle_window(n).as_secs_f64();
+        let up = agent.snapshot().upkeep;
+        drop(held);
+        let late = |u: &Upkeep| (u.timer_lateness.count(), u.timer_lateness.later_than(0.1));
+        let ((t0, l0), (t1, l1)) = (late(&up_before), late(&up));
+        let per = |r: &Runs, b: &Runs| {
+            let runs = r.runs - b.runs;
+            let cpu_ms = (r.cpu_seconds - b.cpu_seconds) * 1e3 / runs.max(1) as f64;
+            (runs, cpu_ms, r.last_seconds * 1e3)
+        };
+        let (walks, checks) = (
+            per(&up.walks, &up_before.walks),
+            per(&up.checks, &up_before.checks),
+        );
+        late_rows.push(format!(
+            "{have:>8} {:>7} {:>7} {:>9.1} {:>6} {:>9.1} {:>10.1} {:>7} {:>10.1} {:>10.1}",
+            t1 - t0,
+            l1 - l0,
+            up.timer_lateness.max_seconds * 1e3,
+            walks.0,
+            walks.1,
+            walks.2,
+            checks.0,
+            checks.1,
+            checks.2
+        ));
         let (rss, peak) = (
             memory_kb(agent.pid(), "VmRSS"),
             memory_kb(agent.pid(), "VmHWM"),
@@ -255,7 +306,31 @@ fn main() {
             "agent_rss_kib": rss,
             "agent_peak_rss_kib": peak,
             "agent_cpu_share": cpu,
+            "timers": t1 - t0,
+            "timers_over_100ms": l1 - l0,
+            "timer_lateness_max_s": up.timer_lateness.max_seconds,
+            "walks": walks.0, "walk_cpu_ms": walks.1, "walk_last_ms": walks.2,
+            "checks": checks.0, "check_cpu_ms": checks.1, "check_last_ms": checks.2,
         }));
+    }
+    println!(
+        "while idle: timers acted on (how many over 100 ms late), the latest so far (ms); walks and checks: runs, CPU ms each, wall ms of the last"
+    );
+    println!(
+        "{:>8} {:>7} {:>7} {:>9} {:>6} {:>9} {:>10} {:>7} {:>10} {:>10}",
+        "conns",
+        "timers",
+        ">100ms",
+        "latest",
+        "walks",
+        "walk CPU",
+        "walk wall",
+        "checks",
+        "check CPU",
+        "check wall"
+    );
+    for r in late_rows {
+        println!("{r}");
     }
     drop(agent);
     drop(holders);

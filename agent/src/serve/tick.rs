@@ -72,11 +72,13 @@ pub fn tick(host: &Mutex<Host>, reader: &Reader, walk_due: bool, round_due: Opti
     }
     apply_reads(&mut h, read);
     let walked = walk_due.then(|| {
+        let started = std::time::Instant::now();
         let (swept, took) = cpu_cost(|| h.sweep());
         if let Err(e) = swept {
             tracing::warn!("timer sweep failed: {e}");
         }
         tracing::debug!("flow map walk cost {took:?} of CPU");
+        h.upkeep.walks.ran(took, started.elapsed());
         took
     });
     report_losses(&mut h);
@@ -120,6 +122,7 @@ fn check(h: &mut Host, slots: Vec<u32>) {
         probe,
         trackers,
         round,
+        upkeep,
         ..
     } = h;
     for slot in slots {
@@ -127,7 +130,9 @@ fn check(h: &mut Host, slots: Vec<u32>) {
             continue;
         };
         let mine = entries.remove(&slot).unwrap_or_default();
+        let started = std::time::Instant::now();
         let (fixed, took) = cpu_cost(|| t.reconcile(probe, mine));
+        upkeep.checks.ran(took, started.elapsed());
         match fixed {
             Ok(0) => {}
             Ok(n) => tracing::info!("{}: reconciled {n} flows with the socket table", t.identity),

@@ -7,6 +7,7 @@ pub mod durations;
 mod netns;
 pub mod observed;
 pub mod services;
+pub mod upkeep;
 
 pub use netns::{NetnsCounts, Selector};
 use serde::{Deserialize, Serialize};
@@ -242,6 +243,10 @@ pub struct Snapshot {
     /// the host's own (which the counts above are).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed: Option<observed::Observed>,
+    /// What the agent's own upkeep costs (its CPU time and memory, walks,
+    /// checks, how late its timers fired).
+    #[serde(default)]
+    pub upkeep: upkeep::Upkeep,
 }
 
 impl Snapshot {
@@ -281,6 +286,7 @@ impl Snapshot {
             durations: Default::default(),
             services: Vec::new(),
             observed: None,
+            upkeep: Default::default(),
         }
     }
 

@@ -125,6 +125,8 @@ pub struct Host {
     pub(crate) waiting: crate::tracking::follow::Waiting,
     /// The socket-table checks under way (see `serve::tick`).
     pub(crate) round: crate::tracking::pacing::Round,
+    /// The walks and checks made so far, and what they cost.
+    pub(crate) upkeep: crate::snapshot::upkeep::Upkeep,
     /// Whether the agent said that many namespaces share one socket table.
     pub(crate) shared_hinted: bool,
     /// What the container runtimes say (their watchers write it).
@@ -168,6 +170,7 @@ impl Host {
             started: std::time::Instant::now(),
             waiting: Vec::new(),
             round: Default::default(),
+            upkeep: Default::default(),
             shared_hinted: false,
             names: Default::default(),
             owners: Default::default(),
@@ -444,6 +447,16 @@ impl Host {
         total.services = crate::tracking::tracker::top_services(&total.services, self.cfg.top_k);
         total.namespaces = namespaces;
         total.uptime_ms = self.started.elapsed().as_millis() as u64;
+        total.upkeep = self.upkeep.clone();
+        total.upkeep.of_process();
+        for late in self
+            .trackers
+            .values()
+            .map(|t| t.lateness())
+            .chain(self.observer.as_ref().map(|o| o.lateness()))
+        {
+            total.upkeep.timer_lateness.add(late);
+        }
         total.observed = self.observer.as_ref().and_then(|o| {
             o.snapshot(&self.probe)
                 .map_err(|e| tracing::warn!("observed connections: {e}"))

@@ -63,6 +63,11 @@ impl Observer {
         self.timers.next_ns()
     }
 
+    /// How late its timers fired.
+    pub fn lateness(&self) -> &crate::snapshot::upkeep::Lateness {
+        &self.timers.late
+    }
+
     pub fn snapshot(&self, probe: &Probe) -> Result<Observed> {
         Ok(Observed::new(
             self.slot,

@@ -24,6 +24,7 @@ use crate::{
     kernel::{
         clock::KernelClock, maps::FlowRef, nsinfo::sysctl_u64, probe::Probe, sockdiag::SockDiag,
     },
+    snapshot::upkeep::Lateness,
     tracking::answers::{self, Answer},
 };
 
@@ -329,6 +330,9 @@ pub struct Timers {
     due: BTreeMap<u64, Vec<Due>>,
     told: HashMap<FlowRef, TellBook>,
     questions: BTreeMap<u64, Vec<(FlowRef, Side, Why)>>,
+    /// How late each timer and question was acted on (a dead entry's
+    /// reaping, which changes no count, left out).
+    pub late: Lateness,
 }
 
 /// How far ahead a walk files timers: ten walk periods when walks are quick,
@@ -425,7 +429,8 @@ impl Timers {
         let mut stats = SweepStats::default();
         let later = self.questions.split_off(&now.saturating_add(1));
         let asked = std::mem::replace(&mut self.questions, later);
-        for (flow, side, why) in asked.into_values().flatten() {
+        for (at, (flow, side, why)) in flat(asked) {
+            self.late.record(now.saturating_sub(at));
             if let Some(entry) = probe.flow_entry(&flow)? {
                 let word = Word(entry.word);
                 stats.add(self.ask(probe, diag.as_deref_mut(), t, flow, word, side, why)?);
@@ -433,7 +438,21 @@ impl Timers {
         }
         let later = self.due.split_off(&now.saturating_add(1));
         let due = std::mem::replace(&mut self.due, later);
-        for d in due.into_values().flatten() {
+        for (at, d) in flat(due) {
+            // A dead entry's reaping changes no count: not a lateness.
+            if !d.word.is_dead() {
+                self.late.record(now.saturating_sub(at));
+            }
+            if now.saturating_sub(at) > 100_000_000 && !d.word.is_dead() {
+                tracing::debug!(
+                    "late by {} ms: {:?} {:?} of {:?} (changed {} ms before its moment)",
+                    now.saturating_sub(at) / 1_000_000,
+                    d.action,
+                    d.word,
+                    d.flow,
+                    at.saturating_sub(d.changed_ns) / 1_000_000
+                );
+            }
             stats.add(match d.action {
                 Action::Fire => self.fire_one(probe, t, d, now)?,
                 Action::Ask(side, why) => {
@@ -525,6 +544,12 @@ impl Timers {
         }
         Ok(stats)
     }
+}
+
+/// A timer queue's items with their moments.
+fn flat<T>(q: BTreeMap<u64, Vec<T>>) -> impl Iterator<Item = (u64, T)> {
+    q.into_iter()
+        .flat_map(|(at, items)| items.into_iter().map(move |i| (at, i)))
 }
 
 /// One full pass: act on everything due now.

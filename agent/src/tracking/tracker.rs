@@ -452,6 +452,11 @@ impl Tracker {
 
     /// Acts on the timers and questions that are due; returns when the next
     /// one is (CLOCK_MONOTONIC ns).
+    /// How late its timers fired.
+    pub fn lateness(&self) -> &crate::snapshot::upkeep::Lateness {
+        &self.timers.late
+    }
+
     pub fn fire_timers(&mut self, probe: &Probe) -> Result<Option<u64>> {
         let stats = self
             .timers

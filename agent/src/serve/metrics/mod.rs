@@ -27,6 +27,7 @@ mod observed;
 mod render;
 mod server;
 mod services;
+mod upkeep;
 pub mod web_config;
 
 pub use render::{render, state_label};

@@ -276,6 +276,7 @@ pub fn render(snap: &Snapshot, format: Format) -> String {
     super::durations::register(&mut r, snap);
     super::services::register(&mut r, snap);
     super::observed::register(&mut r, snap);
+    super::upkeep::register(&mut r, snap);
 
     gauge_family(
         &mut r,
