@@ -214,6 +214,8 @@ fn main() {
     let ns = NetNs::named(&mon.name).unwrap();
     let mut diag = ns.run(SockDiag::open).unwrap();
     let mut rows = Vec::new();
+    let cpu = support::machine::cpu_model();
+    println!("CPU: {cpu}");
     println!("reading the counts: milliseconds, median of 5 (3 at 1M); ESTABLISHED connections");
     println!(
         "{:>8} {:>10} {:>12} {:>12} {:>10} {:>14} {:>11} {:>10}",
@@ -300,6 +302,7 @@ fn main() {
             cpu * 100.0
         );
         rows.push(json!({
+            "cpu": cpu,
             "connections": have,
             "opened_s": opened.as_secs_f64(),
             "ms": {"tcpstate_count": t_tcpstate, "ss_awk": t_ss, "netstat_awk": t_netstat, "netlink_dump": t_netlink},

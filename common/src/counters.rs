@@ -84,12 +84,15 @@ pub enum Event {
     /// Additions to the service table lost because it was full (the
     /// namespace's totals still have them).
     ServicesFull = 29,
+    /// Notices of timed states lost because their ring buffer was full (the
+    /// agent's next walk files those timers).
+    NoticesLost = 30,
 }
 
 pub const EVENT_SLOTS: usize = 32;
 
 impl Event {
-    pub const ALL: [Event; 30] = [
+    pub const ALL: [Event; 31] = [
         Event::PacketsIn,
         Event::PacketsOut,
         Event::TcpSegments,
@@ -120,6 +123,7 @@ impl Event {
         Event::ClosedResetLocal,
         Event::ClosedResetRemote,
         Event::ServicesFull,
+        Event::NoticesLost,
     ];
 
     /// The outcomes of closed local endpoints, and their metric labels.
@@ -164,6 +168,7 @@ impl Event {
             Event::ClosedResetLocal => "closed_reset_local",
             Event::ClosedResetRemote => "closed_reset_remote",
             Event::ServicesFull => "services_full",
+            Event::NoticesLost => "timer_notices_lost",
         }
     }
 }

@@ -13,12 +13,14 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 use aya_ebpf::{macros::map, maps::PerCpuArray};
 use tcpstate_common::{
     Counters, CpuSlot, Event, Scratch, Side, TcpState, Word,
+    ask::enters_timed,
     machine::{handshakes_failed, resets},
     outcome::{Cause, ended, outcome},
     services::{Ends, Kind, What},
 };
 
 use crate::{
+    ask::notice,
     durations::note_durations,
     parse::Packet,
     services::{listening, note_service},
@@ -223,6 +225,9 @@ impl Change {
     pub const ANSWER: u32 = 1 << 3;
     /// The end `SYN` or `ANSWER` concerns is B.
     pub const SIDE_B: u32 = 1 << 4;
+    /// The entry was made by this change (`old` is empty): only its timer
+    /// is noted, nothing ended or was timed.
+    pub const CREATED: u32 = 1 << 5;
 
     pub const NONE: Change = Change {
         old: 0,
@@ -269,6 +274,12 @@ pub fn account<T: Tally>(c: &mut T, netns: u32, ch: &Change) {
         return;
     }
     let (old, new) = (Word(ch.old), Word(ch.new));
+    if enters_timed(old, new) && !notice(netns, ends) {
+        c.event(Event::NoticesLost);
+    }
+    if ch.flags & Change::CREATED != 0 {
+        return;
+    }
     let cause = Cause::from_u32(ch.flags & 3);
     note_change(c, netns, old, new, ch.units, cause, ends);
 }

@@ -366,6 +366,10 @@ fn transition<K: WriteEnds>(
         return match insert_entry(map, key, &entry, netns, c) {
             Ok(()) => {
                 move_counts(c, Word::EMPTY, st.word);
+                // For its timer's notice (`account`).
+                change.new = st.word.0;
+                change.flags |= Change::CREATED;
+                key.write_ends(&mut change.ends);
                 Attempt::Done
             }
             // Another CPU created it first: apply the segment to theirs.

@@ -150,29 +150,11 @@ fn run(task: Task) -> Result<()> {
                     "--test-threads=1",
                 ],
             );
-            // The agent's upkeep against its timers (issue 14).
-            let upkeep = cargo(
-                &root,
-                &probe,
-                &[
-                    "test",
-                    "-p",
-                    "tcpstate",
-                    "--features",
-                    "accuracy",
-                    "--test",
-                    "upkeep",
-                    "--",
-                    "--ignored",
-                    "--test-threads=1",
-                    "--nocapture",
-                ],
-            );
             // The report covers what ran, also when a scenario failed.
             let report = accuracy_report(&dir)?;
             print!("{report}");
             std::fs::write(dir.join("report.md"), &report)?;
-            run.and(exact).and(upkeep)
+            run.and(exact)
         }
         Task::Bench => {
             let probe = build_probe(&root)?;

@@ -286,6 +286,15 @@ pub enum FlowRef {
 }
 
 impl FlowRef {
+    /// The flow a question or notice of the probe names.
+    pub fn of_ask(q: &tcpstate_common::Ask) -> FlowRef {
+        if q.family == 6 {
+            FlowRef::V6(q.key6)
+        } else {
+            FlowRef::V4(q.key4)
+        }
+    }
+
     /// The namespace slot the flow is in.
     pub fn netns(&self) -> u32 {
         match self {

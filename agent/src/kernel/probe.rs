@@ -313,6 +313,11 @@ impl Probe {
         RingBuf::try_from(self.ebpf.take_map("ASKS")?).ok()
     }
 
+    /// The ring buffer of the probe's notices of timed states (once).
+    pub fn take_notices(&mut self) -> Option<RingBuf<MapData>> {
+        RingBuf::try_from(self.ebpf.take_map("NOTICES")?).ok()
+    }
+
     /// The per-CPU counters map (for a [`crate::serve::reader::Reader`]).
     pub fn counters_map(&self) -> &MapData {
         match self.ebpf.map("COUNTS") {

@@ -125,6 +125,7 @@ pub async fn run(
         })))
     });
     let asks = agent.probe_mut().take_asks();
+    let notices = agent.probe_mut().take_notices();
     // One namespace: its link events wake the agent at once. With every
     // namespace, each tick looks at every namespace's interfaces.
     let links = match cfg.agent.scope {
@@ -185,6 +186,8 @@ pub async fn run(
     // A question is due within milliseconds: filing one wakes the timers.
     let asked = Arc::new(Notify::new());
     let _questions = asks.map(|ring| questions(ring, Arc::clone(&agent), Arc::clone(&asked)));
+    // Notices of timed states: the same records, filed the same way.
+    let _notices = notices.map(|ring| questions(ring, Arc::clone(&agent), Arc::clone(&asked)));
     let _links = links.map(|watch| follow(watch, Arc::clone(&agent)));
     let all = cfg.agent.scope == Scope::All;
     let _starter = all.then(|| AbortOnDrop(tokio::spawn(starter(Arc::clone(&agent)))));

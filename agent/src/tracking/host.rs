@@ -297,6 +297,8 @@ impl Host {
             };
             if let Some(t) = self.trackers.get_mut(&slot) {
                 t.question(&q);
+            } else if let Some(o) = self.observer.as_mut().filter(|o| o.slot() == slot) {
+                o.notice(&q);
             }
         }
     }

@@ -63,6 +63,13 @@ impl Observer {
         self.timers.next_ns()
     }
 
+    /// The probe's notice: an endpoint of the flow entered a timed state.
+    pub fn notice(&mut self, q: &tcpstate_common::Ask) {
+        if q.is_timed() {
+            self.timers.notice(FlowRef::of_ask(q));
+        }
+    }
+
     /// How late its timers fired.
     pub fn lateness(&self) -> &crate::snapshot::upkeep::Lateness {
         &self.timers.late

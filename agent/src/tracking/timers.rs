@@ -330,6 +330,9 @@ pub struct Timers {
     due: BTreeMap<u64, Vec<Due>>,
     told: HashMap<FlowRef, TellBook>,
     questions: BTreeMap<u64, Vec<(FlowRef, Side, Why)>>,
+    /// Flows the probe said entered a timed state since the last fire:
+    /// their timers are filed then, not at the next walk.
+    noticed: Vec<FlowRef>,
     /// How late each timer and question was acted on (a dead entry's
     /// reaping, which changes no count, left out).
     pub late: Lateness,
@@ -382,6 +385,39 @@ impl Timers {
         self.fire(probe, diag, t)
     }
 
+    /// The probe's notice: an endpoint of `flow` entered a timed state.
+    pub fn notice(&mut self, flow: FlowRef) {
+        self.noticed.push(flow);
+    }
+
+    /// Files the timers of the flows noticed (what the walk does for
+    /// every entry, for these).
+    fn file_noticed(&mut self, probe: &Probe, t: &Timeouts) -> Result<()> {
+        for flow in std::mem::take(&mut self.noticed) {
+            let Some(entry) = probe.flow_entry(&flow)? else {
+                continue;
+            };
+            // The clock after the read: a stamp newer than `now` would read
+            // as one from the clock's far past.
+            let now = monotonic_ns();
+            let horizon = now.saturating_add(FILING_HORIZON_NS);
+            let word = Word(entry.word);
+            let changed_ns = entry.changed_ns(now);
+            let book = self.told.get(&flow).copied().unwrap_or_default();
+            if let Some((at, action)) = plan(word, changed_ns, t, |s| book.get(s))
+                && at <= horizon
+            {
+                self.due.entry(at).or_default().push(Due {
+                    flow,
+                    word,
+                    changed_ns,
+                    action,
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// A question the probe put (`Closed`), to ask at `at_ns`.
     pub fn question(&mut self, flow: FlowRef, side: Side, why: Why, at_ns: u64) {
         self.questions
@@ -411,6 +447,9 @@ impl Timers {
 
     /// When the next filed timer or question is due (CLOCK_MONOTONIC ns).
     pub fn next_ns(&self) -> Option<u64> {
+        if !self.noticed.is_empty() {
+            return Some(0);
+        }
         let due = self.due.keys().next().copied();
         let asked = self.questions.keys().next().copied();
         due.into_iter().chain(asked).min()
@@ -425,6 +464,7 @@ impl Timers {
         mut diag: Option<&mut SockDiag>,
         t: &Timeouts,
     ) -> Result<SweepStats> {
+        self.file_noticed(probe, t)?;
         let now = monotonic_ns();
         let mut stats = SweepStats::default();
         let later = self.questions.split_off(&now.saturating_add(1));

@@ -259,13 +259,15 @@ impl Tracker {
         &self.timeouts
     }
 
-    /// A question from the probe: ask about this socket shortly.
+    /// A question from the probe: ask about this socket shortly. Or a
+    /// notice: one of the flow's endpoints entered a timed state; its timer
+    /// is filed at the next fire.
     pub fn question(&mut self, q: &Ask) {
-        let flow = if q.family == 6 {
-            FlowRef::V6(q.key6)
-        } else {
-            FlowRef::V4(q.key4)
-        };
+        let flow = FlowRef::of_ask(q);
+        if q.is_timed() {
+            self.timers.notice(flow);
+            return;
+        }
         let side = if q.side == 0 { Side::A } else { Side::B };
         let at = q.at_ns + CLOSE_QUESTION_DELAY.as_nanos() as u64;
         self.timers.question(flow, side, Why::Closed, at);

@@ -52,6 +52,12 @@ pub(super) fn register(r: &mut Registry, snap: &Snapshot) {
     );
     counter(
         r,
+        "timer_notices_lost",
+        "Notices of timed states lost because the agent fell behind the probe (its next walk files those timers)",
+        event(snap, "timer_notices_lost"),
+    );
+    counter(
+        r,
         "icmp_errors",
         "ICMP errors quoting a segment of a tracked connection",
         event(snap, "icmp_errors"),
