@@ -360,26 +360,14 @@ impl Timers {
         // are filed by a later walk, so a million half-open connections do
         // not mean a million timers held in memory.
         let now = monotonic_ns();
-        let horizon = now.saturating_add(FILING_HORIZON_NS);
         let mut told = HashMap::with_capacity(self.told.len());
         for &(flow, entry) in entries {
-            let word = Word(entry.word);
-            let changed_ns = entry.changed_ns(now);
             let book = self.told.get(&flow).copied().unwrap_or_default();
             // What the kernel told stays while the word it was told for does.
-            if book.0.iter().flatten().any(|k| k.word == word) {
+            if book.0.iter().flatten().any(|k| k.word == Word(entry.word)) {
                 told.insert(flow, book);
             }
-            if let Some((at, action)) = plan(word, changed_ns, t, |s| book.get(s))
-                && at <= horizon
-            {
-                self.due.entry(at).or_default().push(Due {
-                    flow,
-                    word,
-                    changed_ns,
-                    action,
-                });
-            }
+            self.file_one(flow, &entry, book, t, now);
         }
         self.told = told;
         self.fire(probe, diag, t)
@@ -397,25 +385,36 @@ impl Timers {
             let Some(entry) = probe.flow_entry(&flow)? else {
                 continue;
             };
+            let book = self.told.get(&flow).copied().unwrap_or_default();
             // The clock after the read: a stamp newer than `now` would read
             // as one from the clock's far past.
-            let now = monotonic_ns();
-            let horizon = now.saturating_add(FILING_HORIZON_NS);
-            let word = Word(entry.word);
-            let changed_ns = entry.changed_ns(now);
-            let book = self.told.get(&flow).copied().unwrap_or_default();
-            if let Some((at, action)) = plan(word, changed_ns, t, |s| book.get(s))
-                && at <= horizon
-            {
-                self.due.entry(at).or_default().push(Due {
-                    flow,
-                    word,
-                    changed_ns,
-                    action,
-                });
-            }
+            self.file_one(flow, &entry, book, t, monotonic_ns());
         }
         Ok(())
+    }
+
+    /// Files what is first due for `flow` (its entry read before `now`),
+    /// if that falls within the filing horizon.
+    fn file_one(
+        &mut self,
+        flow: FlowRef,
+        entry: &FlowEntry,
+        book: TellBook,
+        t: &Timeouts,
+        now: u64,
+    ) {
+        let word = Word(entry.word);
+        let changed_ns = entry.changed_ns(now);
+        if let Some((at, action)) = plan(word, changed_ns, t, |s| book.get(s))
+            && at <= now.saturating_add(FILING_HORIZON_NS)
+        {
+            self.due.entry(at).or_default().push(Due {
+                flow,
+                word,
+                changed_ns,
+                action,
+            });
+        }
     }
 
     /// A question the probe put (`Closed`), to ask at `at_ns`.
