@@ -8,7 +8,7 @@ mod support;
 
 use std::collections::HashMap;
 
-use support::capture::replay;
+use support::capture::{log_rows, replay};
 use tcpstate::snapshot::StateCounts;
 use tcpstate_common::TcpState;
 
@@ -42,23 +42,7 @@ type ByPort = HashMap<u16, (String, String, String)>;
 fn log(name: &str) -> (Vec<Row>, ByPort) {
     let (status, out, err) = replay(&capture(name), &["--conns", "-"]);
     assert_eq!(status, 0, "{name}: {err}");
-    let fields: Vec<&str> = out
-        .lines()
-        .find_map(|l| l.strip_prefix("#fields\t"))
-        .unwrap()
-        .split('\t')
-        .collect();
-    let rows: Vec<Row> = out
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .map(|l| {
-            fields
-                .iter()
-                .zip(l.split('\t'))
-                .map(|(f, v)| (f.to_string(), v.to_owned()))
-                .collect()
-        })
-        .collect();
+    let rows: Vec<Row> = log_rows(&out);
     let by_port = rows
         .iter()
         .map(|r| {

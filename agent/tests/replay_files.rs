@@ -9,7 +9,7 @@ mod support;
 use std::{io::Write, process::Stdio};
 
 use support::{
-    capture::replay,
+    capture::{log_rows, replay},
     frames::{ACK, Tcp},
     pcapw::{
         LINK_ETHERNET, LINK_IPV4, LINK_RAW, LINK_SLL, LINK_SLL2, MS, Rec, T0, pcap, pcapng, recs,
@@ -199,28 +199,6 @@ fn an_observer_counts_both_ends() {
     );
     assert_eq!(server, expect(&[(TcpState::Established, 2)]));
     drop(f);
-}
-
-/// A connection log's rows, each as its fields by name.
-fn log_rows(out: &str) -> Vec<std::collections::BTreeMap<String, String>> {
-    let fields: Vec<&str> = out
-        .lines()
-        .find_map(|l| l.strip_prefix("#fields\t"))
-        .unwrap()
-        .split('\t')
-        .collect();
-    out.lines()
-        .filter(|l| !l.starts_with('#'))
-        .map(|l| {
-            let values: Vec<&str> = l.split('\t').collect();
-            assert_eq!(values.len(), fields.len(), "{l}");
-            fields
-                .iter()
-                .zip(values)
-                .map(|(f, v)| (f.to_string(), v.to_owned()))
-                .collect()
-        })
-        .collect()
 }
 
 /// Port reuse through the server's TIME_WAIT, the SYN challenged once and

@@ -118,3 +118,25 @@ pub fn replay(file: &str, args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// A connection log's rows (`replay --conns`), each as its fields by name.
+pub fn log_rows(out: &str) -> Vec<std::collections::HashMap<String, String>> {
+    let fields: Vec<&str> = out
+        .lines()
+        .find_map(|l| l.strip_prefix("#fields\t"))
+        .expect("a #fields line")
+        .split('\t')
+        .collect();
+    out.lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| {
+            let values: Vec<&str> = l.split('\t').collect();
+            assert_eq!(values.len(), fields.len(), "{l}");
+            fields
+                .iter()
+                .zip(values)
+                .map(|(f, v)| (f.to_string(), v.to_owned()))
+                .collect()
+        })
+        .collect()
+}
