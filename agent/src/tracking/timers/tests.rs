@@ -58,7 +58,7 @@ fn fin_wait2_and_requests_are_asked_not_closed() {
     let req = word(TcpState::SynRecv, TcpState::SynSent, true);
     assert_eq!(
         plan(req, 0, &t, nothing_told),
-        Some((ns(FIRST_REQUEST_TIMER), Action::Ask(Side::A, Why::Request)))
+        Some((ns(FIRST_REQUEST_LOOK), Action::Ask(Side::A, Why::Request)))
     );
 }
 
@@ -185,5 +185,19 @@ fn observed_endpoints_close_when_their_time_is_up_without_asking() {
     assert_eq!(
         plan(w, 0, &t, nothing_told),
         Some((ns(t.syn_sent), Action::Fire))
+    );
+}
+
+#[test]
+fn a_request_is_first_looked_up_well_within_a_second() {
+    // A completion whose report never reached the probe leaves the entry
+    // SYN_RECV until this look: it has to come with room to spare before
+    // the 1 s that `ss` may differ, timer lateness included.
+    let req = word(TcpState::SynRecv, TcpState::SynSent, true);
+    let (at, action) = plan(req, 0, &Timeouts::default(), nothing_told).expect("a look");
+    assert_eq!(action, Action::Ask(Side::A, Why::Request));
+    assert!(
+        at <= ns(Duration::from_millis(500)),
+        "first look at {at} ns"
     );
 }
