@@ -286,20 +286,9 @@ fn check_checkpoints(file: &Path, cps: &[Checkpoint], l: &str, r: &str) {
 fn conn_states(file: &Path) -> HashMap<u16, String> {
     let (status, log, err) = replay(file.to_str().unwrap(), &["--conns", "-"]);
     assert_eq!(status, 0, "{err}");
-    let fields: Vec<&str> = log
-        .lines()
-        .find_map(|l| l.strip_prefix("#fields\t"))
-        .expect("a #fields line")
-        .split('\t')
-        .collect();
-    let col = |name: &str| fields.iter().position(|f| *f == name).unwrap();
-    let (port, state) = (col("id.orig_p"), col("conn_state"));
-    log.lines()
-        .filter(|l| !l.starts_with('#'))
-        .map(|l| {
-            let v: Vec<&str> = l.split('\t').collect();
-            (v[port].parse().unwrap(), v[state].to_owned())
-        })
+    support::capture::log_rows(&log)
+        .into_iter()
+        .map(|r| (r["id.orig_p"].parse().unwrap(), r["conn_state"].clone()))
         .collect()
 }
 
